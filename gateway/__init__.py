@@ -1,0 +1,1 @@
+"""The gateway: discovery, balancing, resilience and the product flows."""

@@ -1,0 +1,1 @@
+"""Running the whole mesh on one machine: up, demo, worker processes."""

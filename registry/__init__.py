@@ -1,0 +1,1 @@
+"""Consul registration, discovery watches, and the Consul-compatible dev agent."""

@@ -1,0 +1,1 @@
+"""The model-server runtime and one module per model kind."""

@@ -1,0 +1,1 @@
+"""Synthetic catalogue, training, evaluation, and index shard build/publish."""
