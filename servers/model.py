@@ -1,0 +1,179 @@
+"""The model contract every model kind implements: signature, load once, predict on a batch.
+
+A model knows nothing of gRPC or protobuf. It sees numpy arrays (numeric inputs) and lists of
+`bytes` (BYTES inputs), always batched along the first dimension, and returns the same kinds.
+
+    class Doubler(Model):
+        name, version, role = "doubler", "1", "identity"
+        signature = Signature(
+            inputs=(TensorSpec("x", "float32", (-1, 4), max_shape=(64, 4)),),
+            outputs=(TensorSpec("y", "float32", (-1, 4)),),
+        )
+        def load(self) -> None: ...
+        def predict(self, inputs, params): return {"y": inputs["x"] * 2}
+
+The runtime validates every request against `signature` before the model sees it, merges
+concurrent requests with `batch()` (compatible requests only, see `batch_key()`), runs
+`predict()` in a worker thread, and splits the result back with `unbatch()`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# One named input or output: a numpy array, or a list of byte strings for BYTES tensors
+# (a BYTES tensor of shape [n] is a list of n bytes; higher ranks are not used by models).
+Array = np.ndarray | list[bytes]
+Arrays = dict[str, Array]
+ParamValue = bool | int | float | str
+Params = Mapping[str, ParamValue]
+
+# dtype names as numpy spells them, plus "bytes" for opaque byte strings.
+NUMERIC_DTYPES = (
+    "float32",
+    "float16",
+    "float64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "bool",
+)
+BYTES = "bytes"
+DTYPES = (*NUMERIC_DTYPES, BYTES)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output.
+
+    `shape` uses -1 for a variable dimension; the first dimension is the batch (always -1 for
+    inputs). `max_shape` bounds each variable dimension (same length as `shape`, 0 = no bound
+    beyond the message limit). `max_element_bytes` bounds each element of a BYTES tensor.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    max_shape: tuple[int, ...] = ()
+    max_element_bytes: int = 0
+    optional: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TensorSpec {self.name!r}: dtype {self.dtype!r} not in {DTYPES}")
+        if any(d < -1 or d == 0 for d in self.shape):
+            raise ValueError(f"TensorSpec {self.name!r}: dims must be positive or -1")
+        if self.max_shape and len(self.max_shape) != len(self.shape):
+            raise ValueError(f"TensorSpec {self.name!r}: max_shape must have len(shape) entries")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A request parameter the model accepts (k, a threshold …), with its default and bounds."""
+
+    name: str
+    kind: type  # bool, int, float or str
+    default: ParamValue
+    min: float | None = None
+    max: float | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in (bool, int, float, str):
+            raise ValueError(f"ParamSpec {self.name!r}: kind must be bool, int, float or str")
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a model takes and returns."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    parameters: tuple[ParamSpec, ...] = ()
+
+    def input(self, name: str) -> TensorSpec | None:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        return None
+
+    def param(self, name: str) -> ParamSpec | None:
+        for spec in self.parameters:
+            if spec.name == name:
+                return spec
+        return None
+
+
+def rows(value: Array) -> int:
+    """The batch size of one input or output (its first dimension)."""
+    return len(value) if isinstance(value, list) else int(value.shape[0])
+
+
+class Model(ABC):
+    """Base class of every model kind. Subclasses set the class attributes and two methods."""
+
+    name: str
+    version: str
+    role: str  # detector, embedder, indexer, classifier, shipping, identity …
+    signature: Signature
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load weights / indexes once, before any request. May be slow; runs off the loop."""
+
+    def warmup(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Run a representative call so the first request is not slow. Health stays
+        NOT_SERVING until this returns."""
+
+    @abstractmethod
+    def predict(self, inputs: Arrays, params: Params) -> Arrays:
+        """Run on a validated batch: every input has the same first dimension N, every output
+        must have first dimension N too (or override `unbatch`). Runs in a worker thread."""
+
+    def meta(self) -> dict[str, str]:
+        """Extra registry meta for this model (indexer: index, shard, dim …); strings only."""
+        return {}
+
+    def batch_key(self, inputs: Arrays, params: Params) -> Any:
+        """Requests merge into one batch only when their keys are equal. The default: same
+        parameters and the same non-batch dimensions of every numeric input."""
+        dims = tuple(
+            (name, None if isinstance(v, list) else v.shape[1:])
+            for name, v in sorted(inputs.items())
+        )
+        return (dims, tuple(sorted(params.items())))
+
+    def batch(self, requests: Sequence[Arrays]) -> Arrays:
+        """Merge several requests' inputs (all with equal batch_key) along the first dimension."""
+        if len(requests) == 1:
+            return requests[0]
+        merged: Arrays = {}
+        for name, first in requests[0].items():
+            if isinstance(first, list):
+                joined: list[bytes] = []
+                for req in requests:
+                    joined.extend(req[name])  # type: ignore[arg-type]
+                merged[name] = joined
+            else:
+                merged[name] = np.concatenate([req[name] for req in requests], axis=0)
+        return merged
+
+    def unbatch(self, outputs: Arrays, sizes: Sequence[int]) -> list[Arrays]:
+        """Split merged outputs back into one dict per request, `sizes[i]` rows each."""
+        if len(sizes) == 1:
+            return [outputs]
+        parts: list[Arrays] = [{} for _ in sizes]
+        for name, value in outputs.items():
+            start = 0
+            for i, n in enumerate(sizes):
+                parts[i][name] = value[start : start + n]
+                start += n
+        return parts
