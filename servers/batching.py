@@ -1,0 +1,265 @@
+"""Dynamic batching and admission: merge concurrent requests, run the model off the event loop.
+
+No protobuf here: requests are dicts of numpy arrays / byte lists, deadlines are monotonic times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from meshserve.errors import DeadlineExpired, NotReady, Overloaded
+from meshserve.servers.model import Arrays, Model, Params, rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How requests are merged and how much work may wait."""
+
+    max_batch_size: int = 8  # rows per model call; 1 turns batching off
+    max_queue_delay_ms: float = 2.0  # how long the first request of a batch may wait for company
+    max_inflight: int = 64  # requests admitted at once (queued + running); beyond → Overloaded
+    workers: int = 1  # model calls that may run at the same time (threads in the executor)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_queue_delay_ms < 0:
+            raise ValueError("max_queue_delay_ms must be >= 0")
+        if self.max_inflight < 1:
+            raise ValueError("max_inflight must be >= 1")
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
+
+
+class BatchObserver:
+    """Hooks the batcher calls; the metrics module implements them. Defaults do nothing."""
+
+    def batch_ran(self, size: int, requests: int, seconds: float) -> None:
+        pass
+
+    def queued(self, seconds: float) -> None:
+        pass
+
+    def dropped_expired(self, count: int) -> None:
+        pass
+
+    def inflight(self, count: int) -> None:
+        pass
+
+
+class Admission:
+    """Counts admitted requests; refuses at once beyond the bound (no waiting, no queue)."""
+
+    __slots__ = ("limit", "count", "_observer")
+
+    def __init__(self, limit: int, observer: BatchObserver):
+        self.limit = limit
+        self.count = 0
+        self._observer = observer
+
+    def acquire(self) -> None:
+        if self.count >= self.limit:
+            raise Overloaded(f"server busy: {self.count} requests in flight (limit {self.limit})")
+        self.count += 1
+        self._observer.inflight(self.count)
+
+    def release(self) -> None:
+        self.count -= 1
+        self._observer.inflight(self.count)
+
+
+class _Item:
+    __slots__ = ("inputs", "params", "size", "key", "deadline", "enqueued", "future")
+
+    def __init__(
+        self,
+        inputs: Arrays,
+        params: Params,
+        size: int,
+        key: Any,
+        deadline: float | None,
+        future: asyncio.Future[Arrays],
+    ):
+        self.inputs = inputs
+        self.params = params
+        self.size = size
+        self.key = key
+        self.deadline = deadline
+        self.enqueued = time.monotonic()
+        self.future = future
+
+
+class Batcher:
+    """Queues validated requests and runs them through the model in merged batches."""
+
+    def __init__(
+        self,
+        model: Model,
+        config: BatchingConfig,
+        observer: BatchObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.model = model
+        self.config = config
+        self.observer = observer or BatchObserver()
+        self._clock = clock
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(
+            max_workers=config.workers, thread_name_prefix="model"
+        )
+        self._slots = asyncio.Semaphore(config.workers)
+        self._running: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run_in_executor(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the model thread(s) (load, warmup)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._dispatch_loop(), name="batcher")
+
+    async def close(self) -> None:
+        """Stop taking work, fail what is still queued, wait for running batches."""
+        self._closed = True
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(NotReady("server is shutting down"))
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # -- the request side ------------------------------------------------------------------
+
+    async def submit(self, inputs: Arrays, params: Params, deadline: float | None) -> Arrays:
+        """Queue one validated request and wait for its outputs. `deadline` is monotonic time."""
+        if self._closed:
+            raise NotReady("server is shutting down")
+        if deadline is not None and self._clock() >= deadline:
+            self.observer.dropped_expired(1)
+            raise DeadlineExpired("deadline expired before the request was queued")
+        size = rows(next(iter(inputs.values())))
+        key = self.model.batch_key(inputs, params) if self.config.max_batch_size > 1 else None
+        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Item(inputs, params, size, key, deadline, future))
+        self._wakeup.set()
+        return await future
+
+    # -- the dispatch side -----------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        delay = self.config.max_queue_delay_ms / 1000.0
+        max_rows = self.config.max_batch_size
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._slots.acquire()  # a worker is free: only now form the batch
+            if max_rows > 1 and delay > 0:
+                await self._wait_for_company(self._queue[0].enqueued + delay, max_rows)
+            batch = self._take_batch(max_rows)
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _wait_for_company(self, until: float, max_rows: int) -> None:
+        """Wait until the queue holds a full batch or the first item has waited long enough."""
+        while sum(item.size for item in self._queue) < max_rows:
+            remaining = until - self._clock()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self, max_rows: int) -> list[_Item]:
+        """Pop the first live item and every queued item compatible with it, up to max_rows."""
+        now = self._clock()
+        expired = 0
+        batch: list[_Item] = []
+        total = 0
+        key: Any = None
+        kept: collections.deque[_Item] = collections.deque()
+        while self._queue:
+            item = self._queue.popleft()
+            if item.future.done():  # the caller went away (cancelled): never compute it
+                expired += 1
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                item.future.set_exception(DeadlineExpired("deadline expired while queued"))
+                expired += 1
+                continue
+            if not batch:
+                batch.append(item)
+                total, key = item.size, item.key
+                if total >= max_rows:
+                    break
+            elif item.key == key and total + item.size <= max_rows:
+                batch.append(item)
+                total += item.size
+                if total >= max_rows:
+                    break
+            else:
+                kept.append(item)
+        kept.extend(self._queue)
+        self._queue = kept
+        if expired:
+            self.observer.dropped_expired(expired)
+        return batch
+
+    async def _run(self, batch: list[_Item]) -> None:
+        try:
+            now = self._clock()
+            for item in batch:
+                self.observer.queued(now - item.enqueued)
+            sizes = [item.size for item in batch]
+            started = time.perf_counter()
+            try:
+                outputs = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._call_model, batch, sizes
+                )
+            except Exception as exc:  # the model failed: every caller of this batch gets it
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                return
+            self.observer.batch_ran(sum(sizes), len(batch), time.perf_counter() - started)
+            for item, out in zip(batch, outputs, strict=True):
+                if not item.future.done():
+                    item.future.set_result(out)
+        finally:
+            self._slots.release()
+
+    def _call_model(self, batch: list[_Item], sizes: list[int]) -> list[Arrays]:
+        model = self.model
+        first = batch[0]
+        if len(batch) == 1:
+            return [model.predict(first.inputs, first.params)]
+        merged = model.batch([item.inputs for item in batch])
+        outputs = model.predict(merged, first.params)
+        return model.unbatch(outputs, sizes)

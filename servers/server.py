@@ -1,0 +1,255 @@
+"""ModelServer: one model behind grpc.aio with health, reflection, registration and a clean stop.
+
+Lifecycle: listen (health NOT_SERVING) → load + warm up off the loop → SERVING → register in
+Consul → … SIGTERM/SIGINT → NOT_SERVING → deregister → drain in-flight calls within the grace
+period → stop the server → exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from meshserve import telemetry
+from meshserve.registry.config import RegistryConfig, ServiceInstance
+from meshserve.servers.batching import Admission, Batcher, BatchingConfig
+from meshserve.servers.metrics import ServerMetrics
+from meshserve.servers.model import Model
+from meshserve.servers.servicer import SERVICE_NAME, PredictionServicer
+from meshserve.v1 import prediction_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything a ModelServer needs besides its model. Built once from flags and env."""
+
+    service_name: str  # Consul service name, e.g. meshserve-embedder
+    host: str = "127.0.0.1"  # address to bind
+    port: int = 0  # 0 = any free port (logged, and written to port_file)
+    advertise_address: str | None = None  # address registered in Consul (default: host)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    max_message_bytes: int = 8 * 1024 * 1024
+    grace_s: float = 10.0  # drain budget after SIGTERM
+    metrics_port: int | None = None
+    register: bool = True
+    registry: RegistryConfig | None = None
+    instance_id: str | None = None
+    check_interval_s: float = 1.0
+    deregister_critical_after_s: float = 60.0
+    trace_file: Path | None = None
+    port_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < 1024:
+            raise ValueError("max_message_bytes must be at least 1024")
+        if self.grace_s < 0:
+            raise ValueError("grace must be >= 0 seconds")
+        if self.register and self.registry is None:
+            raise ValueError("register=True needs a RegistryConfig (or pass --no-register)")
+
+    @property
+    def registered_address(self) -> str:
+        if self.advertise_address:
+            return self.advertise_address
+        if self.host in ("", "0.0.0.0", "::", "[::]"):
+            return socket.gethostbyname(socket.gethostname())
+        return self.host
+
+
+class ModelServer:
+    """Wraps one model and serves it until told to stop."""
+
+    def __init__(self, model: Model, config: ServerConfig):
+        self.model = model
+        self.config = config
+        self.metrics = ServerMetrics(model.name, model.version)
+        self.port = 0
+        self._stop = asyncio.Event()
+        self._registered_id: str | None = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (or request_stop()); return the exit code."""
+        cfg = self.config
+        tracing = telemetry.setup_tracing(
+            telemetry.TracingConfig.from_env(cfg.service_name, cfg.trace_file)
+        )
+        if cfg.metrics_port is not None:
+            self.metrics.serve(cfg.metrics_port)
+        batcher = Batcher(self.model, cfg.batching, self.metrics)
+        admission = Admission(cfg.batching.max_inflight, self.metrics)
+        servicer = PredictionServicer(
+            self.model, batcher, admission, self.metrics, cfg.batching.max_batch_size, tracing
+        )
+        health = health_aio.HealthServicer()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        prediction_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )  # fmt: skip
+        for name in ("", SERVICE_NAME):
+            await health.set(name, NOT_SERVING)
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        await server.start()
+        log.info("listening on %s:%d (%s), loading %s %s", cfg.host, self.port,
+                 cfg.service_name, self.model.name, self.model.version)  # fmt: skip
+        if cfg.port_file is not None:
+            cfg.port_file.write_text(f"{self.port}\n")
+        self._install_signal_handlers()
+        register_task: asyncio.Task[None] | None = None
+        try:
+            await self._load(batcher)
+            if not self._stop.is_set():
+                batcher.start()
+                servicer.mark_ready()
+                for name in ("", SERVICE_NAME):
+                    await health.set(name, SERVING)
+                log.info("serving %s %s on port %d", self.model.name, self.model.version,
+                         self.port)  # fmt: skip
+                if cfg.register:
+                    register_task = asyncio.create_task(self._register_until_done())
+                await self._stop.wait()
+        finally:
+            await self._shutdown(server, health, servicer, admission, batcher, register_task)
+        return 0
+
+    async def _load(self, batcher: Batcher) -> None:
+        started = time.perf_counter()
+        load = asyncio.ensure_future(batcher.run_in_executor(self.model.load))
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait((load, stop), return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not load.done():
+            log.warning("stop requested while loading; exiting after load finishes")
+            await load
+            return
+        load.result()
+        await batcher.run_in_executor(self.model.warmup)
+        log.info("model loaded and warm in %.2fs", time.perf_counter() - started)
+
+    def _instance(self) -> ServiceInstance:
+        cfg = self.config
+        address = cfg.registered_address
+        meta = {"model": self.model.name, "version": self.model.version, "role": self.model.role}
+        meta.update(self.model.meta())
+        return ServiceInstance(
+            name=cfg.service_name,
+            instance_id=cfg.instance_id or f"{cfg.service_name}-{address}-{self.port}",
+            address=address,
+            port=self.port,
+            meta=meta,
+            check_interval_s=cfg.check_interval_s,
+            check_timeout_s=cfg.check_interval_s,
+            deregister_critical_after_s=cfg.deregister_critical_after_s,
+            grpc_health_service=SERVICE_NAME,
+        )
+
+    async def _register_until_done(self) -> None:
+        """Register once ready; if Consul is not reachable yet, keep trying (serving meanwhile)."""
+        from meshserve.registry import client
+
+        assert self.config.registry is not None
+        instance = self._instance()
+        delay = 0.25
+        while not self._stop.is_set():
+            try:
+                await client.register(self.config.registry, instance)
+            except Exception as exc:
+                log.warning("registration of %s failed (%s); retrying in %.1fs",
+                            instance.instance_id, exc, delay)  # fmt: skip
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, 5.0)
+                continue
+            self._registered_id = instance.instance_id
+            return
+
+    async def _deregister(self) -> None:
+        from meshserve.registry import client
+
+        if self._registered_id is None or self.config.registry is None:
+            return
+        try:
+            await asyncio.wait_for(
+                client.deregister(self.config.registry, self._registered_id), timeout=3.0
+            )
+        except Exception as exc:  # Consul's critical-check reaper will remove it later
+            log.warning("deregister of %s failed: %s", self._registered_id, exc)
+
+    async def _shutdown(
+        self,
+        server: grpc.aio.Server,
+        health: health_aio.HealthServicer,
+        servicer: PredictionServicer,
+        admission: Admission,
+        batcher: Batcher,
+        register_task: asyncio.Task[None] | None,
+    ) -> None:
+        deadline = time.monotonic() + self.config.grace_s
+        log.info("stopping: NOT_SERVING, deregistering, draining %d in-flight call(s)",
+                 admission.count)  # fmt: skip
+        servicer.draining = True
+        await health.enter_graceful_shutdown()
+        if register_task is not None:
+            register_task.cancel()
+            await asyncio.gather(register_task, return_exceptions=True)
+        await self._deregister()
+        # Health and reflection keep answering while admitted calls finish; new Predicts
+        # get UNAVAILABLE so callers retry on another replica.
+        while admission.count and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if admission.count:
+            log.warning("grace period over with %d call(s) still in flight", admission.count)
+        await server.stop(max(0.0, deadline - time.monotonic()))
+        await batcher.close()
+        telemetry.shutdown_tracing()
+        log.info("stopped")
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+
+
+def configure_threads(threads: int) -> None:
+    """Bound the math libraries' thread pools of this process (call before loading a model)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:  # only kinds that use torch pay for importing it
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:  # already set once this process ran parallel work
+            pass

@@ -1,0 +1,255 @@
+"""Protobuf ↔ numpy: decode and check a request against a signature, encode outputs.
+
+Every check raises InvalidInput with a message naming the field, e.g. `inputs["x"].shape[1]`.
+Decoded numeric arrays are zero-copy, read-only views of the request bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from meshserve.errors import InvalidInput
+from meshserve.servers.model import (
+    BYTES,
+    Array,
+    Arrays,
+    ParamSpec,
+    ParamValue,
+    Signature,
+    TensorSpec,
+)
+from meshserve.v1 import prediction_pb2, tensor_pb2
+
+DT = tensor_pb2.DataType
+_NAME_TO_ENUM: dict[str, int] = {
+    "float32": DT.DATA_TYPE_FLOAT32,
+    "float16": DT.DATA_TYPE_FLOAT16,
+    "float64": DT.DATA_TYPE_FLOAT64,
+    "int8": DT.DATA_TYPE_INT8,
+    "int16": DT.DATA_TYPE_INT16,
+    "int32": DT.DATA_TYPE_INT32,
+    "int64": DT.DATA_TYPE_INT64,
+    "uint8": DT.DATA_TYPE_UINT8,
+    "bool": DT.DATA_TYPE_BOOL,
+    BYTES: DT.DATA_TYPE_BYTES,
+}
+_ENUM_TO_NAME = {v: k for k, v in _NAME_TO_ENUM.items()}
+# little-endian on the wire whatever the host order
+_NUMPY: dict[str, np.dtype] = {
+    name: np.dtype(name).newbyteorder("<") for name in _NAME_TO_ENUM if name != BYTES
+}
+_KIND_TO_ENUM = {
+    bool: prediction_pb2.ParameterSpec.KIND_BOOL,
+    int: prediction_pb2.ParameterSpec.KIND_INT,
+    float: prediction_pb2.ParameterSpec.KIND_DOUBLE,
+    str: prediction_pb2.ParameterSpec.KIND_STRING,
+}
+
+
+def dtype_enum(name: str) -> int:
+    return _NAME_TO_ENUM[name]
+
+
+def dtype_name(enum: int) -> str:
+    return _ENUM_TO_NAME.get(enum, f"unknown({enum})")
+
+
+# -- requests -----------------------------------------------------------------------------
+
+
+def decode_inputs(inputs: Mapping[str, tensor_pb2.Tensor], signature: Signature) -> Arrays:
+    """Check every input against the signature and decode it; all share one batch size."""
+    if not inputs:
+        raise InvalidInput("inputs: empty; expected " + _names(signature.inputs))
+    decoded: Arrays = {}
+    batch = -1
+    for name, tensor in inputs.items():
+        spec = signature.input(name)
+        if spec is None:
+            raise InvalidInput(
+                f"inputs[{name!r}]: unknown input; expected {_names(signature.inputs)}"
+            )
+        value = decode_tensor(tensor, spec)
+        n = len(value) if isinstance(value, list) else value.shape[0]
+        if batch == -1:
+            batch = n
+        elif n != batch:
+            raise InvalidInput(
+                f"inputs[{name!r}].shape[0]: batch size {n} differs from the other inputs ({batch})"
+            )
+        decoded[name] = value
+    for spec in signature.inputs:
+        if not spec.optional and spec.name not in decoded:
+            raise InvalidInput(f"inputs[{spec.name!r}]: missing required input")
+    return decoded
+
+
+def decode_tensor(tensor: tensor_pb2.Tensor, spec: TensorSpec) -> Array:
+    """One input: dtype, rank, dims and byte length checked, then decoded."""
+    field = f"inputs[{spec.name!r}]"
+    dtype = _ENUM_TO_NAME.get(tensor.dtype)
+    if dtype != spec.dtype:
+        raise InvalidInput(f"{field}.dtype: got {dtype_name(tensor.dtype)}, expected {spec.dtype}")
+    shape = tuple(tensor.shape)
+    if len(shape) != len(spec.shape):
+        raise InvalidInput(
+            f"{field}.shape: rank {len(shape)} {list(shape)}, expected rank {len(spec.shape)} "
+            f"{list(spec.shape)}"
+        )
+    for i, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
+        if got < 0:
+            raise InvalidInput(f"{field}.shape[{i}]: negative dimension {got}")
+        if got == 0:
+            what = "empty batch" if i == 0 else "zero-sized dimension"
+            raise InvalidInput(f"{field}.shape[{i}]: {what}")
+        if want != -1 and got != want:
+            raise InvalidInput(f"{field}.shape[{i}]: got {got}, expected {want}")
+        bound = spec.max_shape[i] if spec.max_shape else 0
+        if bound and got > bound:
+            raise InvalidInput(f"{field}.shape[{i}]: {got} exceeds the maximum {bound}")
+    count = math.prod(shape)
+    if dtype == BYTES:
+        return _decode_bytes(tensor, spec, field, count)
+    np_dtype = _NUMPY[dtype]
+    expected = count * np_dtype.itemsize
+    if len(tensor.content) != expected:
+        raise InvalidInput(
+            f"{field}.content: {len(tensor.content)} bytes, but shape {list(shape)} of {dtype} "
+            f"needs {expected}"
+        )
+    if tensor.elements:
+        raise InvalidInput(f"{field}.elements: only BYTES tensors use elements")
+    return np.frombuffer(tensor.content, dtype=np_dtype).reshape(shape)
+
+
+def _decode_bytes(tensor: tensor_pb2.Tensor, spec: TensorSpec, field: str, count: int) -> Array:
+    if tensor.content:
+        raise InvalidInput(f"{field}.content: BYTES tensors carry their data in elements")
+    if len(tensor.shape) != 1:
+        raise InvalidInput(f"{field}.shape: BYTES tensors must have rank 1")
+    elements = list(tensor.elements)
+    if len(elements) != count:
+        raise InvalidInput(
+            f"{field}.elements: {len(elements)} elements, but shape {list(tensor.shape)} "
+            f"needs {count}"
+        )
+    limit = spec.max_element_bytes
+    for i, element in enumerate(elements):
+        if not element:
+            raise InvalidInput(f"{field}.elements[{i}]: empty")
+        if limit and len(element) > limit:
+            raise InvalidInput(
+                f"{field}.elements[{i}]: {len(element)} bytes exceeds the maximum {limit}"
+            )
+    return elements
+
+
+def decode_params(
+    params: Mapping[str, prediction_pb2.ParameterValue], signature: Signature
+) -> dict[str, ParamValue]:
+    """Typed, bounded parameters with defaults filled in."""
+    out: dict[str, ParamValue] = {}
+    for name, value in params.items():
+        spec = signature.param(name)
+        if spec is None:
+            known = ", ".join(p.name for p in signature.parameters) or "none"
+            raise InvalidInput(f"parameters[{name!r}]: unknown parameter; accepted: {known}")
+        out[name] = _param_value(name, value, spec)
+    for spec in signature.parameters:
+        out.setdefault(spec.name, spec.default)
+    return out
+
+
+def _param_value(name: str, value: prediction_pb2.ParameterValue, spec: ParamSpec) -> ParamValue:
+    field = f"parameters[{name!r}]"
+    which = value.WhichOneof("value")
+    raw: ParamValue
+    if which is None:
+        raise InvalidInput(f"{field}: no value set")
+    raw = getattr(value, which)
+    if spec.kind is float and which == "int_value":
+        raw = float(raw)
+    elif type(raw) is not spec.kind:
+        raise InvalidInput(f"{field}: got {which}, expected {spec.kind.__name__}")
+    if spec.kind in (int, float):
+        assert isinstance(raw, int | float)
+        if spec.kind is float and not math.isfinite(raw):
+            raise InvalidInput(f"{field}: {raw} is not finite")
+        if spec.min is not None and raw < spec.min:
+            raise InvalidInput(f"{field}: {raw} is below the minimum {spec.min}")
+        if spec.max is not None and raw > spec.max:
+            raise InvalidInput(f"{field}: {raw} exceeds the maximum {spec.max}")
+    return raw
+
+
+def _names(specs: tuple[TensorSpec, ...]) -> str:
+    return ", ".join(f"{s.name!r}" for s in specs)
+
+
+# -- responses and metadata ---------------------------------------------------------------
+
+
+def encode_tensor(value: Array, out: tensor_pb2.Tensor) -> None:
+    """Fill `out` (a message field in place, to avoid a copy) from an array or byte list."""
+    if isinstance(value, list):
+        out.dtype = DT.DATA_TYPE_BYTES
+        out.shape.append(len(value))
+        out.elements.extend(value)
+        return
+    name = value.dtype.name
+    enum = _NAME_TO_ENUM.get(name)
+    if enum is None or name == BYTES:
+        raise TypeError(f"cannot send dtype {value.dtype} on the wire")
+    out.dtype = enum
+    out.shape.extend(value.shape)
+    wire = _NUMPY[name]
+    if value.dtype != wire:
+        value = value.astype(wire)
+    out.content = value.tobytes(order="C")
+
+
+def tensor_from(value: Array) -> tensor_pb2.Tensor:
+    """A new Tensor message for an array or byte list (clients, tests, the gateway)."""
+    msg = tensor_pb2.Tensor()
+    encode_tensor(value, msg)
+    return msg
+
+
+def array_from(tensor: tensor_pb2.Tensor) -> Array:
+    """Decode a Tensor without a signature (clients reading a PredictResponse)."""
+    name = _ENUM_TO_NAME.get(tensor.dtype)
+    if name is None:
+        raise InvalidInput(f"tensor.dtype: unknown {tensor.dtype}")
+    if name == BYTES:
+        return list(tensor.elements)
+    dtype = _NUMPY[name]
+    shape = tuple(tensor.shape)
+    if len(tensor.content) != math.prod(shape) * dtype.itemsize:
+        raise InvalidInput(f"tensor.content: {len(tensor.content)} bytes do not fit {list(shape)}")
+    return np.frombuffer(tensor.content, dtype=dtype).reshape(shape)
+
+
+def spec_message(spec: TensorSpec) -> tensor_pb2.TensorSpec:
+    return tensor_pb2.TensorSpec(
+        name=spec.name,
+        dtype=_NAME_TO_ENUM[spec.dtype],
+        shape=spec.shape,
+        max_shape=spec.max_shape,
+        max_element_bytes=spec.max_element_bytes,
+        description=spec.description,
+        optional=spec.optional,
+    )
+
+
+def param_spec_message(spec: ParamSpec) -> prediction_pb2.ParameterSpec:
+    msg = prediction_pb2.ParameterSpec(
+        name=spec.name, kind=_KIND_TO_ENUM[spec.kind], description=spec.description
+    )
+    msg.min = spec.min if spec.min is not None else -math.inf
+    msg.max = spec.max if spec.max is not None else math.inf
+    field = {bool: "bool_value", int: "int_value", float: "double_value", str: "string_value"}
+    setattr(msg.default, field[spec.kind], spec.default)
+    return msg
