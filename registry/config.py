@@ -25,6 +25,8 @@ class RegistryConfig:
 
     http_addr: str = DEFAULT_CONSUL_HTTP_ADDR
     token: str | None = None
+    # Deadline of every non-blocking request to Consul (blocking queries add their wait).
+    request_timeout_s: float = 5.0
 
     @classmethod
     def from_env(cls, http_addr: str | None = None, token: str | None = None) -> RegistryConfig:
@@ -38,6 +40,10 @@ class RegistryConfig:
                 "set it like http://127.0.0.1:8500"
             )
         return cls(http_addr=addr, token=token or os.environ.get("CONSUL_HTTP_TOKEN") or None)
+
+    def __post_init__(self) -> None:
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s!r}")
 
     @property
     def scheme(self) -> str:
