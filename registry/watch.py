@@ -1,0 +1,462 @@
+"""Blocking-query watches of Consul: passing instances of a service, and a KV prefix.
+
+A watch keeps the last result Consul gave it. When the agent cannot be reached it keeps
+serving that result marked `stale` (never an empty set because the agent blinked), backs
+off with jitter, and reconciles with a non-blocking read as soon as the agent answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType, TracebackType
+from typing import Any, Generic, TypeVar
+
+import aiohttp
+import consul
+from consul.callback import CB
+
+from meshserve.errors import InvalidInput
+from meshserve.registry import watch_metrics
+from meshserve.registry.client import go_duration, kv_items_to_dict
+from meshserve.registry.config import RegistryConfig
+from meshserve.registry.consul_http import AsyncConsul, open_consul
+from meshserve.registry.instances import Instance, instances_from_health
+
+log = logging.getLogger(__name__)
+
+V = TypeVar("V")
+S = TypeVar("S", bound="Snapshot[Any]")
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """How a watch polls. Defaults suit production; tests shorten the backoff."""
+
+    wait_s: float = 30.0  # blocking-query wait; also bounds how long a dead link goes unnoticed
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 3.0
+    # Token bucket on the loop: a flapping service cannot turn a watch into a busy loop.
+    rate_per_s: float = 20.0
+    burst: int = 10
+    # Consul's docs recommend `stale` for read-heavy discovery: any server answers
+    # (reads scale and survive a lost leader), usually within ~50 ms of the leader;
+    # `consistent` costs a quorum round trip per read and is meant for locks/elections.
+    # The watch needs availability during outages more than linearizability.
+    consistency: str = "stale"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.wait_s <= 600:
+            raise ValueError(
+                f"wait_s must be in (0, 600] (Consul caps waits at 10m), got {self.wait_s}"
+            )
+        if not 0 < self.backoff_initial_s <= self.backoff_max_s:
+            raise ValueError("need 0 < backoff_initial_s <= backoff_max_s")
+        if not self.rate_per_s > 0 or self.burst < 1:
+            raise ValueError("need rate_per_s > 0 and burst >= 1")
+        if self.consistency not in ("default", "stale", "consistent"):
+            raise ValueError("consistency must be default, stale or consistent")
+
+
+@dataclass(frozen=True)
+class Snapshot(Generic[V]):
+    """What a watch knows at one moment. Immutable: hold on to it as long as you like."""
+
+    target: str
+    value: V
+    version: int  # +1 on every change of value or staleness
+    index: int  # X-Consul-Index of the result (0 before the first answer)
+    ready: bool  # Consul has answered at least once
+    stale: bool  # the value may be out of date: Consul is not answering
+    stale_since: float | None  # time.time() when it stopped answering
+    last_contact: float | None  # time.time() of the last answer
+    error: str | None = None  # the last failure while stale
+
+
+class ServiceSnapshot(Snapshot[tuple[Instance, ...]]):
+    @property
+    def instances(self) -> tuple[Instance, ...]:
+        return self.value
+
+
+class KVSnapshot(Snapshot[Mapping[str, str]]):
+    @property
+    def values(self) -> Mapping[str, str]:
+        return self.value
+
+
+OnChange = Callable[[Any], Awaitable[None] | None]
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    async def take(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            await asyncio.sleep((1 - self.tokens) / self.rate)
+            self.tokens = 1.0
+            self.stamp = time.monotonic()
+        self.tokens -= 1
+
+
+def backoff_delay(attempt: int, initial: float, cap: float) -> float:
+    """Exponential backoff with 'equal jitter': half fixed, half random, capped."""
+    ceiling = min(cap, initial * (2 ** max(0, attempt - 1)))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+# Failures a watch rides out; anything else is a bug and is logged with its traceback.
+_EXPECTED = (consul.ConsulException, aiohttp.ClientError, OSError, asyncio.TimeoutError)
+
+
+class _BlockingWatch(Generic[S, V]):
+    """The loop shared by both watches: blocking query, index rules, backoff, staleness."""
+
+    kind = "watch"
+
+    def __init__(
+        self,
+        config: RegistryConfig,
+        target: str,
+        watch_config: WatchConfig | None = None,
+        on_change: OnChange | None = None,
+    ):
+        self.config = config
+        self.target = target
+        self.watch_config = watch_config or WatchConfig()
+        self._on_change = on_change
+        self._snapshot: S = self._make(
+            target=target,
+            value=self._empty(),
+            version=0,
+            index=0,
+            ready=False,
+            stale=True,
+            stale_since=time.time(),
+            last_contact=None,
+        )
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._consul: AsyncConsul | None = None
+        self._last_ok_monotonic = time.monotonic()
+        self._bucket = _TokenBucket(self.watch_config.rate_per_s, self.watch_config.burst)
+
+    # --- what subclasses define ---------------------------------------------------------
+
+    def _make(self, **fields: Any) -> S:
+        raise NotImplementedError
+
+    def _empty(self) -> V:
+        raise NotImplementedError
+
+    async def _query(self, client: AsyncConsul, params: list[tuple[str, Any]]) -> tuple[int, V]:
+        raise NotImplementedError
+
+    # --- public surface -----------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> S:
+        return self._snapshot
+
+    @property
+    def stale(self) -> bool:
+        return self._snapshot.stale
+
+    @property
+    def staleness_s(self) -> float:
+        """Seconds since Consul last answered, while stale; 0 while fresh."""
+        if not self._snapshot.stale:
+            return 0.0
+        return time.monotonic() - self._last_ok_monotonic
+
+    @property
+    def size(self) -> int:
+        return len(self._snapshot.value)  # type: ignore[arg-type]
+
+    async def start(self, first_answer_timeout: float | None = None) -> None:
+        """Start the loop and wait (bounded) for the first attempt, answered or failed."""
+        if self._task is not None:
+            return
+        self._consul = open_consul(self.config)
+        watch_metrics.track(self.kind, self.target, self)
+        self._task = asyncio.create_task(self._run(), name=f"{self.kind}:{self.target}")
+        timeout = (
+            self.config.request_timeout_s if first_answer_timeout is None else first_answer_timeout
+        )
+        try:
+            await self.wait_for_change(timeout=timeout, since=0)
+        except TimeoutError:
+            pass  # still stale/not ready; the loop keeps trying
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._consul is not None:
+            await self._consul.close()
+            self._consul = None
+        watch_metrics.untrack(self.kind, self.target, self)
+
+    async def __aenter__(self: Any) -> Any:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def wait_for_change(self, timeout: float | None = None, since: int | None = None) -> S:
+        """The next snapshot newer than version `since` (default: the current one).
+
+        Raises TimeoutError when nothing changes within `timeout` seconds.
+        """
+        since = self._snapshot.version if since is None else since
+        async with asyncio.timeout(timeout):
+            while self._snapshot.version <= since:
+                await self._changed.wait()
+        return self._snapshot
+
+    async def wait_for(self, predicate: Callable[[S], bool], timeout: float | None = None) -> S:
+        """The first snapshot (current or future) for which `predicate` holds."""
+        async with asyncio.timeout(timeout):
+            snap = self._snapshot
+            while not predicate(snap):
+                snap = await self.wait_for_change(since=snap.version)
+        return snap
+
+    async def updates(self) -> AsyncIterator[S]:
+        """The current snapshot, then each change (fast changes may coalesce)."""
+        snap = self._snapshot
+        yield snap
+        while True:
+            snap = await self.wait_for_change(since=snap.version)
+            yield snap
+
+    def __aiter__(self) -> AsyncIterator[S]:
+        return self.updates()
+
+    # --- the loop -----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        cfg = self.watch_config
+        index = 0
+        failures = 0
+        while True:
+            await self._bucket.take()
+            params: list[tuple[str, Any]] = []
+            if index > 0:
+                params += [("index", index), ("wait", go_duration(cfg.wait_s))]
+            if cfg.consistency != "default":
+                params.append((cfg.consistency, "1"))
+            # Consul may hold a blocking query up to wait + wait/16 (jitter) before answering.
+            budget = self.config.request_timeout_s + (cfg.wait_s * 17 / 16 if index > 0 else 0)
+            try:
+                assert self._consul is not None
+                new_index, value = await asyncio.wait_for(self._query(self._consul, params), budget)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the watch must outlive any failure
+                failures += 1
+                if not isinstance(exc, _EXPECTED):
+                    log.exception("%s %s: unexpected failure", self.kind, self.target)
+                await self._mark_stale(exc)
+                # After an outage, re-read without blocking: that both clears `stale` at
+                # once and picks up whatever changed while the agent was away.
+                index = 0
+                await asyncio.sleep(
+                    backoff_delay(failures, cfg.backoff_initial_s, cfg.backoff_max_s)
+                )
+                continue
+            failures = 0
+            if new_index < 1:
+                # Consul promises indexes > 0; a 0 would make the next query return at
+                # once forever, so treat it as unknown (the token bucket bounds the loop).
+                new_index = 0
+            elif new_index < index:
+                # Index went backwards (agent restarted without state, stale follower,
+                # snapshot restore): start over from a fresh non-blocking read.
+                log.info(
+                    "%s %s: index went back %s → %s; resetting",
+                    self.kind,
+                    self.target,
+                    index,
+                    new_index,
+                )
+                new_index = 0
+            index = new_index
+            await self._publish_answer(value, new_index)
+
+    async def _mark_stale(self, exc: BaseException) -> None:
+        watch_metrics.WATCH_ERRORS.labels(self.kind, self.target).inc()
+        error = f"{type(exc).__name__}: {exc}"
+        snap = self._snapshot
+        if snap.stale and snap.error is not None:
+            self._snapshot = replace(snap, error=error)  # already stale: no new change
+            return
+        log.warning(
+            "%s %s: Consul at %s unreachable (%s); serving the last known result",
+            self.kind,
+            self.target,
+            self.config.http_addr,
+            error,
+        )
+        stale_since = snap.stale_since if snap.stale else time.time()
+        await self._set(
+            replace(
+                snap, stale=True, stale_since=stale_since, error=error, version=snap.version + 1
+            )
+        )
+
+    async def _publish_answer(self, value: V, index: int) -> None:
+        now = time.time()
+        self._last_ok_monotonic = time.monotonic()
+        snap = self._snapshot
+        if snap.ready and not snap.stale and value == snap.value:
+            # Timeout or idempotent write: nothing a reader needs to hear about.
+            self._snapshot = replace(snap, index=index, last_contact=now)
+            return
+        if snap.stale and snap.ready:
+            log.info("%s %s: Consul answers again; reconciled", self.kind, self.target)
+        if value != snap.value:
+            watch_metrics.WATCH_CHANGES.labels(self.kind, self.target).inc()
+        await self._set(
+            replace(
+                snap,
+                value=value,
+                index=index,
+                ready=True,
+                stale=False,
+                stale_since=None,
+                last_contact=now,
+                error=None,
+                version=snap.version + 1,
+            )
+        )
+
+    async def _set(self, snap: S) -> None:
+        """Publish a new version: wake waiters, then tell the on_change callback."""
+        self._snapshot = snap
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+        if self._on_change is not None:
+            try:
+                result = self._on_change(snap)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # noqa: BLE001 - a consumer's bug must not stop discovery
+                log.exception("%s %s: on_change callback failed", self.kind, self.target)
+
+
+def _index_of(raw: Any) -> int:
+    try:
+        return int(raw)
+    except (TypeError, ValueError) as exc:
+        raise consul.ConsulException(f"X-Consul-Index {raw!r} is not a number") from exc
+
+
+class ServiceWatch(_BlockingWatch[ServiceSnapshot, tuple[Instance, ...]]):
+    """The passing instances of one service, kept current by blocking queries.
+
+    `async with ServiceWatch(config, "meshserve-embedder") as w:` then `w.instances`,
+    `w.stale`, `await w.wait_for_change(timeout)` or `async for snap in w`.
+    """
+
+    kind = "service"
+
+    def __init__(
+        self,
+        config: RegistryConfig,
+        service: str,
+        watch_config: WatchConfig | None = None,
+        on_change: Callable[[ServiceSnapshot], Awaitable[None] | None] | None = None,
+        tag: str | None = None,
+    ):
+        if not service or "/" in service:
+            raise InvalidInput(f"service name {service!r} must be non-empty without '/'")
+        self.service = service
+        self.tag = tag
+        super().__init__(config, service, watch_config, on_change)
+
+    @property
+    def instances(self) -> tuple[Instance, ...]:
+        return self._snapshot.value
+
+    def _make(self, **fields: Any) -> ServiceSnapshot:
+        return ServiceSnapshot(**fields)
+
+    def _empty(self) -> tuple[Instance, ...]:
+        return ()
+
+    async def _query(
+        self, client: AsyncConsul, params: list[tuple[str, Any]]
+    ) -> tuple[int, tuple[Instance, ...]]:
+        # health.service() in py-consul has no consistency argument, so the same endpoint
+        # is called through py-consul's HTTP layer and response callback.
+        params = [*params, ("passing", "1")]
+        if self.tag:
+            params.append(("tag", self.tag))
+        raw_index, entries = await client.http.get(
+            CB.json(index=True),
+            f"/v1/health/service/{self.service}",
+            params=params,
+            headers=client.prepare_headers(),
+        )
+        return _index_of(raw_index), instances_from_health(entries)
+
+
+class KVWatch(_BlockingWatch[KVSnapshot, Mapping[str, str]]):
+    """Every key under a prefix (e.g. "meshserve/") → its value as text, kept current."""
+
+    kind = "kv"
+
+    def __init__(
+        self,
+        config: RegistryConfig,
+        prefix: str,
+        watch_config: WatchConfig | None = None,
+        on_change: Callable[[KVSnapshot], Awaitable[None] | None] | None = None,
+    ):
+        if not isinstance(prefix, str) or prefix.startswith("/"):
+            raise InvalidInput(f"KV prefix {prefix!r} must not start with '/'")
+        self.prefix = prefix
+        super().__init__(config, prefix, watch_config, on_change)
+
+    @property
+    def values(self) -> Mapping[str, str]:
+        return self._snapshot.value
+
+    def _make(self, **fields: Any) -> KVSnapshot:
+        return KVSnapshot(**fields)
+
+    def _empty(self) -> Mapping[str, str]:
+        return MappingProxyType({})
+
+    async def _query(
+        self, client: AsyncConsul, params: list[tuple[str, Any]]
+    ) -> tuple[int, Mapping[str, str]]:
+        raw_index, items = await client.http.get(
+            CB.json(index=True, decode="Value"),
+            f"/v1/kv/{self.prefix}",
+            params=[*params, ("recurse", "1")],
+            headers=client.prepare_headers(),
+        )
+        return _index_of(raw_index), MappingProxyType(kv_items_to_dict(items))

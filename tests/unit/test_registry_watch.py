@@ -1,0 +1,228 @@
+"""Watch loop rules against a scripted Consul HTTP server: index resets, staleness, recovery.
+
+The dev agent never sends an index that goes backwards or a 500 on purpose, so these
+cases are played by a small real HTTP server that answers each request from a script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from meshserve.registry.config import RegistryConfig
+from meshserve.registry.watch import KVWatch, ServiceWatch, WatchConfig, backoff_delay
+from tests.support import free_port
+
+FAST = WatchConfig(wait_s=5, backoff_initial_s=0.01, backoff_max_s=0.05, rate_per_s=1000, burst=100)
+
+
+def entry(service_id: str, port: int, meta: dict[str, str] | None = None, address: str = "") -> Any:
+    return {
+        "Node": {"Node": "node-1", "Address": "10.0.0.9"},
+        "Service": {
+            "ID": service_id,
+            "Service": "svc",
+            "Address": address,
+            "Port": port,
+            "Meta": meta or {},
+            "Tags": ["t1"],
+        },
+        "Checks": [],
+    }
+
+
+class ScriptedConsul:
+    """Answers each request with the next scripted (status, index, body); waits for one."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, str]] = []
+        self.headers: list[dict[str, str]] = []
+        self.script: asyncio.Queue[tuple[int, int, Any]] = asyncio.Queue()
+        self.arrived = asyncio.Event()
+
+    def answer(self, index: int, body: Any, status: int = 200) -> None:
+        self.script.put_nowait((status, index, body))
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append(dict(request.query))
+        self.headers.append(dict(request.headers))
+        self.arrived.set()
+        status, index, body = await self.script.get()
+        text = body if isinstance(body, str) else json.dumps(body)
+        return web.Response(status=status, text=text, headers={"X-Consul-Index": str(index)})
+
+    async def next_request(self, count: int, timeout: float = 5.0) -> dict[str, str]:
+        """Wait until request number `count` (1-based) has arrived and return its query."""
+        async with asyncio.timeout(timeout):
+            while len(self.requests) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.requests[count - 1]
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[ScriptedConsul, RegistryConfig]]:
+    fake = ScriptedConsul()
+    app = web.Application()
+    app.router.add_get("/v1/health/service/{name}", fake.handle)
+    app.router.add_get("/v1/kv/{key:.*}", fake.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield fake, RegistryConfig(http_addr=f"http://127.0.0.1:{port}", request_timeout_s=2)
+    finally:
+        for _ in range(50):  # release handlers still waiting so the runner can stop
+            fake.answer(1, [])
+        await runner.cleanup()
+
+
+async def test_first_read_does_not_block_then_blocks_on_the_index(scripted):
+    fake, config = scripted
+    fake.answer(7, [entry("a", 5001, {"model": "m"}), entry("b", 5002, address="127.0.0.2")])
+    async with ServiceWatch(config, "svc", FAST) as watch:
+        first = await fake.next_request(1)
+        assert "index" not in first and "wait" not in first
+        assert first["passing"] == "1" and "stale" in first  # consistency mode chosen: stale
+        assert [i.id for i in watch.instances] == ["a", "b"]
+        a, b = watch.instances
+        assert (a.address, a.port, dict(a.meta), a.tags) == ("10.0.0.9", 5001, {"model": "m"}, ("t1",))
+        assert b.target == "127.0.0.2:5002"
+        assert not watch.stale and watch.snapshot.ready and watch.snapshot.index == 7
+        second = await fake.next_request(2)
+        assert second["index"] == "7" and second["wait"] == "5s"
+
+
+async def test_index_going_backwards_resets_to_a_non_blocking_read(scripted):
+    fake, config = scripted
+    fake.answer(50, [entry("a", 1)])
+    async with ServiceWatch(config, "svc", FAST) as watch:
+        assert (await fake.next_request(2))["index"] == "50"
+        fake.answer(3, [entry("b", 2)])  # the agent lost its state and restarted
+        snap = await watch.wait_for_change(timeout=5)
+        assert [i.id for i in snap.instances] == ["b"]
+        assert "index" not in await fake.next_request(3)
+        fake.answer(3, [entry("b", 2)])
+        assert (await fake.next_request(4))["index"] == "3"
+
+
+async def test_zero_index_is_never_blocked_on(scripted):
+    fake, config = scripted
+    fake.answer(0, [entry("a", 1)])
+    async with ServiceWatch(config, "svc", FAST):
+        assert "index" not in await fake.next_request(2)
+
+
+async def test_errors_keep_the_last_set_marked_stale_and_recovery_reconciles(scripted):
+    fake, config = scripted
+    fake.answer(10, [entry("a", 1), entry("b", 2)])
+    changes: list[Any] = []
+    async with ServiceWatch(config, "svc", FAST, on_change=changes.append) as watch:
+        before = watch.snapshot
+        fake.answer(10, "boom", status=500)
+        stale = await watch.wait_for_change(timeout=5)
+        assert stale.stale and stale.stale_since is not None and "500" in (stale.error or "")
+        assert [i.id for i in stale.instances] == ["a", "b"]  # never emptied by an outage
+        assert watch.staleness_s > 0
+        # The next read after an error does not block: it must clear `stale` at once.
+        n = len(fake.requests) + 1
+        query = await fake.next_request(n)
+        assert "index" not in query
+        fake.answer(11, [entry("b", 2)])
+        fresh = await watch.wait_for(lambda s: not s.stale, timeout=5)
+        assert [i.id for i in fresh.instances] == ["b"] and fresh.stale_since is None
+        assert watch.staleness_s == 0
+    versions = [s.version for s in changes]
+    assert versions == sorted(versions) and versions[0] == before.version
+    assert [s.stale for s in changes] == [False, True, False]
+
+
+async def test_unreachable_agent_at_start_is_stale_and_empty_not_an_exception():
+    config = RegistryConfig(http_addr=f"http://127.0.0.1:{free_port()}", request_timeout_s=1)
+    async with ServiceWatch(config, "svc", FAST) as watch:
+        assert watch.stale and not watch.snapshot.ready and watch.instances == ()
+        assert "ClientConnectorError" in (watch.snapshot.error or "")
+
+
+async def test_updates_iterator_yields_current_then_changes(scripted):
+    fake, config = scripted
+    fake.answer(1, [])
+    async with ServiceWatch(config, "svc", FAST) as watch:
+        seen: list[tuple[str, ...]] = []
+
+        async def consume() -> None:
+            async for snap in watch:
+                seen.append(tuple(i.id for i in snap.instances))
+                if len(seen) == 3:
+                    return
+
+        task = asyncio.create_task(consume())
+        await fake.next_request(2)
+        fake.answer(2, [entry("a", 1)])
+        await fake.next_request(3)
+        fake.answer(3, [entry("a", 1), entry("c", 3)])
+        await asyncio.wait_for(task, 5)
+        assert seen == [(), ("a",), ("a", "c")]
+
+
+async def test_same_answer_on_wait_timeout_is_not_a_change(scripted):
+    fake, config = scripted
+    fake.answer(4, [entry("a", 1)])
+    async with ServiceWatch(config, "svc", FAST) as watch:
+        version = watch.snapshot.version
+        await fake.next_request(2)
+        fake.answer(4, [entry("a", 1)])  # wait elapsed, same index
+        await fake.next_request(3)
+        assert watch.snapshot.version == version
+        with pytest.raises(TimeoutError):
+            await watch.wait_for_change(timeout=0.1)
+
+
+async def test_kv_watch_decodes_values_and_treats_404_as_empty(scripted):
+    fake, config = scripted
+
+    def item(key: str, value: bytes | None) -> dict[str, Any]:
+        encoded = base64.b64encode(value).decode() if value is not None else None
+        return {"Key": key, "Value": encoded, "ModifyIndex": 1, "Flags": 0}
+
+    fake.answer(5, [item("meshserve/a", b'{"w": 1}'), item("meshserve/", None)])
+    async with KVWatch(config, "meshserve/", FAST) as watch:
+        query = await fake.next_request(1)
+        assert query["recurse"] == "1" and "stale" in query
+        assert dict(watch.values) == {"meshserve/a": '{"w": 1}', "meshserve/": ""}
+        await fake.next_request(2)
+        fake.answer(6, "", status=404)
+        snap = await watch.wait_for_change(timeout=5)
+        assert dict(snap.values) == {} and not snap.stale
+
+
+async def test_token_from_config_is_sent_and_beats_the_environment(scripted, monkeypatch):
+    fake, config = scripted
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "from-env")
+    config = RegistryConfig(http_addr=config.http_addr, token="from-config")
+    fake.answer(1, [])
+    async with ServiceWatch(config, "svc", FAST):
+        await fake.next_request(1)
+        assert fake.headers[0].get("X-Consul-Token") == "from-config"
+
+
+def test_backoff_grows_is_capped_and_jittered():
+    delays = [backoff_delay(n, 0.1, 2.0) for n in range(1, 12)]
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(1.0 <= d <= 2.0 for d in delays[6:])
+    assert len({round(backoff_delay(5, 0.1, 2.0), 6) for _ in range(20)}) > 1
+
+
+def test_watch_config_rejects_nonsense():
+    with pytest.raises(ValueError, match="wait_s"):
+        WatchConfig(wait_s=601)
+    with pytest.raises(ValueError, match="consistency"):
+        WatchConfig(consistency="eventual")
