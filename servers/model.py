@@ -138,6 +138,11 @@ class Model(ABC):
         """Run on a validated batch: every input has the same first dimension N, every output
         must have first dimension N too (or override `unbatch`). Runs in a worker thread."""
 
+    def check(self, inputs: Arrays, params: Params) -> None:  # noqa: B027 - optional hook
+        """Refuse one request before it is queued, when the signature cannot say what is wrong
+        (NaN in a query, a version mismatch …): raise InvalidInput / FailedPrecondition.
+        Runs on the event loop for every request: keep it cheap."""
+
     def meta(self) -> dict[str, str]:
         """Extra registry meta for this model (indexer: index, shard, dim …); strings only."""
         return {}

@@ -138,6 +138,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             signature = self.model.signature
             inputs = tensors.decode_inputs(request.inputs, signature)
             params = tensors.decode_params(request.parameters, signature)
+            self.model.check(inputs, params)
             wanted = set(request.output_filter)
             if wanted:
                 known = {spec.name for spec in signature.outputs}
