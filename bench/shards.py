@@ -52,7 +52,7 @@ def build_shards(base: np.ndarray, shards: int, params: HnswParams, root: Path) 
     loaded = []
     for s, rows in enumerate(np.array_split(np.arange(len(base)), shards)):
         shard_dir = root / f"S{shards}-{s}"
-        build_shard(shard_dir, base[rows], [str(r) for r in rows], index="bench", shard=str(s),
+        build_shard(shard_dir, base[rows], rows, index="bench", shard=str(s),
                     embedder_version="bench", params=params, num_threads=os.cpu_count() or 1)
         loaded.append(load_shard(shard_dir))
     return loaded
@@ -63,9 +63,8 @@ def merged_search(shards: list, queries: np.ndarray, k: int) -> tuple[np.ndarray
     all_ids, all_scores, latencies = [], [], []
     for shard in shards:
         start = time.perf_counter()
-        rows, scores = shard.search(queries, k)
+        ids, scores = shard.search(queries, k)
         latencies.append((time.perf_counter() - start) / len(queries))
-        ids = np.array(shard.item_ids, dtype=np.int64)[rows]
         all_ids.append(ids)
         all_scores.append(scores)
     ids, scores = np.concatenate(all_ids, axis=1), np.concatenate(all_scores, axis=1)
@@ -117,7 +116,7 @@ def build_cost(n: int, dim: int, shards: int, params: HnswParams) -> None:
             before = rss_bytes()
             start = time.perf_counter()
             shard_dir = Path(tmp) / str(s)
-            build_shard(shard_dir, base[rows], [str(r) for r in rows], index="bench", shard=str(s),
+            build_shard(shard_dir, base[rows], rows, index="bench", shard=str(s),
                         embedder_version="bench", params=params, num_threads=os.cpu_count() or 1)
             seconds = time.perf_counter() - start
             loaded = load_shard(shard_dir)

@@ -13,7 +13,7 @@ import hnswlib
 import numpy as np
 
 INDEX_FILE = "index.bin"
-IDS_FILE = "ids.json"
+IDS_FILE = "ids.npy"  # int64 catalogue item ids, row i = hnswlib label i
 MANIFEST_FILE = "manifest.json"  # written last: a directory without it is an unfinished build
 METRICS = ("ip", "cosine", "l2")
 
@@ -88,7 +88,7 @@ def _checksum(index_path: Path, ids_path: Path) -> str:
 def build_shard(
     out_dir: Path,
     vectors: np.ndarray,
-    item_ids: list[str],
+    item_ids: np.ndarray | list[int],
     *,
     index: str,
     shard: str,
@@ -103,7 +103,8 @@ def build_shard(
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[0] == 0:
         raise ValueError(f"vectors must be a non-empty [N, D] array, got shape {vectors.shape}")
-    if len(item_ids) != vectors.shape[0]:
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    if item_ids.shape != (vectors.shape[0],):
         raise ValueError(f"{len(item_ids)} item ids for {vectors.shape[0]} vectors")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -118,7 +119,8 @@ def build_shard(
     hnsw.add_items(vectors, np.arange(count), num_threads=num_threads)
     index_path, ids_path = out_dir / INDEX_FILE, out_dir / IDS_FILE
     hnsw.save_index(str(index_path))
-    ids_path.write_text(json.dumps(list(item_ids)))
+    with open(ids_path, "wb") as fh:
+        np.save(fh, item_ids, allow_pickle=False)
 
     manifest = ShardManifest(
         index=index,
@@ -154,13 +156,13 @@ def read_manifest(shard_dir: Path) -> ShardManifest:
 class LoadedShard:
     """A verified, read-only shard: search only, never add (hnswlib is unsafe for add + search)."""
 
-    def __init__(self, manifest: ShardManifest, hnsw: hnswlib.Index, item_ids: list[str]):
+    def __init__(self, manifest: ShardManifest, hnsw: hnswlib.Index, item_ids: np.ndarray):
         self.manifest = manifest
         self._hnsw = hnsw
         self.item_ids = item_ids
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest neighbours: (row indices i64 [N, k'], scores f32 [N, k']) with k' = min(k, count).
+        """Nearest neighbours: (item ids i64 [N, k'], scores f32 [N, k']) with k' = min(k, count).
 
         Scores grow with similarity: inner product for ip/cosine, negative squared distance for l2.
         """
@@ -170,7 +172,7 @@ class LoadedShard:
             scores = -distances
         else:
             scores = 1.0 - distances
-        return labels.astype(np.int64), scores.astype(np.float32)
+        return self.item_ids[labels.astype(np.int64)], scores.astype(np.float32)
 
 
 def load_shard(
@@ -198,10 +200,10 @@ def load_shard(
     if manifest.metric not in METRICS:
         raise ShardError(f"{shard_dir}: unknown metric {manifest.metric!r}")
     try:
-        item_ids = json.loads(ids_path.read_text())
+        item_ids = np.load(ids_path, allow_pickle=False)
     except ValueError as exc:
         raise ShardError(f"{shard_dir}: unreadable id map: {exc}") from exc
-    if not isinstance(item_ids, list) or len(item_ids) != manifest.count:
+    if item_ids.dtype != np.int64 or item_ids.shape != (manifest.count,):
         raise ShardError(f"{shard_dir}: id map holds {len(item_ids)} ids, manifest says {manifest.count}")
 
     hnsw = hnswlib.Index(space=manifest.metric, dim=manifest.dim)
@@ -214,4 +216,4 @@ def load_shard(
             f"{shard_dir}: index holds {hnsw.get_current_count()} vectors, manifest says {manifest.count}"
         )
     hnsw.set_ef(max(manifest.ef, 1))
-    return LoadedShard(manifest, hnsw, [str(i) for i in item_ids])
+    return LoadedShard(manifest, hnsw, item_ids)
