@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from meshserve.training.artifacts import meshserve_home
 
 from meshserve.errors import InvalidInput, NotFound
+from meshserve.training.artifacts import meshserve_home
 
 DEFAULT_SEED = 1234
 DEFAULT_ITEMS = 2000
