@@ -32,6 +32,11 @@ KINDS: dict[str, Kind] = {
         "returns its input (tests and benchmarks; --delay-ms, --batch-cost-ms)",
         "meshserve-identity",
     ),
+    "indexer": Kind(
+        "meshserve.servers.indexer",
+        "nearest-neighbour search over one index shard (--shard DIR)",
+        "meshserve-indexer",
+    ),
 }
 
 _COMMON_HELP = """
