@@ -59,7 +59,8 @@ class DevAgent:
         self.proc = self._spawn(meshserve_argv(*args), name="dev-agent")
 
         def leader_answers() -> bool:
-            assert self.proc is not None and self.proc.alive(), self.proc and self.proc.output()
+            assert self.proc is not None
+            self.proc.check_alive()
             with urllib.request.urlopen(f"{self.http_addr}/v1/status/leader", timeout=1) as resp:
                 return resp.status == 200
 

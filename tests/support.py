@@ -22,6 +22,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class ProcessDied(AssertionError):
+    """Raised from a wait_until predicate: stop waiting, the thing will never come up."""
+
+
 def wait_until(
     predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = ""
 ) -> T:
@@ -31,6 +35,8 @@ def wait_until(
     while time.monotonic() < deadline:
         try:
             value = predicate()
+        except ProcessDied:
+            raise
         except Exception as exc:  # the thing may not be up yet
             last_error = exc
         else:
@@ -71,6 +77,11 @@ class ManagedProcess:
         """SIGKILL, the way a crash or the OOM killer would end it."""
         self.signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+
+    def check_alive(self) -> None:
+        """Raise ProcessDied with the process's output if it has exited."""
+        if not self.alive():
+            raise ProcessDied(f"{self.argv} exited with {self.proc.returncode}:\n{self.output()}")
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout=timeout)
