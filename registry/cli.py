@@ -1,0 +1,83 @@
+"""The `meshserve registry` command family: `registry dev` runs the Consul-compatible dev agent."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEV_HELP = """\
+Run a Consul-HTTP-API-compatible dev agent (like `consul agent -dev`): the subset of
+Consul's API in CONSUL.md, answered so that Consul clients cannot tell the difference.
+It runs gRPC, HTTP, TCP and TTL checks itself and keeps its state in memory unless
+--data-dir is given.
+
+--reap-interval, --min-deregister-after and --min-check-interval default to Consul's own
+values (30s, 1m, 1s). Shorter values are a dev-agent allowance for tests; real Consul
+does not accept them.
+"""
+
+
+def _duration(text: str) -> float:
+    from meshserve.registry.dev_schema import parse_go_duration
+
+    try:
+        seconds = parse_go_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (use e.g. 500ms, 10s, 1m)") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return seconds
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not host:port, e.g. 127.0.0.1:8500")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    registry = subparsers.add_parser("registry", help="service registry (Consul) tools")
+    sub = registry.add_subparsers(dest="registry_command", metavar="COMMAND")
+    registry.set_defaults(func=lambda args: (registry.print_help(), 2)[1])
+    dev = sub.add_parser(
+        "dev", help="run the Consul-compatible dev agent", description=DEV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dev.add_argument("--http-addr", type=_host_port, default=("127.0.0.1", 8500),
+                     help="address to listen on (default 127.0.0.1:8500)")
+    dev.add_argument("--acl-token", default=None,
+                     help="enable ACLs: this token may do anything, requests without it are "
+                     "anonymous (writes refused, list reads filtered)")
+    dev.add_argument("--data-dir", type=Path, default=None,
+                     help="persist state here and restore it on start (default: memory only)")
+    dev.add_argument("--node-name", default="", help="node name (default: the host name)")
+    dev.add_argument("--datacenter", default="dc1", help="datacenter name (default dc1)")
+    dev.add_argument("--reap-interval", type=_duration, default=30.0,
+                     help="how often critical services are reaped (Consul: 30s)")
+    dev.add_argument("--min-deregister-after", type=_duration, default=60.0,
+                     help="floor for DeregisterCriticalServiceAfter (Consul: 1m)")
+    dev.add_argument("--min-check-interval", type=_duration, default=1.0,
+                     help="floor for check intervals (Consul: 1s)")
+    dev.set_defaults(func=run_dev)
+
+
+def run_dev(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from meshserve.registry.dev_agent import AgentConfig, serve
+
+    host, port = args.http_addr
+    config = AgentConfig(
+        host=host,
+        port=port,
+        acl_token=args.acl_token or None,
+        data_dir=args.data_dir,
+        node_name=args.node_name,
+        datacenter=args.datacenter,
+        reap_interval=max(args.reap_interval, 0.05),
+        min_deregister_after=args.min_deregister_after,
+        min_check_interval=args.min_check_interval,
+    )
+    asyncio.run(serve(config))
+    return 0

@@ -1,0 +1,588 @@
+"""The dev agent's HTTP transport: Consul's routes, status codes, headers and ACL, over DevState."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from meshserve.registry import dev_persist, dev_render
+from meshserve.registry.dev_checks import CheckRunner
+from meshserve.registry.dev_filter import compile_filter
+from meshserve.registry.dev_notify import block_until_changed
+from meshserve.registry.dev_schema import (
+    KV_VALUE_MAX,
+    BadRequest,
+    parse_check,
+    parse_go_duration,
+    parse_service,
+)
+from meshserve.registry.dev_state import (
+    CATALOG_TOPIC,
+    DevState,
+    NodeInfo,
+    NotFoundError,
+    ServerError,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_BODY = 1024 * 1024  # request bodies larger than this get 413
+MAX_IN_FLIGHT = 8192  # requests (mostly parked blocking queries) before 429
+LEADER = "127.0.0.1:8300"
+VERSION = "1.20.0"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How `meshserve registry dev` runs; built once from the command line."""
+
+    host: str = "127.0.0.1"
+    port: int = 8500
+    acl_token: str | None = None
+    data_dir: Path | None = None
+    node_name: str = ""
+    datacenter: str = "dc1"
+    reap_interval: float = 30.0  # Consul's reaper period
+    min_deregister_after: float = 60.0  # Consul's minimum DeregisterCriticalServiceAfter
+    min_check_interval: float = 1.0  # Consul's minimum check interval
+
+
+class DevAgent:
+    """Routes of the Consul subset in CONSUL.md, answering from one DevState."""
+
+    def __init__(self, config: AgentConfig, state: DevState,
+                 persister: dev_persist.Persister | None = None):
+        self.config = config
+        self.state = state
+        self.persister = persister
+        self.in_flight = 0
+
+    # ---- plumbing ------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
+        r = app.router
+        r.add_get("/v1/status/leader", self.status_leader)
+        r.add_get("/v1/status/peers", self.status_peers)
+        r.add_get("/v1/agent/self", self.agent_self)
+        r.add_put("/v1/agent/service/register", self.service_register)
+        r.add_put("/v1/agent/service/deregister/{id:.+}", self.service_deregister)
+        r.add_put("/v1/agent/service/maintenance/{id:.+}", self.service_maintenance)
+        r.add_get("/v1/agent/service/{id:.+}", self.agent_service)
+        r.add_get("/v1/agent/services", self.agent_services)
+        r.add_get("/v1/agent/checks", self.agent_checks)
+        r.add_put("/v1/agent/check/register", self.check_register)
+        r.add_put("/v1/agent/check/deregister/{id:.+}", self.check_deregister)
+        r.add_put("/v1/agent/check/{verb:pass|warn|fail}/{id:.+}", self.check_ttl)
+        r.add_put("/v1/agent/check/update/{id:.+}", self.check_update)
+        r.add_put("/v1/agent/maintenance", self.node_maintenance)
+        r.add_get("/v1/health/service/{name:.+}", self.health_service)
+        r.add_get("/v1/health/checks/{name:.+}", self.health_checks)
+        r.add_get("/v1/catalog/services", self.catalog_services)
+        r.add_get("/v1/catalog/service/{name:.+}", self.catalog_service)
+        r.add_get("/v1/kv/{key:.*}", self.kv_get)
+        r.add_put("/v1/kv/{key:.*}", self.kv_put)
+        r.add_delete("/v1/kv/{key:.*}", self.kv_delete)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.in_flight >= MAX_IN_FLIGHT:
+            return _text(429, f"Too many requests in flight ({MAX_IN_FLIGHT}); retry later")
+        self.in_flight += 1
+        try:
+            self._check_dc(request)
+            return await handler(request)
+        except BadRequest as exc:
+            return _text(exc.status, str(exc))
+        except NotFoundError as exc:
+            return _text(404, str(exc))
+        except ServerError as exc:
+            return _text(500, str(exc))
+        except web.HTTPRequestEntityTooLarge:
+            return _text(413, f"Request body too large, max size: {MAX_BODY} bytes")
+        except web.HTTPException as exc:
+            if exc.status >= 400 and not exc.text:
+                return _text(exc.status, exc.reason)
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("internal error answering %s %s", request.method, request.path_qs)
+            return _text(500, "Internal error in the meshserve dev agent (see its log)")
+        finally:
+            self.in_flight -= 1
+
+    def _check_dc(self, request: web.Request) -> None:
+        dc = request.query.get("dc")
+        if dc and dc != self.config.datacenter:
+            raise ServerError("No path to datacenter")
+
+    def _token(self, request: web.Request) -> str:
+        token = request.headers.get("X-Consul-Token") or request.query.get("token", "")
+        auth = request.headers.get("Authorization", "")
+        if not token and auth.lower().startswith("bearer "):
+            token = auth[7:].strip()
+        return token
+
+    def _can_read(self, request: web.Request) -> bool:
+        """True for full access, False for anonymous; an unknown token is refused outright."""
+        if self.config.acl_token is None:
+            return True
+        token = self._token(request)
+        if token == self.config.acl_token:
+            return True
+        if token:
+            raise BadRequest("ACL not found", status=403)
+        return False
+
+    def _require_write(self, request: web.Request, permission: str, resource: str) -> None:
+        if not self._can_read(request):
+            raise BadRequest(
+                f"Permission denied: anonymous token lacks permission '{permission}' on "
+                f'"{resource}"', status=403,
+            )
+
+    def _indexed(self, data: Any, index: int, filtered: bool = False,
+                 status: int = 200) -> web.Response:
+        resp = web.json_response(data, status=status, dumps=_dumps)
+        resp.headers["X-Consul-Index"] = str(max(1, index))
+        resp.headers["X-Consul-KnownLeader"] = "true"
+        resp.headers["X-Consul-LastContact"] = "0"
+        resp.headers["X-Consul-Effective-Consistency"] = "leader"
+        if filtered:
+            resp.headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
+        return resp
+
+    async def _body_json(self, request: web.Request) -> Any:
+        body = await request.read()
+        if not body.strip():
+            raise BadRequest("Request decode failed: EOF")
+        try:
+            return json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise BadRequest(f"Request decode failed: {exc}") from None
+
+    async def _committed(self) -> None:
+        """Acknowledged writes are on disk before the answer, when persisting."""
+        if self.persister is not None:
+            await self.persister.flush()
+
+    async def _block(self, request: web.Request, compute: Callable[[], tuple[int, T]],
+                     topics: tuple[Hashable, ...] = (),
+                     kv_prefix: Callable[[], str | None] | None = None) -> tuple[int, T]:
+        min_index, wait = _blocking_params(request)
+        return await block_until_changed(self.state.notifier, compute, min_index, wait,
+                                         topics, kv_prefix)
+
+    # ---- status and agent ----------------------------------------------------------------------
+
+    async def status_leader(self, request: web.Request) -> web.Response:
+        return web.json_response(LEADER)
+
+    async def status_peers(self, request: web.Request) -> web.Response:
+        return web.json_response([LEADER])
+
+    async def agent_self(self, request: web.Request) -> web.Response:
+        self._require_write(request, "agent:read", self.state.node.name)
+        node = self.state.node
+        return web.json_response({
+            "Config": {"Datacenter": node.datacenter, "NodeName": node.name, "NodeID": node.node_id,
+                       "Server": True, "Revision": "meshserve-dev", "Version": VERSION},
+            "Member": {"Name": node.name, "Addr": node.address, "Port": 8301, "Status": 1,
+                       "Tags": {"dc": node.datacenter, "role": "consul", "id": node.node_id}},
+            "Meta": {"consul-network-segment": ""},
+        })
+
+    async def service_register(self, request: web.Request) -> web.Response:
+        body = await self._body_json(request)
+        service, checks = parse_service(body)
+        self._require_write(request, "service:write", service.name)
+        replace = _bool_param(request, "replace-existing-checks")
+        self.state.register_service(service, checks, replace_existing_checks=replace)
+        await self._committed()
+        return web.Response(status=200)
+
+    async def service_deregister(self, request: web.Request) -> web.Response:
+        service_id = request.match_info["id"]
+        svc = self.state.services.get(service_id)
+        self._require_write(request, "service:write", svc.definition.name if svc else service_id)
+        self.state.deregister_service(service_id)
+        await self._committed()
+        return web.Response(status=200)
+
+    async def service_maintenance(self, request: web.Request) -> web.Response:
+        service_id = request.match_info["id"]
+        enable = _required_bool(request, "enable")
+        svc = self.state.services.get(service_id)
+        self._require_write(request, "service:write", svc.definition.name if svc else service_id)
+        self.state.service_maintenance(service_id, enable, request.query.get("reason", ""))
+        await self._committed()
+        return web.Response(status=200)
+
+    async def node_maintenance(self, request: web.Request) -> web.Response:
+        enable = _required_bool(request, "enable")
+        self._require_write(request, "node:write", self.state.node.name)
+        self.state.node_maintenance(enable, request.query.get("reason", ""))
+        await self._committed()
+        return web.Response(status=200)
+
+    async def agent_service(self, request: web.Request) -> web.Response:
+        service_id = request.match_info["id"]
+        svc = self.state.services.get(service_id)
+        if not self._can_read(request):
+            raise BadRequest("Permission denied", status=403)
+        if svc is None:
+            raise NotFoundError(f"unknown service ID: {service_id}")
+        return web.json_response(dev_render.agent_service_json(svc, self.state.node.datacenter))
+
+    async def agent_services(self, request: web.Request) -> web.Response:
+        readable = self._can_read(request)
+        match = _filter_param(request)
+        out = {}
+        for sid, svc in self.state.services.items():
+            item = dev_render.agent_service_json(svc, self.state.node.datacenter)
+            if match(item):
+                out[sid] = item
+        resp = web.json_response(out if readable else {})
+        if not readable and out:
+            resp.headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
+        return resp
+
+    async def agent_checks(self, request: web.Request) -> web.Response:
+        readable = self._can_read(request)
+        match = _filter_param(request)
+        out = {}
+        for cid, check in self.state.checks.items():
+            item = dev_render.check_json(check, self.state.node, self.state.services, indexes=False)
+            if match(item):
+                out[cid] = item
+        resp = web.json_response(out if readable else {})
+        if not readable and out:
+            resp.headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
+        return resp
+
+    async def check_register(self, request: web.Request) -> web.Response:
+        body = await self._body_json(request)
+        check = parse_check(body, "")
+        if not check.check_id:
+            raise BadRequest("Missing check name")
+        self._require_write(request, "node:write", self.state.node.name)
+        self.state.register_check(check)
+        await self._committed()
+        return web.Response(status=200)
+
+    async def check_deregister(self, request: web.Request) -> web.Response:
+        self._require_write(request, "node:write", self.state.node.name)
+        self.state.deregister_check(request.match_info["id"])
+        await self._committed()
+        return web.Response(status=200)
+
+    async def check_ttl(self, request: web.Request) -> web.Response:
+        status = {"pass": "passing", "warn": "warning", "fail": "critical"}[
+            request.match_info["verb"]]
+        check_id = request.match_info["id"]
+        self._require_write(request, "service:write", check_id)
+        note = request.query.get("note", "")
+        if len(note) > 64 * 1024:
+            raise BadRequest("note is longer than 65536 characters")
+        self.state.update_ttl(check_id, status, note)
+        return web.Response(status=200)
+
+    async def check_update(self, request: web.Request) -> web.Response:
+        from meshserve.registry.dev_schema import as_str, pick_fields
+
+        body = pick_fields(await self._body_json(request), {"Status": (), "Output": ()}, "")
+        status = as_str(body.get("Status"), "Status")
+        if status not in ("passing", "warning", "critical"):
+            raise BadRequest(f"Invalid check status: '{status}'")
+        check_id = request.match_info["id"]
+        self._require_write(request, "service:write", check_id)
+        self.state.update_ttl(check_id, status, as_str(body.get("Output"), "Output", 1 << 20))
+        return web.Response(status=200)
+
+    # ---- health and catalog --------------------------------------------------------------------
+
+    async def health_service(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        readable = self._can_read(request)
+        passing = _bool_param(request, "passing")
+        tags = [t.lower() for t in request.query.getall("tag", [])]
+        match = _filter_param(request)
+        index, entries = await self._block(request, lambda: self.state.health(name),
+                                           topics=(("svc", name),))
+        node, services = self.state.node, self.state.services
+        out = []
+        for entry in entries:
+            if passing and any(c.status != "passing" for c in entry.checks):
+                continue
+            own_tags = {t.lower() for t in entry.service.definition.tags}
+            if any(t not in own_tags for t in tags):
+                continue
+            item = dev_render.health_entry_json(entry, node, services)
+            if match(item):
+                out.append(item)
+        if not readable:
+            return self._indexed([], index, filtered=bool(out))
+        return self._indexed(out, index)
+
+    async def health_checks(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        readable = self._can_read(request)
+        match = _filter_param(request)
+        index, entries = await self._block(request, lambda: self.state.health(name),
+                                           topics=(("svc", name),))
+        out = []
+        for entry in entries:
+            for check in entry.checks:
+                if check.service_id:
+                    item = dev_render.check_json(check, self.state.node, self.state.services)
+                    if match(item):
+                        out.append(item)
+        if not readable:
+            return self._indexed([], index, filtered=bool(out))
+        return self._indexed(out, index)
+
+    async def catalog_services(self, request: web.Request) -> web.Response:
+        readable = self._can_read(request)
+        index, services = await self._block(request, self.state.catalog_services,
+                                            topics=(CATALOG_TOPIC,))
+        if not readable:
+            return self._indexed({}, index, filtered=bool(services))
+        return self._indexed(services, index)
+
+    async def catalog_service(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        readable = self._can_read(request)
+        tags = [t.lower() for t in request.query.getall("tag", [])]
+        match = _filter_param(request)
+        index, entries = await self._block(request, lambda: self.state.health(name),
+                                           topics=(("svc", name),))
+        out = []
+        for entry in entries:
+            own_tags = {t.lower() for t in entry.service.definition.tags}
+            if any(t not in own_tags for t in tags):
+                continue
+            item = dev_render.catalog_service_json(entry.service, self.state.node)
+            if match(item):
+                out.append(item)
+        if not readable:
+            return self._indexed([], index, filtered=bool(out))
+        return self._indexed(out, index)
+
+    # ---- KV ------------------------------------------------------------------------------------
+
+    async def kv_get(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        query = request.query
+        readable = self._can_read(request)
+        if "keys" in query or "recurse" in query:
+            index, entries = await self._block(
+                request, lambda: self.state.kv_list(key), kv_prefix=lambda: key)
+            filtered = not readable and bool(entries)
+            if not readable:
+                entries = []
+            if "keys" in query:
+                keys = _keys_view(key, [e.key for e in entries], query.get("separator", ""))
+                if not keys:
+                    return self._indexed(None, index, filtered, status=404)
+                return self._indexed(keys, index, filtered)
+            if not entries:
+                return self._indexed(None, index, filtered, status=404)
+            return self._indexed([dev_render.kv_json(e) for e in entries], index, filtered)
+        if not readable:
+            raise BadRequest("Permission denied", status=403)
+        index, entry = await self._block(
+            request, lambda: self.state.kv_get(key),
+            kv_prefix=lambda: key if key in self.state.kv else "")
+        if entry is None:
+            return self._indexed(None, index, status=404)
+        if "raw" in query:
+            resp = web.Response(body=entry.value or b"", content_type="text/plain")
+            resp.headers["X-Consul-Index"] = str(index)
+            return resp
+        return self._indexed([dev_render.kv_json(entry)], index)
+
+    async def kv_put(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        if not key:
+            raise BadRequest("Missing key name")
+        if "acquire" in request.query or "release" in request.query:
+            raise BadRequest("Sessions (acquire/release) are not supported by the meshserve dev agent")
+        flags = _uint_param(request, "flags", "Invalid flags")
+        cas = _uint_param(request, "cas", "Invalid cas index")
+        self._require_write(request, "key:write", key)
+        if request.content_length is not None and request.content_length > KV_VALUE_MAX:
+            raise BadRequest(_too_large(request.content_length), status=413)
+        value = await request.read()
+        if len(value) > KV_VALUE_MAX:
+            raise BadRequest(_too_large(len(value)), status=413)
+        ok = self.state.kv_put(key, value or None, flags, cas)
+        await self._committed()
+        return web.json_response(ok)
+
+    async def kv_delete(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        recurse = "recurse" in request.query
+        if not key and not recurse:
+            raise BadRequest("Missing key name")
+        cas = _uint_param(request, "cas", "Invalid cas index")
+        self._require_write(request, "key:write", key)
+        ok = self.state.kv_delete(key, recurse, cas)
+        await self._committed()
+        return web.json_response(ok)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _text(status: int, message: str) -> web.Response:
+    return web.Response(status=status, text=message, content_type="text/plain")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"invalid character '{name[0]}' looking for beginning of value")
+
+
+def _too_large(size: int) -> str:
+    return (f"Request body({size} bytes) too large, max size: {KV_VALUE_MAX} bytes. "
+            "See https://developer.hashicorp.com/consul/docs/agent/config/config-files#kv_max_value_size.")
+
+
+def _blocking_params(request: web.Request) -> tuple[int, float | None]:
+    index = 0
+    if "index" in request.query:
+        raw = request.query["index"]
+        if not raw.isdigit() or int(raw) >= 2**64:
+            raise BadRequest("Invalid index")
+        index = int(raw)
+    wait: float | None = None
+    if "wait" in request.query:
+        try:
+            wait = parse_go_duration(request.query["wait"])
+        except ValueError:
+            raise BadRequest("Invalid wait time") from None
+    return index, wait
+
+
+def _parse_bool(raw: str) -> bool | None:
+    return {"1": True, "t": True, "T": True, "true": True, "TRUE": True, "True": True,
+            "0": False, "f": False, "F": False, "false": False, "FALSE": False,
+            "False": False}.get(raw)
+
+
+def _bool_param(request: web.Request, name: str) -> bool:
+    if name not in request.query:
+        return False
+    raw = request.query[name]
+    if raw == "":
+        return True
+    value = _parse_bool(raw)
+    if value is None:
+        raise BadRequest(f"Invalid value for ?{name}: {raw!r} is not a boolean")
+    return value
+
+
+def _required_bool(request: web.Request, name: str) -> bool:
+    if name not in request.query:
+        raise BadRequest(f"Missing value for {name}")
+    value = _parse_bool(request.query[name])
+    if value is None:
+        raise BadRequest(f"Invalid value for {name}: {request.query[name]!r}")
+    return value
+
+
+def _uint_param(request: web.Request, name: str, message: str) -> int | None:
+    if name not in request.query:
+        return None
+    raw = request.query[name]
+    if not raw.isdigit() or int(raw) >= 2**64:
+        raise BadRequest(f"{message}: {raw!r}")
+    return int(raw)
+
+
+def _filter_param(request: web.Request) -> Callable[[Any], bool]:
+    expr = request.query.get("filter", "")
+    if not expr:
+        return lambda item: True
+    return compile_filter(expr)
+
+
+def _keys_view(prefix: str, keys: list[str], separator: str) -> list[str]:
+    if not separator:
+        return keys
+    out: list[str] = []
+    for key in keys:
+        cut = key.find(separator, len(prefix))
+        shown = key if cut < 0 else key[: cut + len(separator)]
+        if not out or out[-1] != shown:
+            out.append(shown)
+    return out
+
+
+# ---- running -------------------------------------------------------------------------------------
+
+
+def _node_info(config: AgentConfig, node_id: str) -> NodeInfo:
+    address = config.host if config.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    return NodeInfo(node_id=node_id, name=config.node_name or socket.gethostname(),
+                    address=address, datacenter=config.datacenter)
+
+
+async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None) -> None:
+    """Run the dev agent until SIGTERM/SIGINT; state is saved on the way out."""
+    snapshot = dev_persist.load(config.data_dir) if config.data_dir else None
+    node_id = snapshot["node_id"] if snapshot else str(uuid.uuid4())
+    state = DevState(_node_info(config, node_id), min_deregister_after=config.min_deregister_after)
+    if snapshot:
+        state.restore(snapshot)
+    persister = None
+    if config.data_dir is not None:
+        persister = dev_persist.Persister(config.data_dir, state.snapshot)
+        state.on_change = persister.mark_dirty
+        persister.start()
+        persister.mark_dirty()  # record the index reservation before answering anything
+        await persister.flush()
+    checks = CheckRunner(state, min_interval=config.min_check_interval)
+    state.start_listeners()
+    reaper = asyncio.get_running_loop().create_task(checks.reaper(config.reap_interval))
+    agent = DevAgent(config, state, persister)
+    runner = web.AppRunner(agent.app(), access_log=None, handle_signals=False,
+                           shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else config.port
+    log.info("meshserve dev agent (Consul HTTP API subset) listening on http://%s:%s%s",
+             config.host, port, f", state in {config.data_dir}" if config.data_dir else "")
+    if ready is not None:
+        ready(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("dev agent stopping")
+        reaper.cancel()
+        await runner.cleanup()
+        await checks.close()
+        if persister is not None:
+            await persister.close()
