@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from meshserve.registry.dev_state import CheckState, DevState
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0  # Consul's default for HTTP, TCP and gRPC checks
+MAX_TIMEOUT_S = 3600.0  # longer timeouts are accepted but a probe never waits longer
 CONSUL_MIN_INTERVAL_S = 1.0  # Consul raises shorter intervals to this (checks.MinInterval)
 _GRPC_OPTIONS = [
     # A target that went away must be seen again soon after it returns, so reconnect quickly.
@@ -88,9 +88,7 @@ async def _fetch_server_cert(hostport: str, timeout: float) -> tuple[bytes, str]
     try:
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+        writer.transport.abort()  # no TLS close_notify dance: peers may never answer it
     name = ""
     try:
         from cryptography import x509
@@ -153,11 +151,15 @@ class CheckRunner:
 
     async def _run(self, d: CheckDef) -> None:
         interval = max(d.interval, self.min_interval)
-        timeout = d.timeout or DEFAULT_TIMEOUT_S
+        timeout = min(d.timeout or DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S)
         while True:
             async with self._limit:
                 try:
-                    status, output = await self.probe(d, timeout)
+                    # The probes honour `timeout` themselves; this is the backstop that keeps
+                    # one wedged probe from freezing the check's status forever.
+                    status, output = await asyncio.wait_for(self.probe(d, timeout), timeout + 1.0)
+                except TimeoutError:
+                    status, output = "critical", f"check timed out after {timeout:.3g}s"
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a probe bug must not stop the check
@@ -231,9 +233,7 @@ class CheckRunner:
             )
         except (OSError, TimeoutError, ValueError) as exc:
             return "critical", f"dial tcp {d.target}: {exc!r}"
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+        writer.transport.abort()
         return "passing", f"TCP connect {d.target}: Success"
 
     async def reaper(self, every: float) -> None:

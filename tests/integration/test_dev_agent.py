@@ -448,3 +448,27 @@ def test_agent_services_and_checks_maps(c: consul.Consul) -> None:
     assert {f"service:{name}:1", f"service:{name}:2"} <= set(checks)
     assert checks[f"service:{name}:1"]["ServiceName"] == name
     assert c.agent.service_definition(name)["ID"] == name
+
+
+def test_grpc_check_over_tls(c: consul.Consul, spawn, tmp_path: Path) -> None:
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    _, port = start_target(spawn, None, "--tls-cert", str(cert), "--tls-key", str(key))
+    name = unique("tls")
+    target = f"127.0.0.1:{port}"
+    c.agent.service.register(name, service_id=name + "-skip", check=consul.Check.grpc(
+        target, "200ms", use_tls=True, tls_skip_verify=True, timeout="1s"))
+    c.agent.service.register(name, service_id=name + "-verify", check=consul.Check.grpc(
+        target, "200ms", use_tls=True, timeout="1s"))
+    c.agent.service.register(name, service_id=name + "-plain", check=consul.Check.grpc(
+        target, "200ms", timeout="1s"))
+    _, check = wait_status(c, name, f"service:{name}-skip", "passing", timeout=10)
+    assert check["Definition"]["GRPCUseTLS"] is True
+    for suffix in ("-verify", "-plain"):  # an unknown CA, and plaintext against TLS, both fail
+        wait_until(lambda s=suffix: checks_of(c, name)[f"service:{name}{s}"]["Output"], timeout=10,
+                   what=f"probe of {suffix}")
+        assert checks_of(c, name)[f"service:{name}{suffix}"]["Status"] == "critical"
