@@ -8,10 +8,13 @@ off with jitter, and reconciles with a non-blocking read as soon as the agent an
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
+import json
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType, TracebackType
@@ -19,7 +22,7 @@ from typing import Any, Generic, TypeVar
 
 import aiohttp
 import consul
-from consul.callback import CB
+import consul.exceptions
 
 from meshserve.errors import InvalidInput
 from meshserve.registry import watch_metrics
@@ -52,9 +55,7 @@ class WatchConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.wait_s <= 600:
-            raise ValueError(
-                f"wait_s must be in (0, 600] (Consul caps waits at 10m), got {self.wait_s}"
-            )
+            raise ValueError(f"wait_s must be in (0, 600] (Consul caps waits at 10m), got {self.wait_s}")
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
             raise ValueError("need 0 < backoff_initial_s <= backoff_max_s")
         if not self.rate_per_s > 0 or self.burst < 1:
@@ -151,6 +152,8 @@ class _BlockingWatch(Generic[S, V]):
         self._consul: AsyncConsul | None = None
         self._last_ok_monotonic = time.monotonic()
         self._bucket = _TokenBucket(self.watch_config.rate_per_s, self.watch_config.burst)
+        self._errors = watch_metrics.WATCH_ERRORS.labels(self.kind, target)
+        self._changes = watch_metrics.WATCH_CHANGES.labels(self.kind, target)
 
     # --- what subclasses define ---------------------------------------------------------
 
@@ -160,8 +163,24 @@ class _BlockingWatch(Generic[S, V]):
     def _empty(self) -> V:
         raise NotImplementedError
 
-    async def _query(self, client: AsyncConsul, params: list[tuple[str, Any]]) -> tuple[int, V]:
+    def _request(self) -> tuple[str, list[tuple[str, Any]]]:
+        """(path, extra query parameters) of this watch's endpoint."""
         raise NotImplementedError
+
+    def _parse(self, data: Any) -> V:
+        """Decoded JSON (None for a 404) → the immutable value readers get."""
+        raise NotImplementedError
+
+    async def _query(self, client: AsyncConsul, params: list[tuple[str, Any]]) -> tuple[int, V]:
+        # Through py-consul's HTTP layer rather than health.service()/kv.get(): those do not
+        # take a consistency mode (health) and always decode; the raw body lets identical
+        # answers skip decoding (see _ParseCache).
+        path, extra = self._request()
+        raw_index, body = await client.http.get(
+            _raw_answer, path, params=[*params, *extra], headers=client.prepare_headers()
+        )
+        index = _index_of(raw_index)
+        return index, _PARSED.get(self.kind, body, self._parse)
 
     # --- public surface -----------------------------------------------------------------
 
@@ -191,9 +210,7 @@ class _BlockingWatch(Generic[S, V]):
         self._consul = open_consul(self.config)
         watch_metrics.track(self.kind, self.target, self)
         self._task = asyncio.create_task(self._run(), name=f"{self.kind}:{self.target}")
-        timeout = (
-            self.config.request_timeout_s if first_answer_timeout is None else first_answer_timeout
-        )
+        timeout = self.config.request_timeout_s if first_answer_timeout is None else first_answer_timeout
         try:
             await self.wait_for_change(timeout=timeout, since=0)
         except TimeoutError:
@@ -271,7 +288,8 @@ class _BlockingWatch(Generic[S, V]):
             budget = self.config.request_timeout_s + (cfg.wait_s * 17 / 16 if index > 0 else 0)
             try:
                 assert self._consul is not None
-                new_index, value = await asyncio.wait_for(self._query(self._consul, params), budget)
+                async with asyncio.timeout(budget):
+                    new_index, value = await self._query(self._consul, params)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the watch must outlive any failure
@@ -282,9 +300,7 @@ class _BlockingWatch(Generic[S, V]):
                 # After an outage, re-read without blocking: that both clears `stale` at
                 # once and picks up whatever changed while the agent was away.
                 index = 0
-                await asyncio.sleep(
-                    backoff_delay(failures, cfg.backoff_initial_s, cfg.backoff_max_s)
-                )
+                await asyncio.sleep(backoff_delay(failures, cfg.backoff_initial_s, cfg.backoff_max_s))
                 continue
             failures = 0
             if new_index < 1:
@@ -306,7 +322,7 @@ class _BlockingWatch(Generic[S, V]):
             await self._publish_answer(value, new_index)
 
     async def _mark_stale(self, exc: BaseException) -> None:
-        watch_metrics.WATCH_ERRORS.labels(self.kind, self.target).inc()
+        self._errors.inc()
         error = f"{type(exc).__name__}: {exc}"
         snap = self._snapshot
         if snap.stale and snap.error is not None:
@@ -321,23 +337,22 @@ class _BlockingWatch(Generic[S, V]):
         )
         stale_since = snap.stale_since if snap.stale else time.time()
         await self._set(
-            replace(
-                snap, stale=True, stale_since=stale_since, error=error, version=snap.version + 1
-            )
+            replace(snap, stale=True, stale_since=stale_since, error=error, version=snap.version + 1)
         )
 
     async def _publish_answer(self, value: V, index: int) -> None:
         now = time.time()
         self._last_ok_monotonic = time.monotonic()
         snap = self._snapshot
-        if snap.ready and not snap.stale and value == snap.value:
+        same = value is snap.value or value == snap.value  # shared parses are identical
+        if snap.ready and not snap.stale and same:
             # Timeout or idempotent write: nothing a reader needs to hear about.
             self._snapshot = replace(snap, index=index, last_contact=now)
             return
         if snap.stale and snap.ready:
             log.info("%s %s: Consul answers again; reconciled", self.kind, self.target)
-        if value != snap.value:
-            watch_metrics.WATCH_CHANGES.labels(self.kind, self.target).inc()
+        if not same:
+            self._changes.inc()
         await self._set(
             replace(
                 snap,
@@ -364,6 +379,57 @@ class _BlockingWatch(Generic[S, V]):
                     await result
             except Exception:  # noqa: BLE001 - a consumer's bug must not stop discovery
                 log.exception("%s %s: on_change callback failed", self.kind, self.target)
+
+
+def _raw_answer(response: Any) -> tuple[Any, str | None]:
+    """py-consul response callback: (X-Consul-Index, body or None for 404), errors raised
+    as py-consul raises them."""
+    code = response.code
+    if code == 400:
+        raise consul.exceptions.BadRequest(f"400 {response.body}")
+    if code == 401:
+        raise consul.ACLDisabled(response.body)
+    if code == 403:
+        raise consul.ACLPermissionDenied(response.body)
+    if 400 <= code < 500 and code != 404:
+        raise consul.exceptions.ClientError(f"{code} {response.body}")
+    if code >= 500:
+        raise consul.ConsulException(f"{code} {response.body}")
+    if "X-Consul-Index" not in response.headers:
+        raise consul.ConsulException(f"Missing index header: {dict(response.headers)}")
+    return response.headers["X-Consul-Index"], None if code == 404 else response.body
+
+
+class _ParseCache:
+    """Decoded values of recent answer bodies, shared by every watch in the process.
+
+    Many watches of one service (one per gateway flow, or the bench's hundred) receive the
+    very same body when it changes; decoding it once instead of N times is most of their
+    CPU. Values are immutable, so sharing them is safe.
+    """
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._items: OrderedDict[tuple[str, str | None], Any] = OrderedDict()
+
+    def get(self, kind: str, body: str | None, parse: Callable[[Any], Any]) -> Any:
+        key = (kind, body)
+        try:
+            self._items.move_to_end(key)
+            return self._items[key]
+        except KeyError:
+            pass
+        try:
+            value = parse(json.loads(body) if body is not None else None)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise consul.ConsulException(f"undecodable answer: {exc}") from exc
+        self._items[key] = value
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+
+_PARSED = _ParseCache()
 
 
 def _index_of(raw: Any) -> int:
@@ -406,21 +472,12 @@ class ServiceWatch(_BlockingWatch[ServiceSnapshot, tuple[Instance, ...]]):
     def _empty(self) -> tuple[Instance, ...]:
         return ()
 
-    async def _query(
-        self, client: AsyncConsul, params: list[tuple[str, Any]]
-    ) -> tuple[int, tuple[Instance, ...]]:
-        # health.service() in py-consul has no consistency argument, so the same endpoint
-        # is called through py-consul's HTTP layer and response callback.
-        params = [*params, ("passing", "1")]
-        if self.tag:
-            params.append(("tag", self.tag))
-        raw_index, entries = await client.http.get(
-            CB.json(index=True),
-            f"/v1/health/service/{self.service}",
-            params=params,
-            headers=client.prepare_headers(),
-        )
-        return _index_of(raw_index), instances_from_health(entries)
+    def _request(self) -> tuple[str, list[tuple[str, Any]]]:
+        extra = [("passing", "1")] + ([("tag", self.tag)] if self.tag else [])
+        return f"/v1/health/service/{self.service}", extra
+
+    def _parse(self, data: Any) -> tuple[Instance, ...]:
+        return instances_from_health(data)
 
 
 class KVWatch(_BlockingWatch[KVSnapshot, Mapping[str, str]]):
@@ -450,13 +507,12 @@ class KVWatch(_BlockingWatch[KVSnapshot, Mapping[str, str]]):
     def _empty(self) -> Mapping[str, str]:
         return MappingProxyType({})
 
-    async def _query(
-        self, client: AsyncConsul, params: list[tuple[str, Any]]
-    ) -> tuple[int, Mapping[str, str]]:
-        raw_index, items = await client.http.get(
-            CB.json(index=True, decode="Value"),
-            f"/v1/kv/{self.prefix}",
-            params=[*params, ("recurse", "1")],
-            headers=client.prepare_headers(),
-        )
-        return _index_of(raw_index), MappingProxyType(kv_items_to_dict(items))
+    def _request(self) -> tuple[str, list[tuple[str, Any]]]:
+        return f"/v1/kv/{self.prefix}", [("recurse", "1")]
+
+    def _parse(self, data: Any) -> Mapping[str, str]:
+        items = [
+            {**item, "Value": base64.b64decode(item["Value"]) if item.get("Value") else None}
+            for item in data or ()
+        ]
+        return MappingProxyType(kv_items_to_dict(items))
