@@ -14,7 +14,8 @@ from collections.abc import Sequence
 ROOM_COMMANDS = (
     "meshserve.registry.cli",  # registry dev
     "meshserve.servers.cli",  # serve <kind>
-    "meshserve.training.cli",  # catalog, train, shard, pipeline
+    "meshserve.training.cli",  # catalog, train
+    "meshserve.training.shard_cli",  # shard build|publish|retire|list
     "meshserve.gateway.cli",  # gateway, search, status
     "meshserve.local.cli",  # up, demo, worker, bench
 )

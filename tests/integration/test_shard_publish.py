@@ -1,0 +1,124 @@
+"""`meshserve shard publish|list|retire` with real indexers and the dev agent: shards come and go
+through the registry, a killed indexer turns critical and is reaped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import consul
+import numpy as np
+import pytest
+
+from meshserve.training.shards import build_shard
+from tests.conftest import DevAgent
+from tests.support import meshserve_argv, wait_until
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """MESHSERVE_HOME for the CLI; every indexer published from it is killed at the end."""
+    home = tmp_path / "home"
+    yield home
+    for record in (home / "run" / "indexers").glob("*.json"):
+        pid = json.loads(record.read_text())["pid"]
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def cli(home: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(meshserve_argv(*args), env={**os.environ, "MESHSERVE_HOME": str(home)},
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def make_shards(root: Path, count: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    dirs = []
+    for s in range(count):
+        vectors = rng.normal(size=(100, 8)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        path = root / f"day-{s}"
+        build_shard(path, vectors, np.arange(s * 100, s * 100 + 100), index="catalogue",
+                    shard=f"day-{s}", embedder_version="emb-1", generation=3)
+        dirs.append(path)
+    return dirs
+
+
+def indexer_entries(agent: DevAgent, passing: bool = False) -> list[dict]:
+    return consul.Consul(host="127.0.0.1", port=agent.port).health.service(
+        "meshserve-indexer", passing=passing)[1]  # fmt: skip
+
+
+def test_publish_list_retire_and_reap(start_dev_agent, home: Path, tmp_path: Path) -> None:
+    agent = start_dev_agent(["--reap-interval", "500ms", "--min-deregister-after", "1s"])
+    shard_dirs = make_shards(tmp_path, 3)
+    for shard_dir in shard_dirs:
+        done = cli(home, "shard", "publish", str(shard_dir), "--consul", agent.http_addr,
+                   "--check-interval", "1", "--deregister-after", "3")
+        assert done.returncode == 0, done.stderr
+        assert f"published shard {shard_dir.name} of catalogue" in done.stdout
+
+    entries = indexer_entries(agent, passing=True)
+    assert sorted(e["Service"]["Meta"]["shard"] for e in entries) == ["day-0", "day-1", "day-2"]
+    for entry in entries:
+        meta = entry["Service"]["Meta"]
+        assert meta["embedder_version"] == "emb-1" and meta["count"] == "100" and meta["dim"] == "8"
+        assert meta["generation"] == "3" and meta["role"] == "indexer" and meta["index"] == "catalogue"
+
+    listed = json.loads(cli(home, "shard", "list", "--json", "--consul", agent.http_addr).stdout)
+    assert [(row["shard"], row["status"]) for row in listed] == [
+        ("day-0", "passing"), ("day-1", "passing"), ("day-2", "passing")]
+
+    # retire day-1: gone from the registry within 2 s (timed from the command's start; that
+    # includes starting a Python interpreter on a busy 2-core machine)
+    # retire day-1: gone from the registry within 2 s of the command starting its work
+    # (timed from its first line, so a slow interpreter start on a busy machine is not counted)
+    retiring = subprocess.Popen(meshserve_argv("shard", "retire", "day-1", "--consul", agent.http_addr),
+                                env={**os.environ, "MESHSERVE_HOME": str(home)},
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert retiring.stdout is not None
+        assert retiring.stdout.readline().startswith("retiring shard day-1")
+        started = time.monotonic()
+        wait_until(lambda: "day-1" not in {e["Service"]["Meta"]["shard"] for e in indexer_entries(agent)},
+                   timeout=10, interval=0.01, what="day-1 deregistered")  # fmt: skip
+        gone_after = time.monotonic() - started
+        out, _ = retiring.communicate(timeout=30)
+    finally:
+        retiring.kill()
+        retiring.wait()
+    assert retiring.returncode == 0 and "retired meshserve-indexer-" in out
+    assert gone_after < 2.0
+
+    # SIGKILL the day-2 indexer: critical within interval + timeout, then reaped
+    [record] = [json.loads(p.read_text()) for p in (home / "run" / "indexers").glob("*.json")
+                if json.loads(p.read_text())["shard"] == "day-2"]
+    os.kill(record["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+
+    def day2_status() -> str:
+        return next(c["Status"] for e in indexer_entries(agent) if e["Service"]["Meta"]["shard"] == "day-2"
+                    for c in e["Checks"] if c["ServiceID"])  # fmt: skip
+
+    wait_until(lambda: day2_status() == "critical", timeout=5, what="day-2 critical")
+    assert time.monotonic() - killed < 1.0 + 1.0 + 0.5  # interval + timeout + scheduling slack
+    wait_until(lambda: "day-2" not in {e["Service"]["Meta"]["shard"] for e in indexer_entries(agent)},
+               timeout=10, what="day-2 reaped")  # fmt: skip
+    assert [e["Service"]["Meta"]["shard"] for e in indexer_entries(agent, passing=True)] == ["day-0"]
+
+
+def test_publish_refuses_a_damaged_shard_and_registers_nothing(dev_agent: DevAgent, home: Path,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    [shard_dir] = make_shards(tmp_path, 1)
+    (shard_dir / "ids.npy").write_bytes(b"garbage")
+    done = cli(home, "shard", "publish", str(shard_dir), "--consul", dev_agent.http_addr)
+    assert done.returncode == 1
+    assert "checksum mismatch" in done.stderr
+    assert indexer_entries(dev_agent) == []
