@@ -41,6 +41,12 @@ class CheckState:
     successes: int = 0
     failures: int = 0
 
+    def reset_counters(self) -> None:
+        # Like Consul's StatusHandler, the counters start at their thresholds, so the first
+        # result applies at once; the thresholds only damp changes after that.
+        self.successes = self.definition.success_before_passing
+        self.failures = self.definition.failures_before_critical
+
     @property
     def check_id(self) -> str:
         return self.definition.check_id
@@ -144,6 +150,7 @@ class DevState:
             status, output = previous.status, previous.output
         state = CheckState(definition, status, output, create_index=idx, modify_index=idx,
                            critical_since=time.monotonic() if status == "critical" else None)
+        state.reset_counters()
         if previous is not None:
             state.create_index = previous.create_index
             state.critical_since = previous.critical_since if status == "critical" else None
@@ -439,6 +446,7 @@ class DevState:
                 status, output = d.status or "critical", ""
             state = CheckState(d, status, output, raw["create"], raw["modify"],
                                critical_since=now if status == "critical" else None)
+            state.reset_counters()
             self.checks[d.check_id] = state
         for raw in data["kv"]:
             value = None if raw["value"] is None else base64.b64decode(raw["value"])
