@@ -1,0 +1,172 @@
+"""The batching core on its own: merging, limits, deadlines and admission (no gRPC)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from meshserve.errors import DeadlineExpired, NotReady, Overloaded
+from meshserve.servers.batching import Admission, Batcher, BatchingConfig, BatchObserver
+from meshserve.servers.model import Arrays, Model, Params, Signature, TensorSpec
+
+
+class Recording(Model):
+    """Doubles x; records the batch sizes it was called with (and from which thread)."""
+
+    name, version, role = "rec", "1", "test"
+    signature = Signature(
+        inputs=(TensorSpec("x", "float32", (-1, -1)),), outputs=(TensorSpec("y", "float32", (-1, -1)),)
+    )
+
+    def __init__(self, cost_s: float = 0.0, fail: bool = False):
+        self.calls: list[int] = []
+        self.threads: set[int] = set()
+        self.cost_s = cost_s
+        self.fail = fail
+
+    def load(self) -> None:
+        pass
+
+    def predict(self, inputs: Arrays, params: Params) -> Arrays:
+        x = inputs["x"]
+        assert isinstance(x, np.ndarray)
+        self.calls.append(len(x))
+        self.threads.add(threading.get_ident())
+        if self.cost_s:
+            time.sleep(self.cost_s)
+        if self.fail:
+            raise RuntimeError("model blew up")
+        return {"y": x * 2}
+
+
+class Counts(BatchObserver):
+    def __init__(self) -> None:
+        self.dropped = 0
+        self.batches: list[tuple[int, int]] = []
+
+    def dropped_expired(self, count: int) -> None:
+        self.dropped += count
+
+    def batch_ran(self, size: int, requests: int, seconds: float) -> None:
+        self.batches.append((size, requests))
+
+
+def _x(value: float, rows: int = 1, cols: int = 3) -> dict[str, np.ndarray]:
+    return {"x": np.full((rows, cols), value, np.float32)}
+
+
+async def _with_batcher(model: Model, config: BatchingConfig, observer=None):
+    batcher = Batcher(model, config, observer)
+    batcher.start()
+    return batcher
+
+
+async def test_concurrent_requests_merge_and_each_gets_its_own_rows() -> None:
+    model = Recording(cost_s=0.05)
+    batcher = await _with_batcher(model, BatchingConfig(max_batch_size=8, max_queue_delay_ms=20))
+    try:
+        outs = await asyncio.gather(*(batcher.submit(_x(i, rows=2), {}, None) for i in range(4)))
+    finally:
+        await batcher.close()
+    assert model.calls == [8]  # 4 requests × 2 rows, one model call
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out["y"], np.full((2, 3), 2 * i, np.float32))
+    assert threading.get_ident() not in model.threads  # off the event loop
+
+
+async def test_batches_never_exceed_max_rows_and_batching_off_means_one_per_call() -> None:
+    model = Recording()
+    batcher = await _with_batcher(model, BatchingConfig(max_batch_size=4, max_queue_delay_ms=20))
+    try:
+        await asyncio.gather(*(batcher.submit(_x(i, rows=3), {}, None) for i in range(5)))
+    finally:
+        await batcher.close()
+    assert all(rows <= 4 for rows in model.calls) and sum(model.calls) == 15
+
+    model = Recording()
+    batcher = await _with_batcher(model, BatchingConfig(max_batch_size=1))
+    try:
+        await asyncio.gather(*(batcher.submit(_x(i), {}, None) for i in range(5)))
+    finally:
+        await batcher.close()
+    assert model.calls == [1] * 5
+
+
+async def test_incompatible_requests_are_not_merged() -> None:
+    model = Recording()
+    batcher = await _with_batcher(model, BatchingConfig(max_batch_size=16, max_queue_delay_ms=20))
+    try:
+        outs = await asyncio.gather(
+            batcher.submit(_x(1, cols=3), {}, None),
+            batcher.submit(_x(2, cols=5), {}, None),  # other width: cannot be concatenated
+            batcher.submit(_x(3, cols=3), {}, None),
+            batcher.submit(_x(4, cols=3), {"k": 2}, None),  # other parameters
+        )
+    finally:
+        await batcher.close()
+    assert sorted(model.calls) == [1, 1, 2]
+    assert [o["y"].shape[1] for o in outs] == [3, 5, 3, 3]
+    assert float(outs[1]["y"][0, 0]) == 4.0
+
+
+async def test_expired_work_is_dropped_and_never_computed() -> None:
+    model = Recording(cost_s=0.2)
+    counts = Counts()
+    batcher = await _with_batcher(model, BatchingConfig(max_batch_size=1), counts)
+    try:
+        with pytest.raises(DeadlineExpired, match="before the request was queued"):
+            await batcher.submit(_x(0), {}, time.monotonic() - 0.001)
+        busy = asyncio.ensure_future(batcher.submit(_x(1), {}, None))
+        await asyncio.sleep(0.02)  # busy is running now; the next ones wait behind it
+        # a caller that goes away (cancelled) while queued is not computed
+        gone = asyncio.ensure_future(batcher.submit(_x(3), {}, None))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        with pytest.raises(DeadlineExpired, match="while queued"):
+            await batcher.submit(_x(2), {}, time.monotonic() + 0.05)
+        await busy
+        await batcher.submit(_x(4), {}, None)
+    finally:
+        await batcher.close()
+    assert model.calls == [1, 1]  # only busy and the last one
+    assert counts.dropped == 3
+
+
+async def test_model_failure_reaches_every_caller_of_the_batch() -> None:
+    model = Recording(fail=True)
+    batcher = await _with_batcher(model, BatchingConfig(max_batch_size=4, max_queue_delay_ms=20))
+    try:
+        results = await asyncio.gather(
+            *(batcher.submit(_x(i), {}, None) for i in range(3)), return_exceptions=True
+        )
+    finally:
+        await batcher.close()
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+async def test_closed_batcher_refuses() -> None:
+    batcher = await _with_batcher(Recording(), BatchingConfig())
+    await batcher.close()
+    with pytest.raises(NotReady):
+        await batcher.submit(_x(0), {}, None)
+
+
+def test_admission_refuses_beyond_the_limit_at_once() -> None:
+    admission = Admission(2, BatchObserver())
+    admission.acquire()
+    admission.acquire()
+    with pytest.raises(Overloaded, match="limit 2"):
+        admission.acquire()
+    admission.release()
+    admission.acquire()
+    assert admission.count == 2
+
+
+def test_config_is_checked() -> None:
+    for bad in ({"max_batch_size": 0}, {"max_inflight": 0}, {"max_queue_delay_ms": -1}):
+        with pytest.raises(ValueError):
+            BatchingConfig(**bad)
