@@ -155,6 +155,26 @@ class DevAgent:
                 f'"{resource}"', status=403,
             )
 
+    def _known_service(self, request: web.Request, service_id: str) -> Any:
+        self._can_read(request)  # an unknown token is refused before anything else
+        svc = self.state.services.get(service_id)
+        if svc is None:
+            raise NotFoundError(f'Unknown service ID "{service_id}"')
+        return svc
+
+    def _require_check_write(self, request: web.Request, check_id: str) -> None:
+        self._can_read(request)
+        check = self.state.checks.get(check_id)
+        if check is None:
+            raise NotFoundError(f'Unknown check ID "{check_id}". Ensure that the check ID is '
+                                "passed, not the check name.")
+        if check.service_id:
+            svc = self.state.services.get(check.service_id)
+            name = svc.definition.name if svc else check.service_id
+            self._require_write(request, "service:write", name)
+        else:
+            self._require_write(request, "node:write", self.state.node.name)
+
     def _indexed(self, data: Any, index: int, filtered: bool = False,
                  status: int = 200) -> web.Response:
         resp = web.json_response(data, status=status, dumps=_dumps)
@@ -210,15 +230,16 @@ class DevAgent:
         body = await self._body_json(request)
         service, checks = parse_service(body)
         self._require_write(request, "service:write", service.name)
-        replace = _bool_param(request, "replace-existing-checks")
+        # Consul's own rule: present and "" or "true"; anything else means no.
+        replace = request.query.get("replace-existing-checks", None) in ("", "true")
         self.state.register_service(service, checks, replace_existing_checks=replace)
         await self._committed()
         return web.Response(status=200)
 
     async def service_deregister(self, request: web.Request) -> web.Response:
         service_id = request.match_info["id"]
-        svc = self.state.services.get(service_id)
-        self._require_write(request, "service:write", svc.definition.name if svc else service_id)
+        svc = self._known_service(request, service_id)
+        self._require_write(request, "service:write", svc.definition.name)
         self.state.deregister_service(service_id)
         await self._committed()
         return web.Response(status=200)
@@ -226,8 +247,8 @@ class DevAgent:
     async def service_maintenance(self, request: web.Request) -> web.Response:
         service_id = request.match_info["id"]
         enable = _required_bool(request, "enable")
-        svc = self.state.services.get(service_id)
-        self._require_write(request, "service:write", svc.definition.name if svc else service_id)
+        svc = self._known_service(request, service_id)
+        self._require_write(request, "service:write", svc.definition.name)
         self.state.service_maintenance(service_id, enable, request.query.get("reason", ""))
         await self._committed()
         return web.Response(status=200)
@@ -294,7 +315,7 @@ class DevAgent:
         status = {"pass": "passing", "warn": "warning", "fail": "critical"}[
             request.match_info["verb"]]
         check_id = request.match_info["id"]
-        self._require_write(request, "service:write", check_id)
+        self._require_check_write(request, check_id)
         note = request.query.get("note", "")
         if len(note) > 64 * 1024:
             raise BadRequest("note is longer than 65536 characters")
@@ -309,7 +330,7 @@ class DevAgent:
         if status not in ("passing", "warning", "critical"):
             raise BadRequest(f"Invalid check status: '{status}'")
         check_id = request.match_info["id"]
-        self._require_write(request, "service:write", check_id)
+        self._require_check_write(request, check_id)
         self.state.update_ttl(check_id, status, as_str(body.get("Output"), "Output", 1 << 20))
         return web.Response(status=200)
 
@@ -495,7 +516,7 @@ def _bool_param(request: web.Request, name: str) -> bool:
         return True
     value = _parse_bool(raw)
     if value is None:
-        raise BadRequest(f"Invalid value for ?{name}: {raw!r} is not a boolean")
+        raise BadRequest(f"Invalid value for ?{name}")
     return value
 
 
@@ -504,7 +525,7 @@ def _required_bool(request: web.Request, name: str) -> bool:
         raise BadRequest(f"Missing value for {name}")
     value = _parse_bool(request.query[name])
     if value is None:
-        raise BadRequest(f"Invalid value for {name}: {request.query[name]!r}")
+        raise BadRequest(f"Invalid value for {name}: " + json.dumps(request.query[name]))
     return value
 
 

@@ -69,17 +69,17 @@ def parse_go_duration(text: str) -> float:
 def duration_from_json(value: Any, path: str) -> float:
     """A JSON duration: a Go duration string or an integer number of nanoseconds."""
     if isinstance(value, bool):
-        raise decode_failed(f"'{path}' expected a duration, got bool")
+        raise type_error(value, path, "time.Duration")
     if isinstance(value, (int, float)):
         if not math.isfinite(value) or abs(value) / 1e9 > MAX_DURATION_S:
-            raise decode_failed(f"'{path}' is out of the range of a duration")
+            raise decode_failed(f"{path}: {value} ns is out of the range of a duration")
         return float(value) / 1e9
     if isinstance(value, str):
         try:
             return parse_go_duration(value)
         except ValueError as exc:
-            raise decode_failed(f"'{path}' {exc}") from None
-    raise decode_failed(f"'{path}' expected a duration, got {type(value).__name__}")
+            raise decode_failed(f"{path}: {exc}") from None
+    raise type_error(value, path, "time.Duration")
 
 
 def format_go_duration(seconds: float) -> str:
@@ -121,7 +121,7 @@ def pick_fields(obj: Any, known: dict[str, tuple[str, ...]], path: str) -> dict[
     `known` maps canonical name → extra aliases. Unknown keys fail the way Consul's decoder does.
     """
     if not isinstance(obj, dict):
-        raise decode_failed(f"'{path}' expected a map, got {type(obj).__name__}")
+        raise type_error(obj, path or "(body)", "struct")
     lookup: dict[str, str] = {}
     for canonical, aliases in known.items():
         lookup[_norm(canonical)] = canonical
@@ -138,17 +138,32 @@ def pick_fields(obj: Any, known: dict[str, tuple[str, ...]], path: str) -> dict[
             raise decode_failed(f"'{path}' has duplicate keys for {canonical}")
         out[canonical] = value
     if unknown:
-        raise decode_failed(
-            f"1 error(s) decoding:\n\n* '{path}' has invalid keys: {', '.join(sorted(unknown))}"
-        )
+        # Consul decodes with Go's DisallowUnknownFields, which names the first one.
+        raise decode_failed(f'json: unknown field "{unknown[0]}"')
     return out
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def type_error(value: Any, path: str, go_type: str) -> BadRequest:
+    return decode_failed(
+        f"json: cannot unmarshal {_json_type(value)} into Go struct field .{path} of type {go_type}"
+    )
 
 
 def as_str(value: Any, path: str, limit: int = NAME_MAX) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise decode_failed(f"'{path}' expected type 'string', got {type(value).__name__}")
+        raise type_error(value, path, "string")
     if len(value) > limit:
         raise BadRequest(f"{path} is {len(value)} characters long; the limit is {limit}")
     return value
@@ -160,7 +175,7 @@ def as_int(value: Any, path: str, lo: int = 0, hi: int = 2**31 - 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
         isinstance(value, float) and not (math.isfinite(value) and value.is_integer())
     ):
-        raise decode_failed(f"'{path}' expected type 'int', got {type(value).__name__}")
+        raise type_error(value, path, "int")
     if not lo <= int(value) <= hi:
         raise BadRequest(f"{path} {int(value)} is out of range [{lo}, {hi}]")
     return int(value)
@@ -170,7 +185,7 @@ def as_bool(value: Any, path: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise decode_failed(f"'{path}' expected type 'bool', got {type(value).__name__}")
+        raise type_error(value, path, "bool")
     return value
 
 
@@ -178,7 +193,7 @@ def as_str_list(value: Any, path: str, item_limit: int = TAG_MAX, max_items: int
     if value is None:
         return []
     if not isinstance(value, list):
-        raise decode_failed(f"'{path}' expected a list, got {type(value).__name__}")
+        raise type_error(value, path, "[]string")
     if len(value) > max_items:
         raise BadRequest(f"{path} has {len(value)} items; the limit is {max_items}")
     return [as_str(v, f"{path}[{i}]", item_limit) for i, v in enumerate(value)]
@@ -188,7 +203,7 @@ def as_str_map(value: Any, path: str) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise decode_failed(f"'{path}' expected a map, got {type(value).__name__}")
+        raise type_error(value, path, "map[string]string")
     return {str(k): as_str(v, f"{path}[{k}]", 1 << 20) for k, v in value.items()}
 
 
@@ -212,8 +227,14 @@ def validate_meta(meta: dict[str, str], what: str = "Service Meta") -> None:
         elif len(value) > META_VALUE_MAX:
             problem = f"Value is too long (limit: {META_VALUE_MAX} characters)"
         if problem:
-            shown = key if len(key) <= 64 else key[:61] + "..."
-            raise BadRequest(f"Invalid {what}: Couldn't load metadata pair ('{shown}', ...): {problem}")
+            raise BadRequest(
+                f"Invalid {what}: Couldn't load metadata pair ('{_clip(key)}', '{_clip(value)}'): "
+                f"{problem}"
+            )
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- service and check definitions -------------------------------------------------------------
@@ -344,7 +365,7 @@ def parse_check(raw: Any, path: str, service_id: str = "", default_id: str = "",
         )
     header_raw = f.get("Header") or {}
     if not isinstance(header_raw, dict):
-        raise decode_failed(f"'{path}.Header' expected a map of lists")
+        raise type_error(header_raw, f"{path}.Header", "map[string][]string")
     header = {str(k): as_str_list(v, f"{path}.Header[{k}]", 8192, 64) for k, v in header_raw.items()}
     target = as_str(f.get(kinds[0]) if kind != "ttl" else "", f"{path}.{kinds[0]}", 4096)
     if kind == "http" and not re.match(r"^https?://", target):
@@ -393,18 +414,27 @@ def parse_service(raw: Any) -> tuple[ServiceDef, list[CheckDef]]:
     weights = {"Passing": 1, "Warning": 1}
     if f.get("Weights") is not None:
         w = pick_fields(f["Weights"], {"Passing": (), "Warning": ()}, "Weights")
-        weights = {"Passing": as_int(w.get("Passing"), "Weights.Passing", 0, 2**31 - 1) or 1,
-                   "Warning": as_int(w.get("Warning"), "Weights.Warning", 0, 2**31 - 1)}
+        weights = {"Passing": as_int(w.get("Passing"), "Weights.Passing", -(2**31), 2**31 - 1),
+                   "Warning": as_int(w.get("Warning"), "Weights.Warning", -(2**31), 2**31 - 1)}
+        if weights["Passing"] < 1:
+            raise BadRequest("Invalid Weights: Passing must be greater than 0")
+        if weights["Warning"] < 0:
+            raise BadRequest("Invalid Weights: Warning must be greater or equal than 0")
+        if weights["Passing"] > 65535 or weights["Warning"] > 65535:
+            raise BadRequest("Invalid Weights: DNS Weight must be between 0 and 65535")
     tagged = f.get("TaggedAddresses") or {}
     if not isinstance(tagged, dict):
-        raise decode_failed("'TaggedAddresses' expected a map")
+        raise type_error(tagged, "TaggedAddresses", "map[string]ServiceAddress")
+    address = as_str(f.get("Address"), "Address", 1024)
+    if address in ("0.0.0.0", "::", "[::]", "0:0:0:0:0:0:0:0"):
+        raise BadRequest("Invalid service address")
     kind = as_str(f.get("Kind"), "Kind")
     if kind or f.get("Proxy") or f.get("Connect"):
         raise BadRequest("Connect proxies and gateways are not supported by the meshserve dev agent")
     service = ServiceDef(
         service_id=service_id,
         name=name,
-        address=as_str(f.get("Address"), "Address", 1024),
+        address=address,
         port=as_int(f.get("Port"), "Port", 0, 65535),
         tags=tuple(as_str_list(f.get("Tags"), "Tags")),
         meta=meta,
@@ -418,7 +448,7 @@ def parse_service(raw: Any) -> tuple[ServiceDef, list[CheckDef]]:
         raw_checks.append(("Check", f["Check"]))
     if f.get("Checks") is not None:
         if not isinstance(f["Checks"], list):
-            raise decode_failed("'Checks' expected a list")
+            raise type_error(f["Checks"], "Checks", "[]CheckType")
         raw_checks += [(f"Checks[{i}]", c) for i, c in enumerate(f["Checks"])]
     if len(raw_checks) > 64:
         raise BadRequest(f"A service may have at most 64 checks, got {len(raw_checks)}")

@@ -338,7 +338,7 @@ class DevState:
         return self.health_index(name), entries
 
     def catalog_services(self) -> tuple[int, dict[str, list[str]]]:
-        out: dict[str, list[str]] = {"consul": []}
+        out: dict[str, list[str]] = {}
         for svc in self.services.values():
             tags = out.setdefault(svc.definition.name, [])
             tags.extend(t for t in svc.definition.tags if t not in tags)

@@ -45,18 +45,22 @@ def assert_4xx(resp: requests.Response, status: int, *words: str) -> None:
 @pytest.mark.parametrize("body, words", [
     (b"{not json", ["Request decode failed"]),
     (b"", ["Request decode failed", "EOF"]),
-    (b"[1, 2]", ["Request decode failed", "expected a map"]),
+    (b"[1, 2]", ["Request decode failed", "cannot unmarshal array"]),
     (b'{"Name": "x", "Port": NaN}', ["Request decode failed"]),
     (b"[" * 100_000 + b"]" * 100_000, ["Request decode failed"]),
-    ({"Name": "x", "Bogus": 1}, ["Request decode failed", "invalid keys: Bogus"]),
-    ({"Name": "x", "Check": {"TTL": "5s", "Colour": "red"}}, ["invalid keys: Colour"]),
-    ({"Name": "x", "Port": "eighty"}, ["Request decode failed", "Port"]),
+    ({"Name": "x", "Bogus": 1}, ["Request decode failed", 'json: unknown field "Bogus"']),
+    ({"Name": "x", "Check": {"TTL": "5s", "Colour": "red"}}, ['unknown field "Colour"']),
+    ({"Name": "x", "Port": "eighty"}, ["Request decode failed", "cannot unmarshal string",
+                                        "Port"]),
+    ({"Name": "x", "Address": "0.0.0.0"}, ["Invalid service address"]),
+    ({"Name": "x", "Weights": {"Passing": 0, "Warning": 1}}, ["Invalid Weights"]),
     ({"Name": "x", "Port": 70000}, ["Port"]),
     ({"Name": "x", "Tags": "a,b"}, ["Tags"]),
     ({"Port": 1}, ["Missing service name"]),
     ({"Name": "n" * 513}, ["Name", "limit"]),
     ({"Name": "x", "Check": {"GRPC": "127.0.0.1:1", "Interval": "ten seconds"}},
      ["Check.Interval", "invalid duration"]),
+    ({"Name": "x", "Check": {"GRPC": "127.0.0.1:1", "Interval": True}}, ["Check.Interval"]),
     ({"Name": "x", "Check": {"GRPC": "127.0.0.1:1", "Interval": "10"}}, ["missing unit"]),
     ({"Name": "x", "Check": {"GRPC": "127.0.0.1:1", "Interval": "-1s"}}, ["Interval"]),
     ({"Name": "x", "Check": {"GRPC": "127.0.0.1:1", "Interval": "99999999999h"}},
@@ -130,7 +134,7 @@ def test_py_consul_raises_on_bad_wait_and_index(agent: Agent, base: str) -> None
         c.health.service("web", index=3, wait="forever")
     with pytest.raises(BadRequest, match="Invalid index"):
         c.kv.get("k", index="x")
-    with pytest.raises(BadRequest, match="invalid keys"):
+    with pytest.raises(BadRequest, match="unknown field"):
         c.agent.service.register("x", check={"TTL": "1s", "NotAField": 1})
 
 
