@@ -1,0 +1,153 @@
+"""Replicas of one service (or one shard): a persistent channel each, least-outstanding choice,
+outlier ejection. Channels of replicas that leave are closed once their calls have finished."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+
+from meshserve.gateway.policy import CallPolicy
+from meshserve.registry.instances import Instance
+from meshserve.v1 import prediction_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ChannelFactory = Callable[[str], grpc.aio.Channel]
+CLOSE_GRACE_S = 30.0
+
+
+def insecure_channel(target: str, max_message_bytes: int = 16 * 1024 * 1024) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # Keep idle channels warm so the first call after a quiet spell is not a handshake.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.enable_retries", 0),  # retries are the policy's, not the channel's
+        ],
+    )
+
+
+@dataclass(eq=False)
+class Replica:
+    instance: Instance
+    channel: grpc.aio.Channel
+    stub: prediction_pb2_grpc.PredictionServiceStub
+    outstanding: int = 0
+    consecutive_failures: int = 0
+    times_ejected: int = 0
+    ejected_until: float = 0.0
+    calls: int = field(default=0)
+
+    @property
+    def id(self) -> str:
+        return self.instance.id
+
+    def ejected(self, now: float) -> bool:
+        return self.ejected_until > now
+
+
+class ReplicaSet:
+    """The passing replicas of one routing target, kept in step with discovery."""
+
+    def __init__(self, name: str, policy: CallPolicy, channel_factory: ChannelFactory = insecure_channel):
+        self.name = name
+        self.policy = policy
+        self._factory = channel_factory
+        self._replicas: dict[str, Replica] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self.ejections = 0
+
+    def __len__(self) -> int:
+        return len(self._replicas)
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return list(self._replicas.values())
+
+    def update(self, instances: Iterable[Instance]) -> None:
+        """Make the set equal `instances`: open channels for newcomers, close departed ones."""
+        wanted = {i.id: i for i in instances}
+        for rid in list(self._replicas):
+            old = self._replicas[rid]
+            if rid not in wanted or wanted[rid].target != old.instance.target:
+                del self._replicas[rid]
+                self._close_later(old)
+        for rid, instance in wanted.items():
+            current = self._replicas.get(rid)
+            if current is None:
+                channel = self._factory(instance.target)
+                stub = prediction_pb2_grpc.PredictionServiceStub(channel)
+                self._replicas[rid] = Replica(instance, channel, stub)
+            elif current.instance != instance:
+                current.instance = instance  # meta changed, same address: keep the channel
+
+    def _close_later(self, replica: Replica) -> None:
+        async def close() -> None:
+            # Calls in flight finish (bounded by their deadlines); then the channel goes.
+            deadline = time.monotonic() + CLOSE_GRACE_S
+            while replica.outstanding and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await replica.channel.close()
+
+        try:
+            task = asyncio.get_running_loop().create_task(close())
+        except RuntimeError:
+            return  # no loop (shutdown): nothing to wait for
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> Replica | None:
+        """Power of two choices on outstanding calls among replicas not ejected nor excluded.
+
+        When every candidate is ejected, the one whose ejection ends first is used anyway:
+        ejection protects against outliers, it must not take a whole service down.
+        """
+        now = time.monotonic()
+        candidates = [r for r in self._replicas.values() if r.id not in exclude]
+        if not candidates:
+            return None
+        healthy = [r for r in candidates if not r.ejected(now)]
+        if not healthy:
+            return min(candidates, key=lambda r: r.ejected_until)
+        if len(healthy) == 1:
+            return healthy[0]
+        a, b = random.sample(healthy, 2)
+        return a if a.outstanding <= b.outstanding else b
+
+    def succeeded(self, replica: Replica) -> None:
+        replica.consecutive_failures = 0
+        if not replica.ejected(time.monotonic()):
+            replica.times_ejected = 0
+
+    def failed(self, replica: Replica) -> bool:
+        """Count a failure that says the replica itself is unwell; True if it was ejected now."""
+        replica.consecutive_failures += 1
+        if replica.consecutive_failures < self.policy.eject_after_failures:
+            return False
+        now = time.monotonic()
+        ejected_now = sum(1 for r in self._replicas.values() if r.ejected(now))
+        if (ejected_now + 1) > self.policy.max_ejected_fraction * len(self._replicas) and ejected_now > 0:
+            return False
+        replica.times_ejected += 1
+        replica.consecutive_failures = 0
+        replica.ejected_until = now + self.policy.ejection_s(replica.times_ejected)
+        self.ejections += 1
+        log.warning("%s: ejected %s for %.1fs after %d consecutive failures", self.name, replica.id,
+                    replica.ejected_until - now, self.policy.eject_after_failures)  # fmt: skip
+        return True
+
+    async def close(self) -> None:
+        for replica in self._replicas.values():
+            await replica.channel.close()
+        self._replicas.clear()
+        for task in list(self._closing):
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
