@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from meshserve.gateway.policy import CallPolicy
+from meshserve.gateway.policy import CallPolicy, RetryBudget
 from meshserve.registry.instances import Instance
 from meshserve.v1 import prediction_pb2_grpc
 
@@ -64,6 +64,7 @@ class ReplicaSet:
         self._replicas: dict[str, Replica] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.ejections = 0
+        self.budget = RetryBudget.for_policy(policy)  # shared by every call to this set
 
     def __len__(self) -> int:
         return len(self._replicas)

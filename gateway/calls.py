@@ -22,7 +22,6 @@ from meshserve.errors import (
     Overloaded,
 )
 from meshserve.gateway.balancer import Replica, ReplicaSet
-from meshserve.gateway.policy import RetryBudget
 from meshserve.v1 import prediction_pb2
 
 _TRACER = trace.get_tracer("meshserve.gateway")
@@ -70,7 +69,7 @@ class ServiceCaller:
     def __init__(self, replicas: ReplicaSet, stage: str):
         self.replicas = replicas
         self.stage = stage
-        self.budget = RetryBudget.for_policy(replicas.policy)
+        self.budget = replicas.budget
 
     async def predict(
         self,
