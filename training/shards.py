@@ -37,6 +37,9 @@ class HnswParams:
             raise ValueError("ef_construction must be ≥ M and ef ≥ 1")
 
 
+DEFAULT_PARAMS = HnswParams()
+
+
 @dataclass(frozen=True)
 class ShardManifest:
     """What a shard is; its fields become the indexer's registry meta (ARCHITECTURE.md)."""
@@ -94,7 +97,7 @@ def build_shard(
     shard: str,
     embedder_version: str,
     metric: str = "ip",
-    params: HnswParams = HnswParams(),
+    params: HnswParams = DEFAULT_PARAMS,
     generation: int = 1,
     items: str = "",
     num_threads: int = 1,
