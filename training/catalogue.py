@@ -437,3 +437,27 @@ def items_by_time(start: int, end: int, home: Path | None = None) -> list[Item]:
 def items_by_id_range(lo: int, hi: int, home: Path | None = None) -> list[Item]:
     """Items with lo <= item_id < hi."""
     return load_items(home, id_range=(lo, hi))
+
+
+def append_items(n_new: int, home: Path | None = None) -> list[Item]:
+    """New listings arrive: the next `n_new` items of the warehouse's own sequence, added to it.
+
+    Deterministic (the catalogue is a prefix of a longer one for its seed), so a re-run of the
+    pipeline from the same state appends the same listings.
+    """
+    if n_new < 1:
+        raise InvalidInput(f"append needs at least one item, got {n_new}")
+    conn = _open_existing(home)
+    try:
+        with conn:
+            meta = {row["key"]: row["value"] for row in conn.execute("SELECT key, value FROM meta")}
+            seed, have = int(meta["seed"]), int(meta["n_items"])
+            items = generate_items(have + n_new, seed)[have:]
+            conn.executemany(
+                f"INSERT INTO items ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                [_to_row(item) for item in items],
+            )
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'n_items'", (str(have + n_new),))
+    finally:
+        conn.close()
+    return items
