@@ -25,7 +25,9 @@ class BatchingConfig:
     """How requests are merged and how much work may wait."""
 
     max_batch_size: int = 8  # rows per model call; 1 turns batching off
-    max_queue_delay_ms: float = 2.0  # how long the first request of a batch may wait for company
+    # How long the first request of a batch may wait for company. 0 still batches: whatever
+    # queued up while the model was busy is merged, and an idle model never waits.
+    max_queue_delay_ms: float = 0.0
     max_inflight: int = 64  # requests admitted at once (queued + running); beyond → Overloaded
     workers: int = 1  # model calls that may run at the same time (threads in the executor)
 
@@ -121,6 +123,8 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
+        # with no queue delay an idle model takes a request straight away
+        self._dispatch_now = config.max_batch_size == 1 or config.max_queue_delay_ms == 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -158,8 +162,16 @@ class Batcher:
             self.observer.dropped_expired(1)
             raise DeadlineExpired("deadline expired before the request was queued")
         size = rows(next(iter(inputs.values())))
-        key = self.model.batch_key(inputs, params) if self.config.max_batch_size > 1 else None
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        if not self._queue and not self._slots.locked() and self._dispatch_now:
+            # Idle model, nobody waiting: run at once, without a trip through the dispatcher.
+            await self._slots.acquire()  # does not block: a slot is free
+            item = _Item(inputs, params, size, None, deadline, future)
+            task = asyncio.create_task(self._run([item]))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            return await future
+        key = self.model.batch_key(inputs, params) if self.config.max_batch_size > 1 else None
         self._queue.append(_Item(inputs, params, size, key, deadline, future))
         self._wakeup.set()
         return await future

@@ -106,8 +106,10 @@ def _add_common_arguments(parser: argparse.ArgumentParser, kind: Kind) -> None:
     work.add_argument(
         "--max-queue-delay-ms",
         type=float,
-        default=2.0,
-        help="longest a request waits for others to batch with (default 2 ms)",
+        default=0.0,
+        help="longest the first request of a batch waits for others to join it; with 0 "
+        "(default) requests that queued while the model was busy are still merged, but an "
+        "idle model never waits",
     )
     work.add_argument(
         "--max-inflight",

@@ -115,14 +115,15 @@ def decode_tensor(tensor: tensor_pb2.Tensor, spec: TensorSpec) -> Array:
         return _decode_bytes(tensor, spec, field, count)
     np_dtype = _NUMPY[dtype]
     expected = count * np_dtype.itemsize
-    if len(tensor.content) != expected:
+    content = tensor.content  # each attribute read copies the bytes: read once
+    if len(content) != expected:
         raise InvalidInput(
-            f"{field}.content: {len(tensor.content)} bytes, but shape {list(shape)} of {dtype} "
+            f"{field}.content: {len(content)} bytes, but shape {list(shape)} of {dtype} "
             f"needs {expected}"
         )
     if tensor.elements:
         raise InvalidInput(f"{field}.elements: only BYTES tensors use elements")
-    return np.frombuffer(tensor.content, dtype=np_dtype).reshape(shape)
+    return np.frombuffer(content, dtype=np_dtype).reshape(shape)
 
 
 def _decode_bytes(tensor: tensor_pb2.Tensor, spec: TensorSpec, field: str, count: int) -> Array:
@@ -208,7 +209,13 @@ def encode_tensor(value: Array, out: tensor_pb2.Tensor) -> None:
     wire = _NUMPY[name]
     if value.dtype != wire:
         value = value.astype(wire)
-    out.content = value.tobytes(order="C")
+    base = value.base
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if type(base) is bytes and value.flags.c_contiguous and value.nbytes == len(base):
+        out.content = base  # an unmodified decoded input passed through: skip one copy
+    else:
+        out.content = value.tobytes(order="C")
 
 
 def tensor_from(value: Array) -> tensor_pb2.Tensor:
@@ -227,9 +234,10 @@ def array_from(tensor: tensor_pb2.Tensor) -> Array:
         return list(tensor.elements)
     dtype = _NUMPY[name]
     shape = tuple(tensor.shape)
-    if len(tensor.content) != math.prod(shape) * dtype.itemsize:
-        raise InvalidInput(f"tensor.content: {len(tensor.content)} bytes do not fit {list(shape)}")
-    return np.frombuffer(tensor.content, dtype=dtype).reshape(shape)
+    content = tensor.content
+    if len(content) != math.prod(shape) * dtype.itemsize:
+        raise InvalidInput(f"tensor.content: {len(content)} bytes do not fit {list(shape)}")
+    return np.frombuffer(content, dtype=dtype).reshape(shape)
 
 
 def spec_message(spec: TensorSpec) -> tensor_pb2.TensorSpec:

@@ -115,7 +115,7 @@ def test_sigterm_turns_not_serving_deregisters_and_drains(
 ) -> None:
     # every model call costs 1.5 s, so calls are surely in flight when SIGTERM arrives
     server = start_identity(
-        spawn, "--batch-cost-ms", "1500", "--grace", "8",
+        spawn, "--batch-cost-ms", "1500", "--max-queue-delay-ms", "100", "--grace", "8",
         register=True, consul=dev_agent.http_addr,
     )  # fmt: skip
     wait_until(lambda: _passing(dev_agent), timeout=20, what="identity passing")

@@ -58,7 +58,9 @@ async def test_excess_is_refused_fast_and_admitted_calls_complete(
     # admitted calls are merged into one model call costing 300 ms: they stay in flight long
     # enough that every other caller of the round arrives while the server is full.
     server = start_identity(
-        spawn, "--max-inflight", str(N), "--max-batch-size", str(N), "--batch-cost-ms", "300"
+        spawn,
+        *("--max-inflight", str(N), "--max-batch-size", str(N)),
+        *("--max-queue-delay-ms", "20", "--batch-cost-ms", "300"),
     )
     p99s = []
     async with grpc.aio.insecure_channel(server.target) as channel:

@@ -96,6 +96,19 @@ async def test_batches_never_exceed_max_rows_and_batching_off_means_one_per_call
     assert model.calls == [1] * 5
 
 
+async def test_without_queue_delay_an_idle_model_never_waits_but_a_busy_one_batches() -> None:
+    model = Recording(cost_s=0.1)
+    batcher = await _with_batcher(model, BatchingConfig(max_batch_size=8, max_queue_delay_ms=0))
+    try:
+        await batcher.submit(_x(0), {}, None)  # alone, and not held back waiting for company
+        first = asyncio.ensure_future(batcher.submit(_x(1), {}, None))
+        await asyncio.sleep(0.02)  # first is running; the next four queue up behind it
+        await asyncio.gather(first, *(batcher.submit(_x(i), {}, None) for i in range(4)))
+    finally:
+        await batcher.close()
+    assert model.calls == [1, 1, 4]
+
+
 async def test_incompatible_requests_are_not_merged() -> None:
     model = Recording()
     batcher = await _with_batcher(model, BatchingConfig(max_batch_size=16, max_queue_delay_ms=20))

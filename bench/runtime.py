@@ -1,0 +1,251 @@
+"""Runtime cost: identity Predict vs a bare grpc.aio echo, and batching off vs on at concurrency 16.
+
+Run: nice -n 10 python bench/runtime.py [--quick]
+
+(a) round trip of `meshserve serve identity` vs a bare grpc.aio server echoing the same bytes,
+    p50/p99 for 1 KB and 600 KB payloads; both are called the same way (pre-serialized request,
+    response bytes not parsed) so the difference is what the runtime adds on the server side.
+    Measured in alternating blocks so load from other processes hits both alike.
+(b) throughput at concurrency 16 of identity with a fixed per-batch cost, batching off
+    (--max-batch-size 1) vs on (--max-batch-size 16): calls/s and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from meshserve.servers import tensors  # noqa: E402
+from meshserve.v1 import prediction_pb2  # noqa: E402
+from tests.support import free_port  # noqa: E402
+
+PREDICT = "/meshserve.v1.PredictionService/Predict"
+ECHO = "/bench.Echo/Echo"
+ECHO_HOP = "/bench.Echo/EchoHop"
+
+
+# -- the baseline: a bare grpc.aio server that returns the request bytes ------------------
+
+
+async def _echo_server(port: int) -> None:
+    executor = ThreadPoolExecutor(max_workers=1)
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return request
+
+    async def echo_hop(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        # the one thread hop the runtime must make (inference off the event loop), alone
+        return await asyncio.get_running_loop().run_in_executor(executor, bytes.__bytes__, request)
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(echo),
+            "EchoHop": grpc.unary_unary_rpc_method_handler(echo_hop),
+        },
+    )
+    limit = 16 * 1024 * 1024
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    )
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def _start(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _start_identity(port: int, *flags: str) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "meshserve", "--log-level", "WARNING", "serve", "identity"]
+    return _start([*argv, "--no-register", "--port", str(port), *flags])
+
+
+def _wait_ready(port: int, proc: subprocess.Popen[bytes], health: bool) -> None:
+    deadline = time.monotonic() + 30
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
+            try:
+                if health:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=1
+                    )
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                else:
+                    grpc.channel_ready_future(channel).result(timeout=1)
+                    return
+            except (grpc.RpcError, grpc.FutureTimeoutError):
+                pass
+            time.sleep(0.05)
+    raise TimeoutError(f"server on port {port} not ready")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# -- (a) round trip -----------------------------------------------------------------------
+
+
+def _payload(nbytes: int) -> bytes:
+    x = np.random.default_rng(0).standard_normal((1, nbytes // 4)).astype(np.float32)
+    request = prediction_pb2.PredictRequest()
+    request.inputs["x"].CopyFrom(tensors.tensor_from(x))
+    return request.SerializeToString()
+
+
+async def _latencies(call: Callable[[], Awaitable[bytes]], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        await call()
+        out.append(time.perf_counter() - started)
+    return out
+
+
+async def round_trip(identity_port: int, echo_port: int, quick: bool) -> None:
+    print("(a) round trip, sequential calls, ms        p50      p99")
+    for label, nbytes, blocks, per_block in (("1 KB", 1024, 20, 100), ("600 KB", 600_000, 10, 30)):
+        if quick:
+            blocks = max(2, blocks // 5)
+        body = _payload(nbytes)
+        opts = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{identity_port}", options=opts) as ch_i, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}", options=opts) as ch_e:  # fmt: skip
+            predict = ch_i.unary_unary(PREDICT)
+            echo = ch_e.unary_unary(ECHO)
+            hop = ch_e.unary_unary(ECHO_HOP)
+            reply = await predict(body, timeout=10)
+            parsed = prediction_pb2.PredictResponse.FromString(reply)
+            assert len(parsed.outputs["y"].content) == len(
+                prediction_pb2.PredictRequest.FromString(body).inputs["x"].content
+            )
+            assert await echo(body, timeout=10) == body
+            samples: dict[str, list[float]] = {"echo": [], "hop": [], "identity": []}
+            calls = {
+                "echo": lambda b=body, f=echo: f(b, timeout=10),
+                "hop": lambda b=body, f=hop: f(b, timeout=10),
+                "identity": lambda b=body, f=predict: f(b, timeout=10),
+            }
+            for call in calls.values():
+                await _latencies(call, 20)  # warm
+            for _ in range(blocks):  # alternate so background load hits all alike
+                for name, call in calls.items():
+                    samples[name] += await _latencies(call, per_block)
+        b50, b99 = np.percentile(samples["echo"], [50, 99]) * 1e3
+        h50, h99 = np.percentile(samples["hop"], [50, 99]) * 1e3
+        i50, i99 = np.percentile(samples["identity"], [50, 99]) * 1e3
+        n = len(samples["echo"])
+        print(f"  {label:>6}  bare grpc.aio echo (baseline) {b50:7.3f}  {b99:7.3f}   (n={n} each)")
+        print(f"  {label:>6}  bare echo + one executor hop  {h50:7.3f}  {h99:7.3f}")
+        print(f"  {label:>6}  identity Predict              {i50:7.3f}  {i99:7.3f}")
+        print(f"  {label:>6}  added over the bare echo      {i50 - b50:7.3f}  {i99 - b99:7.3f}"
+              f"   (p50 ratio {i50 / b50:.2f}x; goal ≤ 0.3 ms p50 added)")  # fmt: skip
+        print(f"  {label:>6}  … of which the executor hop   {h50 - b50:7.3f}")
+
+
+# -- (b) throughput with batching off vs on -----------------------------------------------
+
+
+async def _throughput(port: int, concurrency: int, seconds: float) -> tuple[float, float]:
+    body = _payload(1024)
+    done = 0
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        predict = channel.unary_unary(PREDICT)
+        await predict(body, timeout=10)
+        stop_at = time.monotonic() + seconds
+
+        async def caller() -> None:
+            nonlocal done
+            while time.monotonic() < stop_at:
+                started = time.perf_counter()
+                await predict(body, timeout=30)
+                latencies.append(time.perf_counter() - started)
+                done += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+    return done / elapsed, float(np.percentile(latencies, 50))
+
+
+async def batching(cost_ms: float, quick: bool) -> None:
+    seconds = 2.0 if quick else 5.0
+    print(f"(b) throughput at concurrency 16, identity with --batch-cost-ms {cost_ms:g}")
+    results = {}
+    for label, flags in (
+        ("batching off (--max-batch-size 1)        ", ["--max-batch-size", "1"]),
+        ("batching on  (--max-batch-size 16)       ", ["--max-batch-size", "16"]),
+        ("batching on  (16, --max-queue-delay-ms 5)", ["--max-batch-size", "16",
+                                                       "--max-queue-delay-ms", "5"]),
+    ):  # fmt: skip
+        port = free_port()
+        proc = _start_identity(port, "--batch-cost-ms", str(cost_ms), "--max-inflight", "64", *flags)
+        try:
+            _wait_ready(port, proc, health=True)
+            rate, p50 = await _throughput(port, 16, seconds)
+        finally:
+            _stop(proc)
+        results[label] = rate
+        print(f"  {label}: {rate:8.1f} calls/s   p50 {p50 * 1e3:7.2f} ms")
+    off, on, on_delay = results.values()
+    print(f"  ratio on/off: {on / off:.1f}x (no queue delay), {on_delay / off:.1f}x (5 ms delay);"
+          " ideal ≈ 16x (one fixed cost per batch of 16)")  # fmt: skip
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    identity_port, echo_port = free_port(), free_port()
+    identity = _start_identity(identity_port, "--max-message-bytes", str(16 << 20))
+    echo = _start([sys.executable, str(Path(__file__).resolve()), "--echo-server", str(echo_port)])
+    try:
+        _wait_ready(identity_port, identity, health=True)
+        _wait_ready(echo_port, echo, health=False)
+        await round_trip(identity_port, echo_port, args.quick)
+    finally:
+        _stop(identity)
+        _stop(echo)
+    await batching(args.batch_cost_ms, args.quick)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples (smoke run)")
+    parser.add_argument("--batch-cost-ms", type=float, default=20.0, help="fixed cost per model call")
+    parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_server:
+        asyncio.run(_echo_server(args.echo_server))
+        return 0
+    asyncio.run(main_async(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
