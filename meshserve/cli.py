@@ -18,6 +18,7 @@ ROOM_COMMANDS = (
     "meshserve.training.shard_cli",  # shard build|publish|retire|list
     "meshserve.gateway.cli",  # gateway, search, status
     "meshserve.local.cli",  # up, demo, worker, bench
+    "meshserve.health_cli",  # health HOST:PORT
 )
 
 
