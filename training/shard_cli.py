@@ -1,4 +1,4 @@
-"""`meshserve shard build|publish|retire|list`: index shards from the pipeline into the mesh."""
+"""`meshserve shard build|publish|retire|list` and `meshserve pipeline run`: index shards into the mesh."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def add_commands(subparsers: Any) -> None:
                        help="hnswlib ef_construction (default 200)")
     build.add_argument("--ef", type=int, default=64,
                        help="search ef, fixed for the shard's life (default 64)")
-    build.set_defaults(func=_reporting_errors(_build))
+    build.set_defaults(func=_reporting_errors(_build), command_label="shard build")
 
     publish = commands.add_parser(
         "publish", help="start indexers for a shard and wait until they pass",
@@ -57,7 +57,7 @@ def add_commands(subparsers: Any) -> None:
     publish.add_argument("--deregister-after", type=float, default=60.0,
                          help="Consul reaps an indexer critical this long (s)")
     publish.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for passing")
-    publish.set_defaults(func=_reporting_errors(_publish))
+    publish.set_defaults(func=_reporting_errors(_publish), command_label="shard publish")
 
     retire = commands.add_parser(
         "retire", help="stop and deregister every indexer of a shard",
@@ -68,7 +68,7 @@ def add_commands(subparsers: Any) -> None:
     retire.add_argument("shard_id", metavar="SHARD_ID")
     retire.add_argument("--consul", help="Consul HTTP address (default: $CONSUL_HTTP_ADDR)")
     retire.add_argument("--grace", type=float, default=15.0, help="seconds before SIGKILL (default 15)")
-    retire.set_defaults(func=_reporting_errors(_retire))
+    retire.set_defaults(func=_reporting_errors(_retire), command_label="shard retire")
 
     listing = commands.add_parser(
         "list", help="registered shards with the health of their replicas",
@@ -76,7 +76,69 @@ def add_commands(subparsers: Any) -> None:
     )  # fmt: skip
     listing.add_argument("--consul", help="Consul HTTP address (default: $CONSUL_HTTP_ADDR)")
     listing.add_argument("--json", action="store_true", help="print JSON")
-    listing.set_defaults(func=_reporting_errors(_list))
+    listing.set_defaults(func=_reporting_errors(_list), command_label="shard list")
+
+    add_pipeline_command(subparsers)
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `5m`, `2h` or `7d` → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 60s, 5m, 2h or 7d") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
+    return value
+
+
+def add_pipeline_command(subparsers: Any) -> None:
+    pipeline = subparsers.add_parser(
+        "pipeline", help="the continuous shard pipeline",
+        description="Keep the index fresh: new listings arrive, a delta shard is built and published "
+        "for them, shards past the retention window are retired; a new embedder version gets a "
+        "complete shard set of its own, published beside the old one.",
+    )  # fmt: skip
+    commands = pipeline.add_subparsers(dest="pipeline_command", metavar="COMMAND", required=True)
+    run = commands.add_parser("run", help="run the loop (or one cycle with --once)",
+                              epilog=_ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--every", type=parse_duration, default=60.0, help="cycle period (default 60s)")
+    run.add_argument("--once", action="store_true", help="run one cycle and exit")
+    run.add_argument("--new-items", type=int, default=50, help="listings arriving per cycle (default 50)")
+    run.add_argument("--retention", type=parse_duration, default=7 * 86400.0,
+                     help="retire delta shards older than this (default 7d)")
+    run.add_argument("--initial-shards", type=int, default=4,
+                     help="shards covering the catalogue for a new embedder version (default 4)")
+    run.add_argument("--replicas", type=int, default=1, help="indexers per shard (default 1)")
+    run.add_argument("--consul", help="Consul HTTP address (default: $CONSUL_HTTP_ADDR)")
+    run.set_defaults(func=_reporting_errors(_pipeline_run), command_label="pipeline run")
+
+
+def _pipeline_run(args: argparse.Namespace) -> int:
+    import time
+
+    from meshserve.training.pipeline import Pipeline, PipelineConfig
+
+    try:
+        pipeline = Pipeline(PipelineConfig(registry=_registry(args), new_items=args.new_items,
+                                           retention_s=args.retention, initial_shards=args.initial_shards,
+                                           replicas=args.replicas))  # fmt: skip
+    except ValueError as exc:
+        print(f"meshserve pipeline run: {exc}", file=sys.stderr)
+        return 2
+    while True:
+        started = time.monotonic()
+        try:
+            report = pipeline.run_once()
+        except FileNotFoundError as exc:
+            print(f"meshserve pipeline run: {exc}", file=sys.stderr)
+            return 1
+        print("\n".join(report.lines()), flush=True)
+        if args.once:
+            return 0
+        time.sleep(max(0.0, args.every - (time.monotonic() - started)))
 
 
 def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -88,7 +150,7 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[
         try:
             return handler(args)
         except MeshError as exc:
-            print(f"meshserve shard {args.shard_command}: {exc}", file=sys.stderr)
+            print(f"meshserve {args.command_label}: {exc}", file=sys.stderr)
             return 1
 
     return run
