@@ -1,0 +1,122 @@
+"""`meshserve gateway` (the server) and `meshserve search` (the client internal services copy)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_GATEWAY = "127.0.0.1:50050"
+
+_ENV_HELP = """
+environment:
+  CONSUL_HTTP_ADDR   Consul (or `meshserve registry dev`) address, default http://127.0.0.1:8500
+  CONSUL_HTTP_TOKEN  Consul ACL token
+  OTEL_EXPORTER_OTLP_ENDPOINT  send spans over OTLP/gRPC (else --trace-file, else no export)
+  MESHSERVE_HOME     the catalogue used to enrich matches (default ~/.cache/meshserve)
+"""
+
+
+def add_commands(subparsers: Any) -> None:
+    gateway = subparsers.add_parser(
+        "gateway", help="run the gateway (photo search over the discovered mesh)",
+        description="Discover model servers and shards in Consul and serve meshserve.v1.PhotoSearch.",
+        epilog=_ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    gateway.add_argument("--addr", help="HOST:PORT to listen on (default 127.0.0.1:50050; overrides --host/--port)")
+    gateway.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    gateway.add_argument("--port", type=int, default=50050, help="gRPC port (default 50050; 0 = any free port)")
+    gateway.add_argument("--advertise-address", help="address registered in Consul (default: --host)")
+    gateway.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    gateway.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    gateway.add_argument("--consul", help="Consul HTTP address (default: $CONSUL_HTTP_ADDR)")
+    gateway.add_argument("--no-register", action="store_true", help="do not register the gateway in Consul")
+    gateway.add_argument("--hedge-ms", type=float,
+                         help="hedge detector/embedder calls after this many ms (default: off)")
+    gateway.add_argument("--default-deadline", type=float, default=10.0,
+                         help="deadline (s) for callers that send none (default 10)")
+    gateway.add_argument("--cache-ttl", type=float, default=60.0,
+                         help="seconds a search result and a catalogue row stay cached (default 60; 0 = off)")
+    gateway.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM (default 10)")
+    gateway.add_argument("--trace-file", type=Path, default=os.environ.get("MESHSERVE_TRACE_FILE") or None,
+                         help="write spans as JSON lines here when no OTLP endpoint is set")
+    gateway.set_defaults(func=_gateway)
+
+    search = subparsers.add_parser(
+        "search", help="search the catalogue with a photo",
+        description="Send IMAGE to the gateway's PhotoSearch and print the detections and their matches.",
+    )  # fmt: skip
+    search.add_argument("image", type=Path, metavar="IMAGE", help="a JPEG, PNG or WebP photo")
+    search.add_argument("--gateway", default=os.environ.get("MESHSERVE_GATEWAY", DEFAULT_GATEWAY),
+                        help=f"gateway HOST:PORT (default $MESHSERVE_GATEWAY or {DEFAULT_GATEWAY})")
+    search.add_argument("--top-k", type=int, default=10, help="matches per detection (default 10)")
+    search.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default 10)")
+    search.add_argument("--json", action="store_true", help="print the result as JSON")
+    search.add_argument("--show", type=Path, metavar="OUT_PNG",
+                        help="also draw the query, its boxes and top matches into this PNG")
+    search.set_defaults(func=_search)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from meshserve.gateway.photo_search import SearchConfig
+    from meshserve.gateway.server import GatewayConfig, run_gateway
+    from meshserve.registry.config import RegistryConfig
+
+    host, port = args.host, args.port
+    if args.addr:
+        host, _, port_text = args.addr.rpartition(":")
+        if not host or not port_text.isdigit():
+            print(f"meshserve gateway: --addr {args.addr!r} is not HOST:PORT", file=sys.stderr)
+            return 2
+        port = int(port_text)
+    try:
+        config = GatewayConfig(
+            registry=RegistryConfig.from_env(http_addr=args.consul), host=host, port=port,
+            advertise_address=args.advertise_address, metrics_port=args.metrics_port,
+            register=not args.no_register, grace_s=args.grace, hedge_after_ms=args.hedge_ms,
+            default_deadline_s=args.default_deadline, catalogue_ttl_s=args.cache_ttl,
+            port_file=args.port_file, trace_file=args.trace_file,
+            search=SearchConfig(cache_ttl_s=args.cache_ttl),
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"meshserve gateway: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(run_gateway(config))
+
+
+def _search(args: argparse.Namespace) -> int:
+    import json
+
+    from meshserve.gateway.client import SearchFailed, result_json, search_photo
+
+    try:
+        image = args.image.read_bytes()
+    except OSError as exc:
+        print(f"meshserve search: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        response = search_photo(args.gateway, image, top_k=args.top_k, timeout=args.timeout)
+    except SearchFailed as exc:
+        print(f"meshserve search: {exc}", file=sys.stderr)
+        return 1
+    if args.show:
+        from meshserve.gateway.picture import draw_results
+
+        draw_results([(image, response)], args.show)
+    if args.json:
+        print(json.dumps(result_json(response), indent=2))
+        return 0
+    result = result_json(response)
+    print(f"coverage {result['coverage']:.2f}  versions {result['versions']}  trace {result['trace_id']}")
+    for detection in response.detections:
+        b = detection.box
+        print(f"{detection.label} {detection.score:.2f} [{b.x_min:.0f}, {b.y_min:.0f}, {b.x_max:.0f}, {b.y_max:.0f}]")
+        for m in detection.matches:
+            print(f"    {m.score:.3f}  item {m.item_id:>6}  shard {m.shard:<10} {m.attributes.get('title', '')}")
+    if args.show:
+        print(f"picture: {args.show}")
+    return 0

@@ -1,0 +1,101 @@
+"""How the gateway speaks Predict to each model kind: numpy and domain values in, protobuf out, and back.
+
+One function per stage, so photo_search.py reads as the flow and never touches a tensor message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from meshserve.errors import MeshError
+from meshserve.gateway.calls import CallStats, ServiceCaller
+from meshserve.servers import tensors
+from meshserve.v1 import prediction_pb2
+
+Metadata = Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Detected:
+    box: tuple[float, float, float, float]  # x_min, y_min, x_max, y_max in pixels of the original
+    label: str
+    score: float
+
+
+class BadReply(MeshError):
+    """A model answered with outputs the gateway cannot read (a version skew or a bug)."""
+
+
+def _output(reply: prediction_pb2.PredictResponse, name: str, stage: str) -> np.ndarray:
+    if name not in reply.outputs:
+        raise BadReply(f"{stage}: reply lacks output {name!r} (has {sorted(reply.outputs)})")
+    value = tensors.array_from(reply.outputs[name])
+    if not isinstance(value, np.ndarray):
+        raise BadReply(f"{stage}: output {name!r} is not numeric")
+    return value
+
+
+def _set_param(request: prediction_pb2.PredictRequest, name: str, value: int | float | str) -> None:
+    param = request.parameters[name]
+    if isinstance(value, str):
+        param.string_value = value
+    elif isinstance(value, int):
+        param.int_value = value
+    else:
+        param.double_value = value
+
+
+async def detect(
+    caller: ServiceCaller, image: bytes, min_score: float, deadline: float, metadata: Metadata
+) -> tuple[list[Detected], CallStats]:
+    """Detector Predict{image: BYTES[1]} → boxes f32[1,K,4], scores f32[1,K], labels (class names)."""
+    request = prediction_pb2.PredictRequest()
+    request.inputs["image"].CopyFrom(tensors.tensor_from([image]))
+    _set_param(request, "min_score", float(min_score))
+    reply, stats = await caller.predict(request, deadline, metadata)
+    boxes = _output(reply, "boxes", caller.stage).reshape(-1, 4)
+    scores = _output(reply, "scores", caller.stage).reshape(-1)
+    label_ids = _output(reply, "labels", caller.stage).reshape(-1)
+    names = list(tensors.array_from(reply.outputs["label_names"])) if "label_names" in reply.outputs else []
+    if not len(boxes) == len(scores) == len(label_ids):
+        raise BadReply(f"{caller.stage}: {len(boxes)} boxes, {len(scores)} scores, {len(label_ids)} labels")
+    found = []
+    for box, score, label in zip(boxes, scores, label_ids, strict=True):
+        if score <= 0:  # padding rows
+            continue
+        name = names[int(label)].decode() if 0 <= int(label) < len(names) else str(int(label))
+        found.append(Detected(tuple(float(v) for v in box), name, float(score)))  # type: ignore[arg-type]
+    return found, stats
+
+
+async def embed(
+    caller: ServiceCaller, image: bytes, boxes: np.ndarray, deadline: float, metadata: Metadata
+) -> tuple[np.ndarray, str, CallStats]:
+    """Embedder Predict{image: BYTES[1], boxes: f32[1,M,4]} → embeddings f32[1,M,D] (unit length)."""
+    request = prediction_pb2.PredictRequest()
+    request.inputs["image"].CopyFrom(tensors.tensor_from([image]))
+    request.inputs["boxes"].CopyFrom(tensors.tensor_from(boxes.astype(np.float32).reshape(1, -1, 4)))
+    reply, stats = await caller.predict(request, deadline, metadata)
+    vectors = _output(reply, "embeddings", caller.stage)
+    vectors = vectors.reshape(len(boxes), -1)
+    return np.ascontiguousarray(vectors, dtype=np.float32), reply.model_version, stats
+
+
+async def search_shard(
+    caller: ServiceCaller, vectors: np.ndarray, k: int, embedder_version: str, deadline: float,
+    metadata: Metadata,
+) -> tuple[np.ndarray, np.ndarray, CallStats]:
+    """Indexer Predict{queries: f32[M,D]; k, embedder_version} → item_ids i64[M,k'], scores f32[M,k']."""
+    request = prediction_pb2.PredictRequest()
+    request.inputs["queries"].CopyFrom(tensors.tensor_from(vectors))
+    _set_param(request, "k", int(k))
+    _set_param(request, "embedder_version", embedder_version)
+    reply, stats = await caller.predict(request, deadline, metadata)
+    ids = _output(reply, "item_ids", caller.stage)
+    scores = _output(reply, "scores", caller.stage)
+    if ids.shape != scores.shape or ids.shape[0] != len(vectors):
+        raise BadReply(f"{caller.stage}: item_ids {ids.shape} and scores {scores.shape} for {len(vectors)} queries")
+    return ids, scores, stats

@@ -1,0 +1,252 @@
+"""Photo search, read top to bottom: validate, look in the cache, detect, embed, fan out to every
+shard, merge the top-k per detection, enrich from the catalogue."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from opentelemetry import trace
+from prometheus_client import Counter, Histogram
+
+from meshserve import telemetry
+from meshserve.errors import InvalidInput, MeshError, NotReady
+from meshserve.gateway import model_wire
+from meshserve.gateway.cache import TTLCache
+from meshserve.gateway.calls import CallStats, ServiceCaller
+from meshserve.gateway.enrich import CatalogueEnricher
+from meshserve.gateway.model_wire import Detected
+from meshserve.gateway.routes import RouteTable, SearchRoute, ShardRoute
+from meshserve.servers.images import ImageLimits, probe
+
+log = logging.getLogger(__name__)
+_TRACER = trace.get_tracer("meshserve.gateway")
+
+STAGE_SECONDS = Histogram("meshserve_gateway_stage_seconds", "Time per photo-search stage", ["stage"],
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+CALL_RETRIES = Counter("meshserve_gateway_retries_total", "Retries and hedges sent", ["stage", "kind"])
+CALL_EJECTIONS = Counter("meshserve_gateway_ejections_total", "Replicas ejected as outliers", ["stage"])
+COVERAGE = Histogram("meshserve_gateway_coverage", "Shards answered / shards expected per search",
+                     buckets=(0.25, 0.5, 0.75, 0.9, 0.99, 1.0))
+SHARD_MISSES = Counter("meshserve_gateway_shard_misses_total", "Shards that did not answer a search",
+                       ["reason"])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    limits: ImageLimits = field(default_factory=lambda: ImageLimits(max_bytes=8 * 1024 * 1024,
+                                                                     max_pixels=25_000_000))
+    default_top_k: int = 10
+    max_top_k: int = 100
+    default_min_score: float = 0.3
+    max_detections: int = 16
+    cache_entries: int = 10_000
+    cache_ttl_s: float = 60.0
+    # Kept back from the shard fan-out so a slow shard becomes "missing", not a failed search.
+    merge_reserve_s: float = 0.005
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.default_top_k <= self.max_top_k <= 10_000:
+            raise ValueError("need 1 ≤ default_top_k ≤ max_top_k ≤ 10000")
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    image: bytes
+    top_k: int = 0  # 0 = default
+    min_score: float = 0.0  # 0 = default
+    labels: tuple[str, ...] = ()
+    no_cache: bool = False
+
+
+@dataclass(frozen=True)
+class Match:
+    item_id: str
+    score: float
+    shard: str
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Detection:
+    found: Detected
+    matches: tuple[Match, ...]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    detections: tuple[Detection, ...]
+    shards_expected: int
+    shards_answered: int
+    missing_shards: tuple[str, ...]
+    versions: dict[str, str]
+    trace_id: str = ""
+    cached: bool = False
+
+    @property
+    def coverage(self) -> float:
+        return self.shards_answered / self.shards_expected if self.shards_expected else 0.0
+
+
+@dataclass
+class _ShardAnswer:
+    shard: str
+    ids: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    reason: str = ""
+
+
+class PhotoSearch:
+    def __init__(self, routes: RouteTable, enricher: CatalogueEnricher, config: SearchConfig):
+        self.routes = routes
+        self.enricher = enricher
+        self.config = config
+        self.cache: TTLCache[tuple, SearchResult] = TTLCache("search", config.cache_entries, config.cache_ttl_s)
+
+    async def search(self, query: SearchQuery, deadline: float, metadata: Sequence[tuple[str, str]] = ()
+                     ) -> SearchResult:  # fmt: skip
+        top_k, min_score = self.validate(query)
+        route = self.routes.search_route()
+        if route is None:
+            raise NotReady("photo search has no route: a detector, an embedder and shards must be passing")
+        key = self._cache_key(query, top_k, min_score, route)
+        if not query.no_cache and (hit := self.cache.get(key)) is not None:
+            return replace(hit, trace_id=telemetry.trace_id_of(), cached=True)
+
+        with self._stage("detect"):
+            found, stats = await model_wire.detect(ServiceCaller(route.detector, "detector"), query.image,
+                                                   min_score, deadline, metadata)  # fmt: skip
+            self._count(stats, "detector")
+        found = [d for d in found if d.score >= min_score and (not query.labels or d.label in query.labels)]
+        found = sorted(found, key=lambda d: -d.score)[: self.config.max_detections]
+
+        answers: list[_ShardAnswer] = []
+        vectors = np.zeros((0, 0), np.float32)
+        if found:
+            with self._stage("embed"):
+                boxes = np.asarray([d.box for d in found], dtype=np.float32)
+                vectors, _, stats = await model_wire.embed(ServiceCaller(route.embedder, "embedder"),
+                                                           query.image, boxes, deadline, metadata)  # fmt: skip
+                self._count(stats, "embedder")
+            with self._stage("search"):
+                answers = await self._fan_out(route, vectors, top_k, deadline, metadata)
+        else:
+            answers = [_ShardAnswer(s.shard, reason="no detections") if len(s.replicas)
+                       else _ShardAnswer(s.shard, reason="no passing replica") for s in route.shards]  # fmt: skip
+
+        with self._stage("merge"):
+            merged = self._merge(len(found), answers, top_k)
+        with self._stage("enrich"):
+            attributes = await self.enricher.lookup({m.item_id for per in merged for m in per})
+
+        missing = tuple(a.shard for a in answers if a.ids is None and a.reason != "no detections")
+        result = SearchResult(
+            detections=tuple(
+                Detection(d, tuple(Match(m.item_id, m.score, m.shard, attributes.get(m.item_id, {}))
+                                   for m in per))
+                for d, per in zip(found, merged, strict=True)
+            ),
+            shards_expected=len(route.shards),
+            shards_answered=len(route.shards) - len(missing),
+            missing_shards=missing,
+            versions={"detector": route.detector_version, "embedder": route.embedder_version,
+                      "index": route.index},
+            trace_id=telemetry.trace_id_of(),
+        )  # fmt: skip
+        COVERAGE.observe(result.coverage)
+        if result.shards_expected and not missing:
+            self.cache.put(key, result)
+        return result
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def validate(self, query: SearchQuery) -> tuple[int, float]:
+        """Refuse bad input before any stage is called; return the effective top_k and min_score."""
+        cfg = self.config
+        with self._stage("validate"):
+            if not query.image:
+                raise InvalidInput("image: empty")
+            if len(query.image) > cfg.limits.max_bytes:
+                raise InvalidInput(f"image: {len(query.image)} bytes exceeds the limit of {cfg.limits.max_bytes}")
+            probe(query.image, cfg.limits)  # format and pixel count from the header, nothing decoded
+            top_k = query.top_k or cfg.default_top_k
+            if not 1 <= top_k <= cfg.max_top_k:
+                raise InvalidInput(f"top_k: {query.top_k} is outside [1, {cfg.max_top_k}]")
+            min_score = query.min_score or cfg.default_min_score
+            if not 0.0 <= min_score <= 1.0:
+                raise InvalidInput(f"min_detection_score: {query.min_score} is outside [0, 1]")
+        return top_k, min_score
+
+    async def _fan_out(self, route: SearchRoute, vectors: np.ndarray, top_k: int, deadline: float,
+                       metadata: Sequence[tuple[str, str]]) -> list[_ShardAnswer]:  # fmt: skip
+        shard_deadline = deadline - self.config.merge_reserve_s
+
+        async def one(shard: ShardRoute) -> _ShardAnswer:
+            if not len(shard.replicas):
+                return _ShardAnswer(shard.shard, reason="no passing replica")
+            with _TRACER.start_as_current_span(f"shard {shard.shard}", attributes={"shard": shard.shard}):
+                try:
+                    ids, scores, stats = await model_wire.search_shard(
+                        ServiceCaller(shard.replicas, f"shard {shard.shard}"), vectors, top_k,
+                        route.embedder_version, shard_deadline, metadata)  # fmt: skip
+                except MeshError as exc:
+                    log.debug("shard %s missing from this search: %s", shard.shard, exc)
+                    return _ShardAnswer(shard.shard, reason=type(exc).__name__)
+                self._count(stats, "indexer")
+                return _ShardAnswer(shard.shard, ids, scores)
+
+        answers = await asyncio.gather(*(one(s) for s in route.shards))
+        for answer in answers:
+            if answer.ids is None:
+                SHARD_MISSES.labels(answer.reason).inc()
+        return list(answers)
+
+    @staticmethod
+    def _merge(n_queries: int, answers: list[_ShardAnswer], top_k: int) -> list[list[Match]]:
+        """The best top_k of every shard's answers, per detection; ties keep shard order."""
+        merged: list[list[Match]] = []
+        for q in range(n_queries):
+            candidates: list[Match] = []
+            for answer in answers:
+                if answer.ids is None or answer.scores is None:
+                    continue
+                candidates += [Match(str(int(i)), float(s), answer.shard)
+                               for i, s in zip(answer.ids[q], answer.scores[q], strict=True)]  # fmt: skip
+            candidates.sort(key=lambda m: -m.score)
+            merged.append(candidates[:top_k])
+        return merged
+
+    def _cache_key(self, query: SearchQuery, top_k: int, min_score: float, route: SearchRoute) -> tuple:
+        digest = hashlib.sha256(query.image).hexdigest()
+        return (digest, top_k, min_score, query.labels, route.detector_version, route.embedder_version,
+                tuple(s.shard for s in route.shards))
+
+    @staticmethod
+    def _count(stats: CallStats, stage: str) -> None:
+        if stats.retries:
+            CALL_RETRIES.labels(stage, "retry").inc(stats.retries)
+        if stats.hedges:
+            CALL_RETRIES.labels(stage, "hedge").inc(stats.hedges)
+        if stats.ejections:
+            CALL_EJECTIONS.labels(stage).inc(stats.ejections)
+
+    class _StageTimer:
+        def __init__(self, name: str):
+            self.name = name
+            self.span_cm = _TRACER.start_as_current_span(name)
+
+        def __enter__(self) -> None:
+            self.started = time.perf_counter()
+            self.span_cm.__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            self.span_cm.__exit__(*exc)  # type: ignore[arg-type]
+            STAGE_SECONDS.labels(self.name).observe(time.perf_counter() - self.started)
+
+    def _stage(self, name: str) -> PhotoSearch._StageTimer:
+        return PhotoSearch._StageTimer(name)

@@ -1,0 +1,85 @@
+"""The gateway's gRPC face: SearchRequest ↔ SearchQuery/SearchResult, deadlines, spans, one error map."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import Counter, Histogram
+
+from meshserve import telemetry
+from meshserve.errors import MeshError, status_for
+from meshserve.gateway.photo_search import PhotoSearch, SearchQuery, SearchResult
+from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
+
+log = logging.getLogger(__name__)
+_TRACER = trace.get_tracer("meshserve.gateway")
+
+REQUESTS = Counter("meshserve_gateway_requests_total", "Gateway requests by method and status", ["method", "code"])
+LATENCY = Histogram("meshserve_gateway_latency_seconds", "Gateway request latency", ["method"],
+                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))  # fmt: skip
+
+
+class PhotoSearchServicer(photo_search_pb2_grpc.PhotoSearchServicer):
+    def __init__(self, search: PhotoSearch, default_deadline_s: float = 10.0):
+        self.search = search
+        self.default_deadline_s = default_deadline_s
+
+    async def Search(
+        self, request: photo_search_pb2.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> photo_search_pb2.SearchResponse:
+        started = time.perf_counter()
+        remaining = context.time_remaining()
+        # A caller without a deadline still gets one: no request may run unbounded.
+        deadline = time.monotonic() + (self.default_deadline_s if remaining is None else remaining)
+        parent = telemetry.extract_context(context.invocation_metadata())
+        token = otel_context.attach(parent)
+        code = grpc.StatusCode.OK
+        try:
+            with _TRACER.start_as_current_span("meshserve.v1.PhotoSearch/Search", kind=SpanKind.SERVER,
+                                               attributes={"rpc.system": "grpc"}) as span:  # fmt: skip
+                try:
+                    result = await self.search.search(to_query(request), deadline)
+                except MeshError as exc:
+                    code = status_for(exc)
+                    span.set_status(Status(StatusCode.ERROR, str(exc)))
+                    message = str(exc)
+                except Exception:
+                    code = grpc.StatusCode.INTERNAL
+                    trace_id = telemetry.trace_id_of()
+                    log.exception("Search failed (trace %s)", trace_id)
+                    message = f"internal error (trace {trace_id or '-'})"
+                else:
+                    span.set_attribute("coverage", result.coverage)
+                    return to_response(result)
+        finally:
+            otel_context.detach(token)
+            REQUESTS.labels("Search", code.name).inc()
+            LATENCY.labels("Search").observe(time.perf_counter() - started)
+        await context.abort(code, message)
+        raise AssertionError("unreachable: abort raises")
+
+
+def to_query(request: photo_search_pb2.SearchRequest) -> SearchQuery:
+    return SearchQuery(image=request.image, top_k=request.top_k, min_score=request.min_detection_score,
+                       labels=tuple(request.labels), no_cache=request.no_cache)  # fmt: skip
+
+
+def to_response(result: SearchResult) -> photo_search_pb2.SearchResponse:
+    response = photo_search_pb2.SearchResponse(trace_id=result.trace_id, cached=result.cached)
+    for detection in result.detections:
+        found = detection.found
+        out = response.detections.add(label=found.label, score=found.score)
+        out.box.x_min, out.box.y_min, out.box.x_max, out.box.y_max = found.box
+        for match in detection.matches:
+            out.matches.add(item_id=match.item_id, score=match.score, shard=match.shard,
+                            attributes=match.attributes)  # fmt: skip
+    response.coverage.shards_expected = result.shards_expected
+    response.coverage.shards_answered = result.shards_answered
+    response.coverage.missing_shards.extend(result.missing_shards)
+    response.versions.update(result.versions)
+    return response
