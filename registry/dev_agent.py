@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
@@ -36,9 +36,9 @@ from meshserve.registry.dev_state import (
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 MAX_BODY = 1024 * 1024  # request bodies larger than this get 413
 MAX_IN_FLIGHT = 8192  # requests (mostly parked blocking queries) before 429
+HEALTH_CACHE_SIZE = 512  # rendered /v1/health/service answers kept (keyed by index)
 LEADER = "127.0.0.1:8300"
 VERSION = "1.20.0"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -68,6 +68,7 @@ class DevAgent:
         self.state = state
         self.persister = persister
         self.in_flight = 0
+        self._health_cache: dict[tuple[Any, ...], tuple[bytes, bool]] = {}
 
     # ---- plumbing ------------------------------------------------------------------------------
 
@@ -175,13 +176,15 @@ class DevAgent:
         else:
             self._require_write(request, "node:write", self.state.node.name)
 
+    def _indexed_body(self, body: bytes, index: int) -> web.Response:
+        resp = web.Response(body=body, content_type="application/json")
+        _index_headers(resp, index)
+        return resp
+
     def _indexed(self, data: Any, index: int, filtered: bool = False,
                  status: int = 200) -> web.Response:
         resp = web.json_response(data, status=status, dumps=_dumps)
-        resp.headers["X-Consul-Index"] = str(max(1, index))
-        resp.headers["X-Consul-KnownLeader"] = "true"
-        resp.headers["X-Consul-LastContact"] = "0"
-        resp.headers["X-Consul-Effective-Consistency"] = "leader"
+        _index_headers(resp, index)
         if filtered:
             resp.headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
         return resp
@@ -200,11 +203,11 @@ class DevAgent:
         if self.persister is not None:
             await self.persister.flush()
 
-    async def _block(self, request: web.Request, compute: Callable[[], tuple[int, T]],
+    async def _block(self, request: web.Request, index_of: Callable[[], int],
                      topics: tuple[Hashable, ...] = (),
-                     kv_prefix: Callable[[], str | None] | None = None) -> tuple[int, T]:
+                     kv_prefix: Callable[[], str | None] | None = None) -> int:
         min_index, wait = _blocking_params(request)
-        return await block_until_changed(self.state.notifier, compute, min_index, wait,
+        return await block_until_changed(self.state.notifier, index_of, min_index, wait,
                                          topics, kv_prefix)
 
     # ---- status and agent ----------------------------------------------------------------------
@@ -298,7 +301,7 @@ class DevAgent:
     async def check_register(self, request: web.Request) -> web.Response:
         body = await self._body_json(request)
         check = parse_check(body, "")
-        if not check.check_id:
+        if not check.name:
             raise BadRequest("Missing check name")
         self._require_write(request, "node:write", self.state.node.name)
         self.state.register_check(check)
@@ -340,33 +343,43 @@ class DevAgent:
         name = request.match_info["name"]
         readable = self._can_read(request)
         passing = _bool_param(request, "passing")
-        tags = [t.lower() for t in request.query.getall("tag", [])]
+        tags = tuple(t.lower() for t in request.query.getall("tag", []))
+        expr = request.query.get("filter", "")
         match = _filter_param(request)
-        index, entries = await self._block(request, lambda: self.state.health(name),
-                                           topics=(("svc", name),))
-        node, services = self.state.node, self.state.services
-        out = []
-        for entry in entries:
-            if passing and any(c.status != "passing" for c in entry.checks):
-                continue
-            own_tags = {t.lower() for t in entry.service.definition.tags}
-            if any(t not in own_tags for t in tags):
-                continue
-            item = dev_render.health_entry_json(entry, node, services)
-            if match(item):
-                out.append(item)
+        index = await self._block(request, lambda: self.state.health_index(name),
+                                  topics=(("svc", name),))
+        # Many watchers of one service wake together on one change: render that answer once.
+        key = (name, index, passing, tags, expr)
+        cached = self._health_cache.get(key)
+        if cached is None:
+            _, entries = self.state.health(name)
+            node, services = self.state.node, self.state.services
+            out = []
+            for entry in entries:
+                if passing and any(c.status != "passing" for c in entry.checks):
+                    continue
+                own_tags = {t.lower() for t in entry.service.definition.tags}
+                if any(t not in own_tags for t in tags):
+                    continue
+                item = dev_render.health_entry_json(entry, node, services)
+                if match(item):
+                    out.append(item)
+            if len(self._health_cache) >= HEALTH_CACHE_SIZE:
+                self._health_cache.clear()
+            cached = self._health_cache[key] = (_dumps(out).encode(), bool(out))
+        body, nonempty = cached
         if not readable:
-            return self._indexed([], index, filtered=bool(out))
-        return self._indexed(out, index)
+            return self._indexed([], index, filtered=nonempty)
+        return self._indexed_body(body, index)
 
     async def health_checks(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         readable = self._can_read(request)
         match = _filter_param(request)
-        index, entries = await self._block(request, lambda: self.state.health(name),
-                                           topics=(("svc", name),))
+        index = await self._block(request, lambda: self.state.health_index(name),
+                                  topics=(("svc", name),))
         out = []
-        for entry in entries:
+        for entry in self.state.health(name)[1]:
             for check in entry.checks:
                 if check.service_id:
                     item = dev_render.check_json(check, self.state.node, self.state.services)
@@ -378,8 +391,9 @@ class DevAgent:
 
     async def catalog_services(self, request: web.Request) -> web.Response:
         readable = self._can_read(request)
-        index, services = await self._block(request, self.state.catalog_services,
-                                            topics=(CATALOG_TOPIC,))
+        await self._block(request, lambda: self.state.catalog_services()[0],
+                          topics=(CATALOG_TOPIC,))
+        index, services = self.state.catalog_services()
         if not readable:
             return self._indexed({}, index, filtered=bool(services))
         return self._indexed(services, index)
@@ -389,10 +403,10 @@ class DevAgent:
         readable = self._can_read(request)
         tags = [t.lower() for t in request.query.getall("tag", [])]
         match = _filter_param(request)
-        index, entries = await self._block(request, lambda: self.state.health(name),
-                                           topics=(("svc", name),))
+        index = await self._block(request, lambda: self.state.health_index(name),
+                                  topics=(("svc", name),))
         out = []
-        for entry in entries:
+        for entry in self.state.health(name)[1]:
             own_tags = {t.lower() for t in entry.service.definition.tags}
             if any(t not in own_tags for t in tags):
                 continue
@@ -410,8 +424,8 @@ class DevAgent:
         query = request.query
         readable = self._can_read(request)
         if "keys" in query or "recurse" in query:
-            index, entries = await self._block(
-                request, lambda: self.state.kv_list(key), kv_prefix=lambda: key)
+            await self._block(request, lambda: self.state.kv_list(key)[0], kv_prefix=lambda: key)
+            index, entries = self.state.kv_list(key)
             filtered = not readable and bool(entries)
             if not readable:
                 entries = []
@@ -425,9 +439,9 @@ class DevAgent:
             return self._indexed([dev_render.kv_json(e) for e in entries], index, filtered)
         if not readable:
             raise BadRequest("Permission denied", status=403)
-        index, entry = await self._block(
-            request, lambda: self.state.kv_get(key),
-            kv_prefix=lambda: key if key in self.state.kv else "")
+        await self._block(request, lambda: self.state.kv_get(key)[0],
+                          kv_prefix=lambda: key if key in self.state.kv else "")
+        index, entry = self.state.kv_get(key)
         if entry is None:
             return self._indexed(None, index, status=404)
         if "raw" in query:
@@ -467,6 +481,13 @@ class DevAgent:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+
+def _index_headers(resp: web.Response, index: int) -> None:
+    resp.headers["X-Consul-Index"] = str(max(1, index))
+    resp.headers["X-Consul-KnownLeader"] = "true"
+    resp.headers["X-Consul-LastContact"] = "0"
+    resp.headers["X-Consul-Effective-Consistency"] = "leader"
 
 
 def _dumps(data: Any) -> str:
@@ -584,8 +605,9 @@ async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None)
     state.start_listeners()
     reaper = asyncio.get_running_loop().create_task(checks.reaper(config.reap_interval))
     agent = DevAgent(config, state, persister)
+    # handler_cancellation: a watcher that hangs up stops holding a parked blocking query.
     runner = web.AppRunner(agent.app(), access_log=None, handle_signals=False,
-                           shutdown_timeout=1.0)
+                           shutdown_timeout=1.0, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     await site.start()

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Callable, Hashable
-from typing import TypeVar
-
-T = TypeVar("T")
 
 DEFAULT_WAIT_S = 300.0  # Consul's default blocking wait
 MAX_WAIT_S = 600.0  # Consul's cap
@@ -72,32 +68,38 @@ def blocking_timeout(wait_s: float | None) -> float:
 
 async def block_until_changed(
     notifier: Notifier,
-    compute: Callable[[], tuple[int, T]],
+    index_of: Callable[[], int],
     min_index: int,
     wait_s: float | None,
     topics: tuple[Hashable, ...] = (),
     kv_prefix: Callable[[], str | None] | None = None,
-) -> tuple[int, T]:
-    """Run `compute` until its index exceeds `min_index` or the wait runs out.
+) -> int:
+    """Wait until `index_of()` exceeds `min_index` or the wait runs out; return the index.
 
-    `compute` returns (index, result) and must not await, so nothing can change between
-    computing and registering the waiter.
+    The caller builds its answer right after this returns, without awaiting in between, so
+    the answer matches the index.
     """
-    index, result = compute()
+    index = index_of()
     if min_index <= 0 or index > min_index:
-        return index, result
-    deadline = time.monotonic() + blocking_timeout(wait_s)
+        return index
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + blocking_timeout(wait_s)
     while index <= min_index:
-        remaining = deadline - time.monotonic()
+        remaining = deadline - loop.time()
         if remaining <= 0:
             break
         prefix = kv_prefix() if kv_prefix else None
         fut = notifier.waiter(topics, prefix)
+        timer = loop.call_later(remaining, _expire, fut)
         try:
-            await asyncio.wait_for(fut, remaining)
-        except TimeoutError:
-            pass
+            await fut
         finally:
+            timer.cancel()
             notifier.forget(fut, topics, prefix)
-        index, result = compute()
-    return index, result
+        index = index_of()
+    return index
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

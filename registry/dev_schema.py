@@ -334,8 +334,9 @@ def parse_check(raw: Any, path: str, service_id: str = "", default_id: str = "",
                 f"Invalid check: {unsupported} checks are not supported by the meshserve dev agent "
                 "(it runs TTL, HTTP, TCP and gRPC checks)"
             )
-    check_id = as_str(f.get("CheckID"), f"{path}.CheckID") or default_id
-    name = as_str(f.get("Name"), f"{path}.Name") or default_name or check_id
+    name = as_str(f.get("Name"), f"{path}.Name") or default_name
+    check_id = as_str(f.get("CheckID"), f"{path}.CheckID") or default_id or name
+    name = name or check_id
     status = as_str(f.get("Status"), f"{path}.Status")
     if status and status not in STATUSES:
         raise BadRequest("Invalid check: Status for checks must 'passing', 'warning', 'critical'")
