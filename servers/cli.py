@@ -37,6 +37,26 @@ KINDS: dict[str, Kind] = {
         "nearest-neighbour search over one index shard (--shard DIR)",
         "meshserve-indexer",
     ),
+    "detector": Kind(
+        "meshserve.servers.detector",
+        "product boxes, labels and scores for one encoded image per row (--model DIR)",
+        "meshserve-detector",
+    ),
+    "embedder": Kind(
+        "meshserve.servers.embedder",
+        "one L2-normalised vector per box of an encoded image (--model DIR)",
+        "meshserve-embedder",
+    ),
+    "classifier": Kind(
+        "meshserve.servers.classifier",
+        "one listing-policy classifier, e.g. counterfeit (--model NAME|DIR)",
+        "meshserve-classifier",
+    ),
+    "shipping": Kind(
+        "meshserve.servers.shipping",
+        "shipping-size estimator, k-nearest neighbours over past listings (--model DIR)",
+        "meshserve-shipping",
+    ),
 }
 
 _COMMON_HELP = """
