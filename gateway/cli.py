@@ -58,6 +58,32 @@ def add_commands(subparsers: Any) -> None:
                         help="also draw the query, its boxes and top matches into this PNG")
     search.set_defaults(func=_search)
 
+    status = subparsers.add_parser(
+        "status", help="services, replicas, health, versions, shards and coverage",
+        description="Read the mesh from the registry (works against real Consul too).",
+        epilog=_ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    status.add_argument("--consul", help="Consul HTTP address (default: $CONSUL_HTTP_ADDR)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from meshserve.errors import MeshError
+    from meshserve.gateway.status import read_status, render
+    from meshserve.registry.config import RegistryConfig
+
+    try:
+        status = asyncio.run(read_status(RegistryConfig.from_env(http_addr=args.consul)))
+    except (MeshError, ValueError) as exc:
+        print(f"meshserve status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else render(status))
+    return 0
+
 
 def _gateway(args: argparse.Namespace) -> int:
     import asyncio

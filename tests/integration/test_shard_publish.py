@@ -61,7 +61,7 @@ def test_publish_list_retire_and_reap(start_dev_agent, home: Path, tmp_path: Pat
     shard_dirs = make_shards(tmp_path, 3)
     for shard_dir in shard_dirs:
         done = cli(home, "shard", "publish", str(shard_dir), "--consul", agent.http_addr,
-                   "--check-interval", "1", "--deregister-after", "3")
+                   "--check-interval", "1", "--deregister-after", "6")
         assert done.returncode == 0, done.stderr
         assert f"published shard {shard_dir.name} of catalogue" in done.stdout
 
@@ -72,6 +72,8 @@ def test_publish_list_retire_and_reap(start_dev_agent, home: Path, tmp_path: Pat
         assert meta["embedder_version"] == "emb-1" and meta["count"] == "100" and meta["dim"] == "8"
         assert meta["generation"] == "3" and meta["role"] == "indexer" and meta["index"] == "catalogue"
 
+    status = cli(home, "status", "--consul", agent.http_addr)
+    assert status.returncode == 0 and "coverage 1.00" in status.stdout, status.stderr
     listed = json.loads(cli(home, "shard", "list", "--json", "--consul", agent.http_addr).stdout)
     assert [(row["shard"], row["status"]) for row in listed] == [
         ("day-0", "passing"), ("day-1", "passing"), ("day-2", "passing")]
@@ -109,8 +111,14 @@ def test_publish_list_retire_and_reap(start_dev_agent, home: Path, tmp_path: Pat
 
     wait_until(lambda: day2_status() == "critical", timeout=5, what="day-2 critical")
     assert time.monotonic() - killed < 1.0 + 1.0 + 0.5  # interval + timeout + scheduling slack
+
+    status = json.loads(cli(home, "status", "--json", "--consul", agent.http_addr).stdout)
+    [shard_set] = status["shard_sets"]
+    assert shard_set["embedder_version"] == "emb-1" and shard_set["coverage"] == 0.5
+    assert shard_set["shards"]["day-2"] == {"passing": 0, "registered": 1, "items": 100}
+    assert {r["status"] for r in status["services"]["indexer"]} == {"passing", "critical"}
     wait_until(lambda: "day-2" not in {e["Service"]["Meta"]["shard"] for e in indexer_entries(agent)},
-               timeout=10, what="day-2 reaped")  # fmt: skip
+               timeout=15, what="day-2 reaped")  # fmt: skip
     assert [e["Service"]["Meta"]["shard"] for e in indexer_entries(agent, passing=True)] == ["day-0"]
 
 

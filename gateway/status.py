@@ -1,0 +1,88 @@
+"""`meshserve status`: the mesh at a glance, read from the registry (Consul or the dev agent)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from meshserve.gateway.discovery import Registered, registered_from_health
+from meshserve.gateway.policy import default_policies
+from meshserve.registry.client import RegistryClient
+from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
+from meshserve.registry.consul_http import translate_errors
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    id: str
+    target: str
+    status: str
+    version: str
+    meta: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    index: str
+    embedder_version: str
+    shards: dict[str, dict[str, int]]  # shard → {"passing": n, "registered": n, "items": n}
+
+    @property
+    def coverage(self) -> float:
+        return sum(1 for s in self.shards.values() if s["passing"]) / len(self.shards) if self.shards else 0.0
+
+
+async def read_status(config: RegistryConfig) -> dict[str, Any]:
+    services: dict[str, list[ReplicaStatus]] = {}
+    registered: dict[str, tuple[Registered, ...]] = {}
+    async with RegistryClient(config) as client:
+        for role, name in SERVICE_NAMES.items():
+            with translate_errors(f"read {name}", config):
+                _, entries = await client.consul.health.service(name)
+            registered[role] = registered_from_health(entries)
+    for role, found in registered.items():
+        services[role] = [ReplicaStatus(r.instance.id, r.instance.target, r.status,
+                                        r.instance.meta.get("version", ""), dict(r.instance.meta))
+                          for r in found]  # fmt: skip
+    groups: dict[tuple[str, str], dict[str, dict[str, int]]] = defaultdict(dict)
+    for r in registered["indexer"]:
+        meta = r.instance.meta
+        shard = groups[(meta.get("index", ""), meta.get("embedder_version", ""))].setdefault(
+            meta.get("shard", ""), {"passing": 0, "registered": 0, "items": int(meta.get("count", "0") or 0)})
+        shard["registered"] += 1
+        shard["passing"] += int(r.passing)
+    shard_sets = [ShardSet(index, version, dict(sorted(shards.items())))
+                  for (index, version), shards in sorted(groups.items())]  # fmt: skip
+    return {
+        "registry": config.http_addr,
+        "services": {role: [asdict(r) for r in replicas] for role, replicas in services.items()},
+        "shard_sets": [{**asdict(s), "coverage": round(s.coverage, 4)} for s in shard_sets],
+        "policies": {role: p.describe() for role, p in default_policies().items()},
+    }
+
+
+def render(status: dict[str, Any]) -> str:
+    lines = [f"registry {status['registry']}", ""]
+    lines.append(f"{'SERVICE':<12} {'STATUS':<9} {'VERSION':<22} {'TARGET':<22} ID")
+    for role, replicas in status["services"].items():
+        if not replicas:
+            lines.append(f"{role:<12} {'-':<9} {'':<22} {'':<22} (none registered)")
+        for r in replicas:
+            lines.append(f"{role:<12} {r['status']:<9} {r['version']:<22} {r['target']:<22} {r['id']}")
+    lines.append("")
+    if not status["shard_sets"]:
+        lines.append("no shards registered")
+    for shard_set in status["shard_sets"]:
+        lines.append(f"index {shard_set['index']} · embedder {shard_set['embedder_version']} · "
+                     f"coverage {shard_set['coverage']:.2f}")  # fmt: skip
+        for shard, counts in shard_set["shards"].items():
+            state = "ok" if counts["passing"] else "MISSING"
+            lines.append(f"  {shard:<16} {counts['passing']}/{counts['registered']} passing  "
+                         f"{counts['items']:>6} items  {state}")  # fmt: skip
+    lines.append("")
+    lines.append("call policies")
+    for role, policy in status["policies"].items():
+        described = ", ".join(f"{k}={v}" for k, v in policy.items())
+        lines.append(f"  {role:<11} {described}")
+    return "\n".join(lines)
