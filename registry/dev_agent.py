@@ -589,11 +589,18 @@ def _node_info(config: AgentConfig, node_id: str) -> NodeInfo:
 
 async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None) -> None:
     """Run the dev agent until SIGTERM/SIGINT; state is saved on the way out."""
+    if config.data_dir is not None:
+        dev_persist.lock(config.data_dir)  # released when the process exits
     snapshot = dev_persist.load(config.data_dir) if config.data_dir else None
-    node_id = snapshot["node_id"] if snapshot else str(uuid.uuid4())
-    state = DevState(_node_info(config, node_id), min_deregister_after=config.min_deregister_after)
+    node_id = str(snapshot.get("node_id", "")) if snapshot else ""
+    state = DevState(_node_info(config, node_id or str(uuid.uuid4())),
+                     min_deregister_after=config.min_deregister_after)
     if snapshot:
-        state.restore(snapshot)
+        try:
+            state.restore(snapshot)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SystemExit(f"the dev agent state in {config.data_dir} is damaged ({exc!r}); "
+                             "move it away to start empty") from exc
     persister = None
     if config.data_dir is not None:
         persister = dev_persist.Persister(config.data_dir, state.snapshot)

@@ -37,12 +37,34 @@ def _write_atomic_locked(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+LOCK_FILE = "meshserve-dev-agent.lock"
+
+
+def lock(data_dir: Path) -> int:
+    """Hold the data dir for this process: two agents writing one state would lose updates."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SystemExit(
+            f"{data_dir} is in use by another dev agent; give each its own --data-dir"
+        ) from None
+    return fd
+
+
 def load(data_dir: Path) -> dict[str, Any] | None:
     path = data_dir / STATE_FILE
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_bytes())
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or data.get("version") != 1:
+            raise ValueError("not a version 1 dev agent state")
+        return data
     except (OSError, ValueError) as exc:
         raise SystemExit(
             f"cannot read the dev agent state {path}: {exc}; move it away to start empty"

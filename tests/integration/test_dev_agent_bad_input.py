@@ -168,3 +168,19 @@ def test_kv_and_routing_oddities(base: str) -> None:
                          timeout=5).status_code == 405
     assert_4xx(requests.get(f"{base}/v1/health/service/web?dc=elsewhere", timeout=5), 500,
                "No path to datacenter")
+
+
+def test_protocol_abuse_gets_400_and_the_agent_survives(agent: Agent, base: str) -> None:
+    import socket
+
+    resp = requests.get(f"{base}/v1/kv/{'a' * 20000}", timeout=5)
+    assert resp.status_code in (400, 414), resp.status_code
+    resp = requests.put(f"{base}/v1/kv/x", data=b"1", timeout=5,
+                        headers={f"X-H{i}": "v" * 100 for i in range(200)})
+    assert resp.status_code in (400, 431), resp.status_code
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=5) as sock:
+        sock.sendall(b"\x00\xff garbage\r\n\r\n")
+        assert sock.recv(64).startswith(b"HTTP/1.")  # an answer (400), not a hang
+    resp = requests.put(f"{base}/v1/agent/service/register", timeout=5,
+                        data=b'{"Name": "x", "Meta": {"a": "\xff\xfe"}}')
+    assert_4xx(resp, 400, "Request decode failed")

@@ -218,3 +218,26 @@ def test_in_memory_by_default(tmp_path: Path) -> None:
         assert list(tmp_path.glob("*.json")) == []
     finally:
         agent.proc.stop()
+
+
+def test_damaged_or_shared_data_dir_is_refused_with_a_reason(tmp_path: Path) -> None:
+    from tests.support import ManagedProcess, free_port, meshserve_argv
+
+    data = tmp_path / "data"
+    agent = start_agent(tmp_path, "--data-dir", str(data), *FAST_FLAGS)
+    try:
+        second = ManagedProcess(meshserve_argv("registry", "dev", "--http-addr",
+                                               f"127.0.0.1:{free_port()}", "--data-dir", str(data)),
+                                tmp_path / "second.log")
+        assert second.wait(20) != 0
+        assert "in use by another dev agent" in second.output()
+        second.stop()
+    finally:
+        agent.proc.stop()
+    (data / "meshserve-dev-agent.json").write_text('{"version": 1, "index": "oops"}')
+    broken = ManagedProcess(meshserve_argv("registry", "dev", "--http-addr",
+                                           f"127.0.0.1:{free_port()}", "--data-dir", str(data)),
+                            tmp_path / "broken.log")
+    assert broken.wait(20) != 0
+    assert "damaged" in broken.output() and "move it away" in broken.output()
+    broken.stop()
