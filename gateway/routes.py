@@ -43,12 +43,12 @@ class SearchRoute:
     stale: bool
 
 
-def _version_key(version: str) -> tuple[int, ...] | tuple[str]:
-    """Newest-first ordering of versions: numeric parts compared as numbers when they all are."""
+def _version_key(version: str) -> tuple[int, tuple[int, ...] | str]:
+    """Order of versions: all-numeric ones (timestamps, 1.2.3) by number, others by text after them."""
     parts = version.replace("-", ".").split(".")
     if all(p.isdigit() for p in parts):
-        return tuple(int(p) for p in parts)
-    return (version,)
+        return (0, tuple(int(p) for p in parts))
+    return (1, version)
 
 
 class RouteTable:
