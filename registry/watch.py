@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType, TracebackType
 from typing import Any, Generic, TypeVar
@@ -121,8 +121,134 @@ def backoff_delay(attempt: int, initial: float, cap: float) -> float:
 _EXPECTED = (consul.ConsulException, aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 
+class _Feed:
+    """One blocking-query loop against one endpoint, fanned out to every watch on it.
+
+    Watches of the same target with the same settings in one event loop share a feed, so
+    N watches cost Consul one blocking query, and each answer is decoded once.
+    """
+
+    def __init__(self, key: Hashable, first: _BlockingWatch[Any, Any]):
+        self.key = key
+        self.kind, self.target = first.kind, first.target
+        self.config, self.watch_config = first.config, first.watch_config
+        self.path, self.extra = first._request()
+        self.parse = first._parse
+        self.watches: list[_BlockingWatch[Any, Any]] = []
+        self.index = 0
+        self.value: Any = None
+        self.ready = False
+        self.error: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._consul: AsyncConsul | None = None
+        self._bucket = _TokenBucket(self.watch_config.rate_per_s, self.watch_config.burst)
+        self._errors = watch_metrics.WATCH_ERRORS.labels(self.kind, self.target)
+
+    async def join(self, watch: _BlockingWatch[Any, Any]) -> None:
+        self.watches.append(watch)
+        if self._task is None:
+            self._consul = open_consul(self.config)
+            self._task = asyncio.create_task(self._run(), name=f"{self.kind}:{self.target}")
+            return
+        if self.ready:  # a latecomer starts from what the feed already knows
+            await watch._publish_answer(self.value, self.index)
+        if self.error is not None:
+            await watch._mark_stale(self.error)
+
+    async def leave(self, watch: _BlockingWatch[Any, Any]) -> None:
+        if watch in self.watches:
+            self.watches.remove(watch)
+        if self.watches:
+            return
+        if _FEEDS.get(self.key) is self:
+            del _FEEDS[self.key]
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._consul is not None:
+            await self._consul.close()
+            self._consul = None
+
+    async def _query(self, params: list[tuple[str, Any]]) -> tuple[int, Any]:
+        # Through py-consul's HTTP layer rather than health.service()/kv.get(): those do not
+        # take a consistency mode (health) and always decode; the raw body lets identical
+        # answers skip decoding (see _ParseCache).
+        assert self._consul is not None
+        raw_index, body = await self._consul.http.get(
+            _raw_answer,
+            self.path,
+            params=[*params, *self.extra],
+            headers=self._consul.prepare_headers(),
+        )
+        return _index_of(raw_index), _PARSED.get(self.kind, body, self.parse)
+
+    async def _run(self) -> None:
+        cfg = self.watch_config
+        failures = 0
+        while True:
+            await self._bucket.take()
+            params: list[tuple[str, Any]] = []
+            if self.index > 0:
+                params += [("index", self.index), ("wait", go_duration(cfg.wait_s))]
+            if cfg.consistency != "default":
+                params.append((cfg.consistency, "1"))
+            # Consul may hold a blocking query up to wait + wait/16 (jitter) before answering.
+            budget = self.config.request_timeout_s
+            if self.index > 0:
+                budget += cfg.wait_s * 17 / 16
+            try:
+                async with asyncio.timeout(budget):
+                    new_index, value = await self._query(params)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the watch must outlive any failure
+                failures += 1
+                await self._failed(exc)
+                # After an outage, re-read without blocking: that both clears `stale` at
+                # once and picks up whatever changed while the agent was away.
+                self.index = 0
+                delay = backoff_delay(failures, cfg.backoff_initial_s, cfg.backoff_max_s)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            if new_index < 1:
+                # Consul promises indexes > 0; a 0 would make the next query return at
+                # once forever, so treat it as unknown (the token bucket bounds the loop).
+                new_index = 0
+            elif new_index < self.index:
+                # Index went backwards (agent restarted without state, stale follower,
+                # snapshot restore): start over from a fresh non-blocking read.
+                log.info("%s %s: index went back %s → %s; resetting",
+                         self.kind, self.target, self.index, new_index)  # fmt: skip
+                new_index = 0
+            if self.error is not None:
+                log.info("%s %s: Consul answers again; reconciled", self.kind, self.target)
+            self.index, self.value, self.ready, self.error = new_index, value, True, None
+            for watch in list(self.watches):
+                await watch._publish_answer(value, new_index)
+
+    async def _failed(self, exc: BaseException) -> None:
+        self._errors.inc()
+        if not isinstance(exc, _EXPECTED):
+            log.error("%s %s: unexpected failure", self.kind, self.target, exc_info=exc)
+        elif self.error is None:
+            log.warning("%s %s: Consul at %s unreachable (%s: %s); serving the last known result",
+                        self.kind, self.target, self.config.http_addr, type(exc).__name__, exc)  # fmt: skip
+        self.error = exc
+        for watch in list(self.watches):
+            await watch._mark_stale(exc)
+
+
+# Live feeds by (event loop, endpoint, settings); a feed leaves when its last watch stops.
+_FEEDS: dict[Hashable, _Feed] = {}
+
+
 class _BlockingWatch(Generic[S, V]):
-    """The loop shared by both watches: blocking query, index rules, backoff, staleness."""
+    """What both watches share: snapshots, staleness, waiting, callbacks; the loop is a _Feed."""
 
     kind = "watch"
 
@@ -132,10 +258,12 @@ class _BlockingWatch(Generic[S, V]):
         target: str,
         watch_config: WatchConfig | None = None,
         on_change: OnChange | None = None,
+        share: bool = True,
     ):
         self.config = config
         self.target = target
         self.watch_config = watch_config or WatchConfig()
+        self.share = share
         self._on_change = on_change
         self._snapshot: S = self._make(
             target=target,
@@ -148,11 +276,8 @@ class _BlockingWatch(Generic[S, V]):
             last_contact=None,
         )
         self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._consul: AsyncConsul | None = None
+        self._feed: _Feed | None = None
         self._last_ok_monotonic = time.monotonic()
-        self._bucket = _TokenBucket(self.watch_config.rate_per_s, self.watch_config.burst)
-        self._errors = watch_metrics.WATCH_ERRORS.labels(self.kind, target)
         self._changes = watch_metrics.WATCH_CHANGES.labels(self.kind, target)
 
     # --- what subclasses define ---------------------------------------------------------
@@ -170,17 +295,6 @@ class _BlockingWatch(Generic[S, V]):
     def _parse(self, data: Any) -> V:
         """Decoded JSON (None for a 404) → the immutable value readers get."""
         raise NotImplementedError
-
-    async def _query(self, client: AsyncConsul, params: list[tuple[str, Any]]) -> tuple[int, V]:
-        # Through py-consul's HTTP layer rather than health.service()/kv.get(): those do not
-        # take a consistency mode (health) and always decode; the raw body lets identical
-        # answers skip decoding (see _ParseCache).
-        path, extra = self._request()
-        raw_index, body = await client.http.get(
-            _raw_answer, path, params=[*params, *extra], headers=client.prepare_headers()
-        )
-        index = _index_of(raw_index)
-        return index, _PARSED.get(self.kind, body, self._parse)
 
     # --- public surface -----------------------------------------------------------------
 
@@ -204,29 +318,37 @@ class _BlockingWatch(Generic[S, V]):
         return len(self._snapshot.value)  # type: ignore[arg-type]
 
     async def start(self, first_answer_timeout: float | None = None) -> None:
-        """Start the loop and wait (bounded) for the first attempt, answered or failed."""
-        if self._task is not None:
+        """Join (or start) the feed and wait, bounded, for a first answer or failure."""
+        if self._feed is not None:
             return
-        self._consul = open_consul(self.config)
+        path, extra = self._request()
+        key: Hashable = (
+            id(asyncio.get_running_loop()),
+            self.kind,
+            path,
+            tuple(extra),
+            self.config,
+            self.watch_config,
+            None if self.share else id(self),
+        )
+        feed = _FEEDS.get(key)
+        if feed is None:
+            feed = _FEEDS[key] = _Feed(key, self)
+        self._feed = feed
         watch_metrics.track(self.kind, self.target, self)
-        self._task = asyncio.create_task(self._run(), name=f"{self.kind}:{self.target}")
-        timeout = self.config.request_timeout_s if first_answer_timeout is None else first_answer_timeout
+        await feed.join(self)
+        timeout = self.config.request_timeout_s
+        if first_answer_timeout is not None:
+            timeout = first_answer_timeout
         try:
             await self.wait_for_change(timeout=timeout, since=0)
         except TimeoutError:
-            pass  # still stale/not ready; the loop keeps trying
+            pass  # still stale/not ready; the feed keeps trying
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        if self._consul is not None:
-            await self._consul.close()
-            self._consul = None
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            await feed.leave(self)
         watch_metrics.untrack(self.kind, self.target, self)
 
     async def __aenter__(self: Any) -> Any:
@@ -271,70 +393,14 @@ class _BlockingWatch(Generic[S, V]):
     def __aiter__(self) -> AsyncIterator[S]:
         return self.updates()
 
-    # --- the loop -----------------------------------------------------------------------
-
-    async def _run(self) -> None:
-        cfg = self.watch_config
-        index = 0
-        failures = 0
-        while True:
-            await self._bucket.take()
-            params: list[tuple[str, Any]] = []
-            if index > 0:
-                params += [("index", index), ("wait", go_duration(cfg.wait_s))]
-            if cfg.consistency != "default":
-                params.append((cfg.consistency, "1"))
-            # Consul may hold a blocking query up to wait + wait/16 (jitter) before answering.
-            budget = self.config.request_timeout_s + (cfg.wait_s * 17 / 16 if index > 0 else 0)
-            try:
-                assert self._consul is not None
-                async with asyncio.timeout(budget):
-                    new_index, value = await self._query(self._consul, params)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the watch must outlive any failure
-                failures += 1
-                if not isinstance(exc, _EXPECTED):
-                    log.exception("%s %s: unexpected failure", self.kind, self.target)
-                await self._mark_stale(exc)
-                # After an outage, re-read without blocking: that both clears `stale` at
-                # once and picks up whatever changed while the agent was away.
-                index = 0
-                await asyncio.sleep(backoff_delay(failures, cfg.backoff_initial_s, cfg.backoff_max_s))
-                continue
-            failures = 0
-            if new_index < 1:
-                # Consul promises indexes > 0; a 0 would make the next query return at
-                # once forever, so treat it as unknown (the token bucket bounds the loop).
-                new_index = 0
-            elif new_index < index:
-                # Index went backwards (agent restarted without state, stale follower,
-                # snapshot restore): start over from a fresh non-blocking read.
-                log.info(
-                    "%s %s: index went back %s → %s; resetting",
-                    self.kind,
-                    self.target,
-                    index,
-                    new_index,
-                )
-                new_index = 0
-            index = new_index
-            await self._publish_answer(value, new_index)
+    # --- fed by the _Feed ---------------------------------------------------------------
 
     async def _mark_stale(self, exc: BaseException) -> None:
-        self._errors.inc()
         error = f"{type(exc).__name__}: {exc}"
         snap = self._snapshot
         if snap.stale and snap.error is not None:
             self._snapshot = replace(snap, error=error)  # already stale: no new change
             return
-        log.warning(
-            "%s %s: Consul at %s unreachable (%s); serving the last known result",
-            self.kind,
-            self.target,
-            self.config.http_addr,
-            error,
-        )
         stale_since = snap.stale_since if snap.stale else time.time()
         await self._set(
             replace(snap, stale=True, stale_since=stale_since, error=error, version=snap.version + 1)
@@ -349,8 +415,6 @@ class _BlockingWatch(Generic[S, V]):
             # Timeout or idempotent write: nothing a reader needs to hear about.
             self._snapshot = replace(snap, index=index, last_contact=now)
             return
-        if snap.stale and snap.ready:
-            log.info("%s %s: Consul answers again; reconciled", self.kind, self.target)
         if not same:
             self._changes.inc()
         await self._set(
@@ -455,12 +519,13 @@ class ServiceWatch(_BlockingWatch[ServiceSnapshot, tuple[Instance, ...]]):
         watch_config: WatchConfig | None = None,
         on_change: Callable[[ServiceSnapshot], Awaitable[None] | None] | None = None,
         tag: str | None = None,
+        share: bool = True,
     ):
         if not service or "/" in service:
             raise InvalidInput(f"service name {service!r} must be non-empty without '/'")
         self.service = service
         self.tag = tag
-        super().__init__(config, service, watch_config, on_change)
+        super().__init__(config, service, watch_config, on_change, share)
 
     @property
     def instances(self) -> tuple[Instance, ...]:
@@ -491,11 +556,12 @@ class KVWatch(_BlockingWatch[KVSnapshot, Mapping[str, str]]):
         prefix: str,
         watch_config: WatchConfig | None = None,
         on_change: Callable[[KVSnapshot], Awaitable[None] | None] | None = None,
+        share: bool = True,
     ):
         if not isinstance(prefix, str) or prefix.startswith("/"):
             raise InvalidInput(f"KV prefix {prefix!r} must not start with '/'")
         self.prefix = prefix
-        super().__init__(config, prefix, watch_config, on_change)
+        super().__init__(config, prefix, watch_config, on_change, share)
 
     @property
     def values(self) -> Mapping[str, str]:

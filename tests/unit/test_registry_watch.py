@@ -45,6 +45,8 @@ class ScriptedConsul:
         self.headers: list[dict[str, str]] = []
         self.script: asyncio.Queue[tuple[int, int, Any]] = asyncio.Queue()
         self.arrived = asyncio.Event()
+        # When set, non-blocking reads (no index) get this at once instead of a scripted turn.
+        self.current: tuple[int, Any] | None = None
 
     def answer(self, index: int, body: Any, status: int = 200) -> None:
         self.script.put_nowait((status, index, body))
@@ -53,7 +55,10 @@ class ScriptedConsul:
         self.requests.append(dict(request.query))
         self.headers.append(dict(request.headers))
         self.arrived.set()
-        status, index, body = await self.script.get()
+        if self.current is not None and "index" not in request.query:
+            status, (index, body) = 200, self.current
+        else:
+            status, index, body = await self.script.get()
         text = body if isinstance(body, str) else json.dumps(body)
         return web.Response(status=status, text=text, headers={"X-Consul-Index": str(index)})
 
@@ -226,3 +231,46 @@ def test_watch_config_rejects_nonsense():
         WatchConfig(wait_s=601)
     with pytest.raises(ValueError, match="consistency"):
         WatchConfig(consistency="eventual")
+
+
+async def test_watches_of_one_target_share_one_blocking_query(scripted):
+    fake, config = scripted
+    fake.answer(3, [entry("a", 1)])
+    seen: list[tuple[str, tuple[str, ...]]] = []
+    first = ServiceWatch(config, "svc", FAST, on_change=lambda s: seen.append(("1", ids(s))))
+    second = ServiceWatch(config, "svc", FAST, on_change=lambda s: seen.append(("2", ids(s))))
+    await first.start()
+    await fake.next_request(2)  # the shared feed is blocking on index 3
+    await second.start()  # joins: gets the known set at once, no new request
+    assert second.instances == first.instances and second.snapshot.ready
+    assert len(fake.requests) == 2
+    fake.answer(4, [entry("a", 1), entry("b", 2)])
+    await second.wait_for(lambda s: len(s.instances) == 2, timeout=5)
+    assert first.instances is second.instances  # decoded once, shared
+    await fake.next_request(3)
+    assert sum("index" in q for q in fake.requests) == 2  # one blocking query per round
+
+    await first.stop()  # the feed lives on for the second watch
+    fake.answer(5, "down", status=500)
+    await second.wait_for(lambda s: s.stale, timeout=5)
+    assert first.snapshot.version == 2 and not first.stale  # stopped: no longer fed
+    latecomer = ServiceWatch(config, "svc", FAST)
+    await latecomer.start(first_answer_timeout=0.5)
+    assert latecomer.stale and len(latecomer.instances) == 2  # last known set, marked stale
+    await asyncio.gather(second.stop(), latecomer.stop())
+    assert seen[:2] == [("1", ("a",)), ("2", ("a",))]
+
+
+async def test_share_false_gives_a_watch_its_own_query(scripted):
+    fake, config = scripted
+    fake.current = (3, [entry("a", 1)])
+    async with (
+        ServiceWatch(config, "svc", FAST) as shared,
+        ServiceWatch(config, "svc", FAST, share=False) as private,
+    ):
+        assert shared.instances == private.instances and private.snapshot.ready
+        assert sum("index" not in q for q in fake.requests) == 2
+
+
+def ids(snap: Any) -> tuple[str, ...]:
+    return tuple(i.id for i in snap.instances)
