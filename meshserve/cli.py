@@ -16,6 +16,7 @@ ROOM_COMMANDS = (
     "meshserve.servers.cli",  # serve <kind>
     "meshserve.training.cli",  # catalog, train
     "meshserve.training.shard_cli",  # shard build|publish|retire|list
+    "meshserve.training.train_cli",  # train
     "meshserve.gateway.cli",  # gateway, search, status
     "meshserve.local.cli",  # up, demo, worker, bench
     "meshserve.health_cli",  # health HOST:PORT
