@@ -1,0 +1,131 @@
+"""The `embedder` kind: one L2-normalised vector per box of an encoded image.
+
+Predict(image bytes [N], boxes f32 [N, M, 4] pixels x_min y_min x_max y_max of the upright
+image) → embeddings f32 [N, M, D]. The image travels once for all its boxes. Boxes partly
+outside the image are clipped; degenerate or wholly-outside boxes and undecodable images are
+INVALID_ARGUMENT naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from meshserve.servers.images import DEFAULT_LIMITS, ImageLimits, clip_boxes, decode_image
+from meshserve.servers.model import BYTES, Arrays, Model, Params, Signature, TensorSpec
+
+MAX_IMAGES = 16
+MAX_BOXES = 64
+
+
+def decode_rows(inputs: Arrays, limits: ImageLimits) -> list[np.ndarray]:
+    """Decode every image of a request, naming the row of a bad one."""
+    from meshserve.errors import InvalidInput
+
+    images = []
+    for i, data in enumerate(inputs["image"]):
+        if isinstance(data, np.ndarray) and data.ndim == 3:
+            images.append(data)  # decoded already by check()
+            continue
+        try:
+            images.append(decode_image(data, limits))
+        except InvalidInput as exc:
+            raise InvalidInput(f"inputs['image'][{i}]: {exc}") from None
+    return images
+
+
+def _embedder_dim(model_dir: str) -> int:
+    import json
+    from pathlib import Path
+
+    from meshserve.training.embedder import CONFIG_FILE
+
+    return int(json.loads((Path(model_dir) / CONFIG_FILE).read_text())["dim"])
+
+
+class EmbedderModel(Model):
+    role = "embedder"
+
+    def __init__(self, model_dir: str, limits: ImageLimits = DEFAULT_LIMITS):
+        from meshserve.training.artifacts import read_card
+
+        self.model_dir = model_dir
+        self.limits = limits
+        card = read_card(model_dir)
+        self.name = card.name or "embedder"
+        self.version = card.version
+        self.dim = _embedder_dim(model_dir)
+        self.embedder = None
+        self.signature = Signature(
+            inputs=(
+                TensorSpec("image", BYTES, (-1,), max_shape=(MAX_IMAGES,),
+                           max_element_bytes=limits.max_bytes, description="encoded JPEG/PNG/WebP"),
+                TensorSpec("boxes", "float32", (-1, -1, 4), max_shape=(MAX_IMAGES, MAX_BOXES, 4),
+                           description="pixel boxes x_min, y_min, x_max, y_max per image"),
+            ),
+            outputs=(
+                TensorSpec("embeddings", "float32", (-1, -1, self.dim),
+                           description="unit-length vector per box"),
+            ),
+        )  # fmt: skip
+
+    def load(self) -> None:
+        from meshserve.training.embedder import Embedder
+
+        self.embedder = Embedder.load(self.model_dir)
+        self.embedder.version = self.version
+
+    def warmup(self) -> None:
+        blank = np.full((64, 64, 3), 127, np.uint8)
+        self.predict({"image": [blank], "boxes": np.array([[[8, 8, 56, 56]]], np.float32)}, {})
+
+    def check(self, inputs: Arrays, params: Params) -> None:
+        # Decoded here, before queueing, so one bad image fails only its own request and never
+        # a batch it would have been merged into. The decoded arrays replace the bytes.
+        images = decode_rows(inputs, self.limits)
+        boxes = inputs["boxes"]
+        assert isinstance(boxes, np.ndarray)
+        clipped = np.empty_like(boxes)
+        from meshserve.errors import InvalidInput
+
+        for i, img in enumerate(images):
+            try:
+                clipped[i] = clip_boxes(boxes[i], img.shape[1], img.shape[0], limits=self.limits)
+            except InvalidInput as exc:
+                raise InvalidInput(f"inputs['boxes'][{i}]: {exc}") from None
+        inputs["image"] = images  # type: ignore[assignment]
+        inputs["boxes"] = clipped
+
+    def predict(self, inputs: Arrays, params: Params) -> Arrays:
+        assert self.embedder is not None, "load() first"
+        images = decode_rows(inputs, self.limits)
+        boxes = inputs["boxes"]
+        assert isinstance(boxes, np.ndarray)
+        vectors = self.embedder.embed(images, list(boxes))
+        return {"embeddings": vectors.reshape(boxes.shape[0], boxes.shape[1], -1)}
+
+
+def embed_in_process(embedder, image: bytes, boxes: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """What the server computes for one image, for tests and offline use: f32 [M, D]."""
+    img = decode_image(image)
+    return embedder.embed([img], [clip_boxes(boxes, img.shape[1], img.shape[0])])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        help="artifact directory models/embedder/<version> or a version id "
+        "(default: the newest under $MESHSERVE_HOME)",
+    )
+
+
+def build(args: argparse.Namespace) -> Model:
+    from meshserve.errors import MeshError
+    from meshserve.training.artifacts import resolve_model_dir
+
+    try:
+        path = resolve_model_dir("embedder", args.model)
+    except MeshError as exc:
+        raise ValueError(str(exc)) from exc
+    return EmbedderModel(str(path))
