@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -22,6 +23,7 @@ from meshserve.registry.dev_notify import block_until_changed
 from meshserve.registry.dev_schema import (
     KV_VALUE_MAX,
     BadRequest,
+    CheckDef,
     parse_check,
     parse_go_duration,
     parse_service,
@@ -156,6 +158,15 @@ class DevAgent:
                 f'"{resource}"', status=403,
             )
 
+    def _with_min_interval(self, check: CheckDef) -> CheckDef:
+        """Consul raises intervals below its minimum (and says so in its log)."""
+        floor = self.config.min_check_interval
+        if check.kind in ("http", "grpc", "tcp") and check.interval < floor:
+            log.warning("check %s has interval below minimum of %ss; using the minimum",
+                        check.check_id, floor)
+            return dataclasses.replace(check, interval=floor)
+        return check
+
     def _known_service(self, request: web.Request, service_id: str) -> Any:
         self._can_read(request)  # an unknown token is refused before anything else
         svc = self.state.services.get(service_id)
@@ -232,6 +243,7 @@ class DevAgent:
     async def service_register(self, request: web.Request) -> web.Response:
         body = await self._body_json(request)
         service, checks = parse_service(body)
+        checks = [self._with_min_interval(c) for c in checks]
         self._require_write(request, "service:write", service.name)
         # Consul's own rule: present and "" or "true"; anything else means no.
         replace = request.query.get("replace-existing-checks", None) in ("", "true")
@@ -300,7 +312,7 @@ class DevAgent:
 
     async def check_register(self, request: web.Request) -> web.Response:
         body = await self._body_json(request)
-        check = parse_check(body, "")
+        check = self._with_min_interval(parse_check(body, ""))
         if not check.name:
             raise BadRequest("Missing check name")
         self._require_write(request, "node:write", self.state.node.name)

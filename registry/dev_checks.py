@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 10.0  # Consul's default for HTTP, TCP and gRPC checks
 MAX_TIMEOUT_S = 3600.0  # longer timeouts are accepted but a probe never waits longer
 CONSUL_MIN_INTERVAL_S = 1.0  # Consul raises shorter intervals to this (checks.MinInterval)
-_GRPC_OPTIONS = [
+_GRPC_OPTIONS: list[tuple[str, str | int]] = [
     # A target that went away must be seen again soon after it returns, so reconnect quickly.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -35,6 +35,10 @@ class _ChannelKey:
     use_tls: bool
     skip_verify: bool
     server_name: str
+
+
+def _channel_key(d: CheckDef) -> _ChannelKey:
+    return _ChannelKey(d.target.partition("/")[0], d.use_tls, d.tls_skip_verify, d.tls_server_name)
 
 
 class GrpcChannelPool:
@@ -53,7 +57,7 @@ class GrpcChannelPool:
     async def _open(self, key: _ChannelKey, timeout: float) -> grpc.aio.Channel:
         if not key.use_tls:
             return grpc.aio.insecure_channel(key.hostport, options=_GRPC_OPTIONS)
-        options = list(_GRPC_OPTIONS)
+        options: list[tuple[str, str | int]] = list(_GRPC_OPTIONS)
         roots = None
         server_name = key.server_name
         if key.skip_verify:
@@ -65,6 +69,9 @@ class GrpcChannelPool:
             options.append(("grpc.ssl_target_name_override", server_name))
         creds = grpc.ssl_channel_credentials(root_certificates=roots)
         return grpc.aio.secure_channel(key.hostport, creds, options=options)
+
+    def keys(self) -> set[_ChannelKey]:
+        return set(self._channels)
 
     async def drop(self, key: _ChannelKey) -> None:
         channel = self._channels.pop(key, None)
@@ -116,6 +123,7 @@ class CheckRunner:
         self.state = state
         self.min_interval = min_interval
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks_defs: dict[str, CheckDef] = {}
         self._ttl_timers: dict[str, asyncio.TimerHandle] = {}
         self._limit = asyncio.Semaphore(max_concurrency)
         self._grpc = GrpcChannelPool()
@@ -134,14 +142,24 @@ class CheckRunner:
             self._tasks[d.check_id] = asyncio.get_running_loop().create_task(
                 self._run(d), name=f"check {d.check_id}"
             )
+            self._tasks_defs[d.check_id] = d
 
     def check_removed(self, check_id: str) -> None:
         task = self._tasks.pop(check_id, None)
         if task is not None:
             task.cancel()
+            self._tasks_defs.pop(check_id, None)
+            # Close the target's channel unless another check still uses it (decided a moment
+            # later, so that a check re-registered at once keeps its channel).
+            asyncio.get_running_loop().call_soon(self._close_unused_channels)
         timer = self._ttl_timers.pop(check_id, None)
         if timer is not None:
             timer.cancel()
+
+    def _close_unused_channels(self) -> None:
+        used = {_channel_key(d) for d in self._tasks_defs.values() if d.kind == "grpc"}
+        for key in self._grpc.keys() - used:
+            asyncio.get_running_loop().create_task(self._grpc.drop(key))
 
     # ---- running -------------------------------------------------------------------------------
 
@@ -179,8 +197,8 @@ class CheckRunner:
         return await self._probe_tcp(d, timeout)
 
     async def _probe_grpc(self, d: CheckDef, timeout: float) -> tuple[str, str]:
-        hostport, _, service = d.target.partition("/")
-        key = _ChannelKey(hostport, d.use_tls, d.tls_skip_verify, d.tls_server_name)
+        service = d.target.partition("/")[2]
+        key = _channel_key(d)
         try:
             channel = await self._grpc.get(key, timeout)
             stub = health_pb2_grpc.HealthStub(channel)

@@ -130,10 +130,11 @@ def pick_fields(obj: Any, known: dict[str, tuple[str, ...]], path: str) -> dict[
     out: dict[str, Any] = {}
     unknown: list[str] = []
     for key, value in obj.items():
-        canonical = lookup.get(_norm(str(key)))
-        if canonical is None:
+        found = lookup.get(_norm(str(key)))
+        if found is None:
             unknown.append(str(key))
             continue
+        canonical = found
         if canonical in out:
             raise decode_failed(f"'{path}' has duplicate keys for {canonical}")
         out[canonical] = value

@@ -279,14 +279,14 @@ class DevState:
         if enable:
             notes = reason or ("Maintenance mode is enabled for this node, but no reason was "
                                "provided. This is a default message.")
-            check = self._add_check(CheckDef(check_id=NODE_MAINT_ID, name="Node Maintenance Mode",
+            added = self._add_check(CheckDef(check_id=NODE_MAINT_ID, name="Node Maintenance Mode",
                                              kind="maintenance", notes=notes, status="critical"))
-            check.modify_index = idx
-            self._touch_for_check(check, idx)
+            added.modify_index = idx
+            self._touch_for_check(added, idx)
         else:
-            check = self._drop_check(NODE_MAINT_ID)
-            if check is not None:
-                self._touch_for_check(check, idx)
+            dropped = self._drop_check(NODE_MAINT_ID)
+            if dropped is not None:
+                self._touch_for_check(dropped, idx)
 
     def register_check(self, check: CheckDef) -> None:
         if check.service_id and check.service_id not in self.services:

@@ -470,3 +470,10 @@ def test_grpc_check_over_tls(c: consul.Consul, spawn, tmp_path: Path) -> None:
         wait_until(lambda s=suffix: checks_of(c, name)[f"service:{name}{s}"]["Output"], timeout=10,
                    what=f"probe of {suffix}")
         assert checks_of(c, name)[f"service:{name}{suffix}"]["Status"] == "critical"
+
+
+def test_intervals_below_the_minimum_are_raised_like_consul(c: consul.Consul) -> None:
+    name = unique("floor")
+    c.agent.service.register(name, check=consul.Check.grpc("127.0.0.1:1", "10ms"))
+    check = c.agent.checks()[f"service:{name}"]
+    assert check["Interval"] == "100ms"  # this agent runs with --min-check-interval 100ms
