@@ -8,6 +8,8 @@ Run: nice -n 10 python bench/runtime.py [--quick]
     Measured in alternating blocks so load from other processes hits both alike.
 (b) throughput at concurrency 16 of identity with a fixed per-batch cost, batching off
     (--max-batch-size 1) vs on (--max-batch-size 16): calls/s and the ratio.
+(c) refusal latency when --max-inflight is full, vs a bare grpc.aio server that refuses
+    everything, for callers arriving spaced out and all at once.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from tests.support import free_port  # noqa: E402
 PREDICT = "/meshserve.v1.PredictionService/Predict"
 ECHO = "/bench.Echo/Echo"
 ECHO_HOP = "/bench.Echo/EchoHop"
+REFUSE = "/bench.Echo/Refuse"
 
 
 # -- the baseline: a bare grpc.aio server that returns the request bytes ------------------
@@ -46,6 +49,10 @@ async def _echo_server(port: int) -> None:
     async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return request
 
+    async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+        return b""
+
     async def echo_hop(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         # the one thread hop the runtime must make (inference off the event loop), alone
         return await asyncio.get_running_loop().run_in_executor(executor, bytes.__bytes__, request)
@@ -55,6 +62,7 @@ async def _echo_server(port: int) -> None:
         {
             "Echo": grpc.unary_unary_rpc_method_handler(echo),
             "EchoHop": grpc.unary_unary_rpc_method_handler(echo_hop),
+            "Refuse": grpc.unary_unary_rpc_method_handler(refuse),
         },
     )
     limit = 16 * 1024 * 1024
@@ -220,6 +228,58 @@ async def batching(cost_ms: float, quick: bool) -> None:
           " ideal ≈ 16x (one fixed cost per batch of 16)")  # fmt: skip
 
 
+# -- (c) refusals under overload ----------------------------------------------------------
+
+
+async def _refusals(call: Callable[[], Awaitable[bytes]], callers: int, spacing_s: float) -> list[float]:
+    async def one(i: int) -> float:
+        await asyncio.sleep(i * spacing_s)
+        started = time.perf_counter()
+        try:
+            await call()
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+            return time.perf_counter() - started
+        raise AssertionError("admitted, expected a refusal")
+
+    return list(await asyncio.gather(*(one(i) for i in range(callers))))
+
+
+async def overload(echo_port: int, quick: bool) -> None:
+    n = 4
+    rounds = 3 if quick else 9
+    port = free_port()
+    proc = _start_identity(port, "--max-inflight", str(n), "--max-batch-size", str(n),
+                           "--max-queue-delay-ms", "50", "--batch-cost-ms", "400")  # fmt: skip
+    body = _payload(64)
+    print(f"(c) refusals with --max-inflight {n} full; 3N={3 * n} more callers per round, ms"
+          "                       p50      p99")  # fmt: skip
+    try:
+        _wait_ready(port, proc, health=True)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch_i, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}") as ch_e:  # fmt: skip
+            predict = ch_i.unary_unary(PREDICT)
+            refuse = ch_e.unary_unary(REFUSE)
+            await predict(body, timeout=10)
+            for spacing, label in ((0.010, "arriving 10 ms apart"), (0.0, "all at once")):
+                ours: list[float] = []
+                bare: list[float] = []
+                for _ in range(rounds):
+                    held = [asyncio.ensure_future(predict(body, timeout=10)) for _ in range(n)]
+                    await asyncio.sleep(0.05)  # held calls admitted (400 ms batch)
+                    ours += await _refusals(lambda: predict(body, timeout=10), 3 * n, spacing)
+                    await asyncio.gather(*held)
+                    bare += await _refusals(lambda: refuse(body, timeout=10), 3 * n, spacing)
+                o50, o99 = np.percentile(ours, [50, 99]) * 1e3
+                b50, b99 = np.percentile(bare, [50, 99]) * 1e3
+                print(f"  {label:>20}: bare grpc.aio refuser (baseline) {b50:7.2f}  {b99:7.2f}"
+                      f"   (n={len(bare)})")  # fmt: skip
+                print(f"  {label:>20}: identity over its limit          {o50:7.2f}  {o99:7.2f}"
+                      f"   (goal p99 < 5 ms)")  # fmt: skip
+    finally:
+        _stop(proc)
+
+
 async def main_async(args: argparse.Namespace) -> None:
     identity_port, echo_port = free_port(), free_port()
     identity = _start_identity(identity_port, "--max-message-bytes", str(16 << 20))
@@ -228,6 +288,8 @@ async def main_async(args: argparse.Namespace) -> None:
         _wait_ready(identity_port, identity, health=True)
         _wait_ready(echo_port, echo, health=False)
         await round_trip(identity_port, echo_port, args.quick)
+        _stop(identity)
+        await overload(echo_port, args.quick)
     finally:
         _stop(identity)
         _stop(echo)

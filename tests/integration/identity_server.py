@@ -41,12 +41,17 @@ class IdentityServer:
         with urllib.request.urlopen(url, timeout=2) as resp:
             return resp.read().decode()
 
-    def metric(self, name: str) -> float:
-        """Sum of every sample of `name` (all label sets)."""
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         total = 0.0
-        for line in self.metrics().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    total += sample.value
         return total
 
 

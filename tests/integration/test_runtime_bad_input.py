@@ -171,7 +171,10 @@ def test_each_bad_input_gets_its_status_and_the_server_keeps_serving(
             metadata(prediction_pb2.GetModelMetadataRequest(model_name="resnet"), timeout=5)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert server.proc.alive()
-    assert server.metric("meshserve_server_requests_total") >= 2 * len(CASES)
+    invalid = sum(1 for case in CASES if case[2] == INVALID)
+    requests = server.metric("meshserve_server_requests_total", method="Predict", code="OK")
+    assert requests == len(CASES)
+    assert server.metric("meshserve_server_requests_total", code="INVALID_ARGUMENT") == invalid
 
 
 def test_expired_deadline_is_refused_and_never_computed(
