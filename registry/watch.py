@@ -139,6 +139,8 @@ class _Feed:
         self.value: Any = None
         self.ready = False
         self.error: BaseException | None = None
+        self.stale_since = time.time()  # wall clock, for readers
+        self.last_ok = time.monotonic()  # for the staleness gauge
         self._task: asyncio.Task[None] | None = None
         self._consul: AsyncConsul | None = None
         self._bucket = _TokenBucket(self.watch_config.rate_per_s, self.watch_config.burst)
@@ -153,7 +155,7 @@ class _Feed:
         if self.ready:  # a latecomer starts from what the feed already knows
             await watch._publish_answer(self.value, self.index)
         if self.error is not None:
-            await watch._mark_stale(self.error)
+            await watch._mark_stale(self.error, self.stale_since)
 
     async def leave(self, watch: _BlockingWatch[Any, Any]) -> None:
         if watch in self.watches:
@@ -165,13 +167,12 @@ class _Feed:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
+            if task is asyncio.current_task():
+                return  # stopped from an on_change callback: the loop ends when it returns
             try:
                 await task
             except asyncio.CancelledError:
                 pass
-        if self._consul is not None:
-            await self._consul.close()
-            self._consul = None
 
     async def _query(self, params: list[tuple[str, Any]]) -> tuple[int, Any]:
         # Through py-consul's HTTP layer rather than health.service()/kv.get(): those do not
@@ -187,6 +188,14 @@ class _Feed:
         return _index_of(raw_index), _PARSED.get(self.kind, body, self.parse)
 
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        finally:
+            if self._consul is not None:
+                consul_client, self._consul = self._consul, None
+                await consul_client.close()
+
+    async def _loop(self) -> None:
         cfg = self.watch_config
         failures = 0
         while True:
@@ -228,6 +237,7 @@ class _Feed:
             if self.error is not None:
                 log.info("%s %s: Consul answers again; reconciled", self.kind, self.target)
             self.index, self.value, self.ready, self.error = new_index, value, True, None
+            self.last_ok = time.monotonic()
             for watch in list(self.watches):
                 await watch._publish_answer(value, new_index)
 
@@ -238,9 +248,11 @@ class _Feed:
         elif self.error is None:
             log.warning("%s %s: Consul at %s unreachable (%s: %s); serving the last known result",
                         self.kind, self.target, self.config.http_addr, type(exc).__name__, exc)  # fmt: skip
+        if self.error is None and self.ready:
+            self.stale_since = time.time()
         self.error = exc
         for watch in list(self.watches):
-            await watch._mark_stale(exc)
+            await watch._mark_stale(exc, self.stale_since)
 
 
 # Live feeds by (event loop, endpoint, settings); a feed leaves when its last watch stops.
@@ -311,7 +323,8 @@ class _BlockingWatch(Generic[S, V]):
         """Seconds since Consul last answered, while stale; 0 while fresh."""
         if not self._snapshot.stale:
             return 0.0
-        return time.monotonic() - self._last_ok_monotonic
+        last = self._feed.last_ok if self._feed is not None else self._last_ok_monotonic
+        return time.monotonic() - last
 
     @property
     def size(self) -> int:
@@ -395,13 +408,13 @@ class _BlockingWatch(Generic[S, V]):
 
     # --- fed by the _Feed ---------------------------------------------------------------
 
-    async def _mark_stale(self, exc: BaseException) -> None:
+    async def _mark_stale(self, exc: BaseException, since: float) -> None:
         error = f"{type(exc).__name__}: {exc}"
         snap = self._snapshot
         if snap.stale and snap.error is not None:
             self._snapshot = replace(snap, error=error)  # already stale: no new change
             return
-        stale_since = snap.stale_since if snap.stale else time.time()
+        stale_since = snap.stale_since if snap.stale else since
         await self._set(
             replace(snap, stale=True, stale_since=stale_since, error=error, version=snap.version + 1)
         )

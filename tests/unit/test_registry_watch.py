@@ -274,3 +274,38 @@ async def test_share_false_gives_a_watch_its_own_query(scripted):
 
 def ids(snap: Any) -> tuple[str, ...]:
     return tuple(i.id for i in snap.instances)
+
+
+async def test_callback_errors_do_not_stop_the_watch_and_it_can_stop_itself(scripted):
+    fake, config = scripted
+    fake.answer(1, [entry("a", 1)])
+    calls: list[int] = []
+
+    def broken(snap: Any) -> None:
+        calls.append(snap.version)
+        raise RuntimeError("consumer bug")
+
+    async with ServiceWatch(config, "svc", FAST, on_change=broken) as watch:
+        await fake.next_request(2)
+        fake.answer(2, [entry("a", 1), entry("b", 2)])
+        await watch.wait_for(lambda s: len(s.instances) == 2, timeout=5)
+    assert calls == [1, 2]
+
+    stopped = asyncio.Event()
+
+    async def stop_on_first(snap: Any) -> None:
+        await quitter.stop()
+        stopped.set()
+
+    fake.current = (5, [entry("a", 1)])
+    quitter = ServiceWatch(config, "svc", FAST, on_change=stop_on_first)
+    await quitter.start()
+    await asyncio.wait_for(stopped.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert quitter.snapshot.ready and not [f for f in _feeds() if f.watches]
+
+
+def _feeds() -> list[Any]:
+    from meshserve.registry import watch as watch_module
+
+    return list(watch_module._FEEDS.values())
