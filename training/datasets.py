@@ -1,0 +1,190 @@
+"""Rendered training and evaluation sets: seed ranges, parallel rendering and an on-disk cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from meshserve.training.artifacts import meshserve_home
+from meshserve.training.catalogue import Item
+from meshserve.training.render import RenderConfig, crop, render_photo
+
+# Photo seeds are split into disjoint ranges so evaluation never sees a training photo.
+TRAIN_SEEDS = 0
+EVAL_SEEDS = 1_000_000_000
+REFERENCE_SEEDS = 2_000_000_000
+
+PHOTO_CONFIG = RenderConfig()  # the photos a buyer takes: detection and query photos
+# A listing's own photo: one product, close up, less clutter; the index holds one per item.
+LISTING_CONFIG = RenderConfig(size=112, min_scale=0.6, max_scale=0.85, p_distractor=0.2,
+                              max_distractors=1, clutter=(3, 8))
+# Embedder training views: the same close-up look on a small canvas.
+VIEW_CONFIG = RenderConfig(size=80, min_scale=0.5, max_scale=0.9, p_distractor=0.3,
+                           max_distractors=1, clutter=(3, 8))
+CROP_PAD = 0.06  # crops are the box grown a little, as a detector box is never exact
+
+
+@dataclass(frozen=True)
+class PhotoSet:
+    """Rendered photos as arrays: images [n, S, S, 3] uint8 and their objects."""
+
+    images: np.ndarray
+    boxes: list[np.ndarray]  # per photo float32 [k, 4]
+    labels: list[np.ndarray]  # per photo int64 [k]
+    item_ids: list[np.ndarray]  # per photo int64 [k]
+
+
+@dataclass(frozen=True)
+class CropSet:
+    """Product crops: images [n, C, C, 3] uint8, their item ids and categories."""
+
+    images: np.ndarray
+    item_ids: np.ndarray
+    labels: np.ndarray
+
+
+Job = tuple[tuple[Item, ...], int]
+
+
+def _render_job(args: tuple[Job, RenderConfig, int | None, float]) -> tuple:
+    (items, seed), cfg, crop_size, pad = args
+    photo = render_photo(list(items), seed, cfg)
+    if crop_size is None:
+        return photo.image, photo.boxes, photo.labels, photo.item_ids
+    crops = np.stack([crop(photo.image, b, crop_size, pad) for b in photo.boxes])
+    return crops, photo.boxes, photo.labels, photo.item_ids
+
+
+def _workers() -> int:
+    env = os.environ.get("MESHSERVE_RENDER_WORKERS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def _run(jobs: Sequence[Job], cfg: RenderConfig, crop_size: int | None, pad: float,
+         progress: str | None) -> list[tuple]:
+    tasks = [(job, cfg, crop_size, pad) for job in jobs]
+    workers = _workers()
+    bar = _bar(len(tasks), progress)
+    out: list[tuple] = []
+    if workers == 1 or len(tasks) < 64:
+        for t in tasks:
+            out.append(_render_job(t))
+            bar.update(1)
+    else:
+        # fork: workers inherit the imported modules, so start-up costs nothing
+        with mp.get_context("fork").Pool(workers) as pool:
+            for res in pool.imap(_render_job, tasks, chunksize=32):
+                out.append(res)
+                bar.update(1)
+    bar.close()
+    return out
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, desc: str | None):  # type: ignore[no-untyped-def]
+    if not desc:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="photo", leave=False, mininterval=0.5)
+
+
+def _cache_file(kind: str, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return meshserve_home() / "cache" / "renders" / f"{kind}-{digest[:20]}.npz"
+
+
+def _items_key(items: Sequence[Item]) -> str:
+    return hashlib.sha256(repr([(i.item_id, i.look) for i in items]).encode()).hexdigest()
+
+
+def photo_jobs(items: Sequence[Item], n_photos: int, seed_base: int, p_two: float,
+               seed: int) -> list[Job]:
+    """Photo k shows items[k % n] and, with probability p_two, a second random item."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, seed_base, 0x70B5]))
+    jobs: list[Job] = []
+    for k in range(n_photos):
+        first = items[k % len(items)]
+        if len(items) > 1 and rng.random() < p_two:
+            other = items[int(rng.integers(len(items)))]
+            if other.item_id == first.item_id:
+                other = items[(k + 1) % len(items)]
+            jobs.append(((first, other), seed_base + k))
+        else:
+            jobs.append(((first,), seed_base + k))
+    return jobs
+
+
+def render_photos(items: Sequence[Item], n_photos: int, seed_base: int, *, p_two: float = 0.25,
+                  cfg: RenderConfig = PHOTO_CONFIG, seed: int = 0, cache: bool = True,
+                  progress: str | None = None) -> PhotoSet:
+    """Full photos for detection (training or evaluation)."""
+    key = dict(items=_items_key(items), n=n_photos, base=seed_base, p_two=p_two,
+               cfg=asdict(cfg), seed=seed, v=1)
+    path = _cache_file("photos", key)
+    if cache and path.is_file():
+        with np.load(path) as z:
+            counts = z["counts"]
+            splits = np.cumsum(counts)[:-1]
+            return PhotoSet(z["images"], list(np.split(z["boxes"], splits)),
+                            list(np.split(z["labels"], splits)),
+                            list(np.split(z["item_ids"], splits)))
+    results = _run(photo_jobs(items, n_photos, seed_base, p_two, seed), cfg, None, 0.0, progress)
+    ps = PhotoSet(np.stack([r[0] for r in results]), [r[1] for r in results],
+                  [r[2] for r in results], [r[3] for r in results])
+    if cache:
+        _save(path, images=ps.images, boxes=np.concatenate(ps.boxes),
+              labels=np.concatenate(ps.labels), item_ids=np.concatenate(ps.item_ids),
+              counts=np.asarray([len(b) for b in ps.boxes]))
+    return ps
+
+
+def render_crops(jobs: Sequence[Job], crop_size: int, cfg: RenderConfig, *, pad: float = CROP_PAD,
+                 cache: bool = True, progress: str | None = None) -> CropSet:
+    """Every object of every job's photo, cropped at its ground-truth box."""
+    key = dict(jobs=hashlib.sha256(repr([([i.item_id for i in it], s) for it, s in jobs]).encode())
+               .hexdigest(), items=_items_key([i for it, _ in jobs for i in it]),
+               size=crop_size, cfg=asdict(cfg), pad=pad, v=1)
+    path = _cache_file("crops", key)
+    if cache and path.is_file():
+        with np.load(path) as z:
+            return CropSet(z["images"], z["item_ids"], z["labels"])
+    results = _run(jobs, cfg, crop_size, pad, progress)
+    cs = CropSet(np.concatenate([r[0] for r in results]),
+                 np.concatenate([r[3] for r in results]), np.concatenate([r[2] for r in results]))
+    if cache:
+        _save(path, images=cs.images, item_ids=cs.item_ids, labels=cs.labels)
+    return cs
+
+
+def view_jobs(items: Sequence[Item], views: int, seed_base: int = TRAIN_SEEDS) -> list[Job]:
+    """`views` single-product photos per item, seeds disjoint per view."""
+    return [((it,), seed_base + v * 10_000_000 + it.item_id) for v in range(views) for it in items]
+
+
+def reference_jobs(items: Sequence[Item]) -> list[Job]:
+    """The one listing photo per item that an index holds."""
+    return [((it,), REFERENCE_SEEDS + it.item_id) for it in items]
+
+
+def _save(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)

@@ -1,0 +1,275 @@
+"""Product embedder: crop → L2-normalised vector, trained with a normalised-softmax proxy loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops.misc import Conv2dNormActivation
+
+from meshserve.errors import InvalidInput
+from meshserve.training.catalogue import (
+    ACCENT_COLORS,
+    CATEGORY_NAMES,
+    DETAIL_COLORS,
+    LOGOS,
+    PALETTE,
+    PATTERNS,
+    Item,
+)
+from meshserve.training.datasets import CROP_PAD
+from meshserve.training.render import crop
+from meshserve.training.views import SpriteViews
+
+WEIGHTS_FILE = "embedder.pt"
+CONFIG_FILE = "embedder.json"
+
+# Auxiliary heads: each predicts one attribute of the look from the embedding. They teach the
+# net what a product is made of (shared by many items) faster than item ids alone can.
+ATTRIBUTES: dict[str, Sequence[str]] = {
+    "category": CATEGORY_NAMES,
+    "body_color": tuple(PALETTE),
+    "accent_color": ACCENT_COLORS,
+    "pattern": PATTERNS,
+    "pattern_color": DETAIL_COLORS,
+    "pattern_scale": ("0", "1", "2"),
+    "logo": LOGOS,
+    "logo_color": DETAIL_COLORS,
+    "n_parts": ("0", "1", "2", "3"),
+    "part_color": DETAIL_COLORS,
+}
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    """Embedder size and training schedule; `quick()` fits the 3-minute pipeline."""
+
+    crop_size: int = 48
+    dim: int = 128
+    width: int = 16
+    epochs: int = 24  # passes over the items, a fresh random view of each per pass
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    proxy_scale: float = 24.0
+    aux_weight: float = 1.0
+    seed: int = 0
+    threads: int = 1  # a shared 2-core box: one busy thread beats two contending
+
+    @classmethod
+    def quick(cls) -> EmbedderConfig:
+        return cls(epochs=12)
+
+    @classmethod
+    def tiny(cls) -> EmbedderConfig:
+        """For tests: seconds, not minutes."""
+        return cls(width=8, dim=64, epochs=3, batch_size=32)
+
+    def __post_init__(self) -> None:
+        if self.dim < 16 or self.crop_size < 16 or self.epochs < 1:
+            raise InvalidInput("embedder config: dim, crop_size >= 16; epochs >= 1")
+
+
+class EmbedNet(nn.Module):
+    """Four strided conv stages, average + max pooling, a linear projection to `dim`."""
+
+    def __init__(self, dim: int = 128, width: int = 32):
+        super().__init__()
+        w = width
+        chans = [w, 2 * w, 4 * w, 6 * w]
+        layers: list[nn.Module] = [Conv2dNormActivation(3, chans[0], 3, stride=2)]
+        prev = chans[0]
+        for i, c in enumerate(chans):
+            if i:
+                layers.append(Conv2dNormActivation(prev, c, 3, stride=2))
+            layers.append(Conv2dNormActivation(c, c, 3))
+            prev = c
+        self.features = nn.Sequential(*layers)
+        self.project = nn.Linear(2 * prev, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+        return self.project(pooled)
+
+
+def to_tensor(crops: np.ndarray) -> torch.Tensor:
+    """uint8 [n, H, W, 3] → normalised float [n, 3, H, W] in channels_last."""
+    x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
+    x = (x / 255.0 - 0.5) / 0.25
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _attribute_targets(items: Sequence[Item]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, values in ATTRIBUTES.items():
+        idx = [list(values).index(str(getattr(it.look, name, it.category))) for it in items]
+        out[name] = torch.tensor(idx, dtype=torch.long)
+    return out
+
+
+class ItemProxies(nn.Module):
+    """One proxy per item: the sum of its look's attribute embeddings plus a free residual.
+
+    Sharing attribute embeddings across items lets every view teach all items that share a
+    colour or a pattern, which a free 2,000-way proxy table learns only after many epochs.
+    """
+
+    def __init__(self, attrs: dict[str, torch.Tensor], dim: int):
+        super().__init__()
+        self.attrs = attrs
+        n = len(next(iter(attrs.values())))
+        self.tables = nn.ModuleDict({k: nn.Embedding(len(ATTRIBUTES[k]), dim) for k in attrs})
+        self.residual = nn.Parameter(torch.zeros(n, dim))
+
+    def forward(self) -> torch.Tensor:
+        out = self.residual
+        for k, table in self.tables.items():
+            out = out + table(self.attrs[k])
+        return out
+
+
+class Embedder:
+    """In-process inference: the exact computation the embedder server runs."""
+
+    def __init__(self, net: EmbedNet, cfg: EmbedderConfig, version: str = ""):
+        self.net = net.eval().to(memory_format=torch.channels_last)
+        self.cfg = cfg
+        self.version = version
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.dim
+
+    @classmethod
+    def load(cls, model_dir: Path | str) -> Embedder:
+        model_dir = Path(model_dir)
+        cfg = EmbedderConfig(**json.loads((model_dir / CONFIG_FILE).read_text()))
+        net = EmbedNet(cfg.dim, cfg.width)
+        net.load_state_dict(torch.load(model_dir / WEIGHTS_FILE, map_location="cpu",
+                                       weights_only=True))
+        return cls(net, cfg, version=model_dir.name)
+
+    def save(self, model_dir: Path) -> None:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.net.state_dict(), model_dir / WEIGHTS_FILE)
+        (model_dir / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2))
+
+    @torch.inference_mode()
+    def embed_crops(self, crops: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """uint8 [n, C, C, 3] crops (already at crop_size) → float32 [n, dim], unit length."""
+        out = []
+        for i in range(0, len(crops), batch_size):
+            v = self.net(to_tensor(crops[i:i + batch_size]))
+            out.append(F.normalize(v, dim=1).numpy())
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def crops_for(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> np.ndarray:
+        if len(images) != len(boxes):
+            raise InvalidInput(f"{len(images)} images but {len(boxes)} box lists")
+        s = self.cfg.crop_size
+        crops = [crop(img, b, s, CROP_PAD) for img, bs in zip(images, boxes, strict=True)
+                 for b in np.asarray(bs, dtype=np.float32).reshape(-1, 4)]
+        if not crops:
+            return np.zeros((0, s, s, 3), dtype=np.uint8)
+        return np.stack(crops)
+
+    def embed(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> np.ndarray:
+        """One unit vector per box; boxes[i] (float [k, 4] x0 y0 x1 y1, pixels) of images[i]."""
+        return self.embed_crops(self.crops_for(images, boxes))
+
+
+def train_embedder(cfg: EmbedderConfig, out_dir: Path, items: Sequence[Item], *,
+                   progress: bool = True, eval_fn=None) -> dict:  # type: ignore[no-untyped-def]
+    """Train on `items`, save weights + config to out_dir, return metrics (loss, timings).
+
+    `eval_fn(embedder) -> dict` adds evaluation metrics (see training.evaluate).
+    """
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    views = SpriteViews(items, seed=cfg.seed)
+    prep_s = time.perf_counter() - t0
+    attrs = _attribute_targets(items)
+
+    net = EmbedNet(cfg.dim, cfg.width).to(memory_format=torch.channels_last)
+    proxies = ItemProxies(attrs, cfg.dim)
+    heads = nn.ModuleDict({k: nn.Linear(cfg.dim, len(v)) for k, v in ATTRIBUTES.items()})
+    params = [*net.parameters(), *proxies.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(items)
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
+                                                pct_start=0.15)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = _progress(total, "train embedder", progress)
+    losses: list[float] = []
+    net.train()
+    for _epoch in range(cfg.epochs):
+        order = torch.randperm(n, generator=gen)
+        for s in range(steps_per_epoch):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            with torch.no_grad():
+                x = views.batch(idx, cfg.crop_size, gen)
+            emb = net(x)
+            cos = F.normalize(emb, dim=1) @ F.normalize(proxies(), dim=1).t()
+            loss = F.cross_entropy(cos * cfg.proxy_scale, idx)
+            if cfg.aux_weight:
+                aux = sum(F.cross_entropy(head(emb), attrs[k][idx]) for k, head in heads.items())
+                loss = loss + cfg.aux_weight * aux / len(heads)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    train_s = time.perf_counter() - t0 - prep_s
+    embedder = Embedder(net, cfg)
+    embedder.save(Path(out_dir))
+    k = max(1, min(20, len(losses) // 10))
+    metrics = {
+        "train_items": n,
+        "steps": total,
+        "loss_first": float(np.mean(losses[:k])),
+        "loss_last": float(np.mean(losses[-k:])),
+        "prepare_s": round(prep_s, 2),
+        "train_s": round(train_s, 2),
+        "samples_per_s": round(total * cfg.batch_size / max(train_s, 1e-6), 1),
+    }
+    if eval_fn is not None:
+        metrics.update(eval_fn(Embedder.load(out_dir)))
+    return metrics
+
+
+class _Quiet:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kw: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, on: bool):  # type: ignore[no-untyped-def]
+    if not on:
+        return _Quiet()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=0.5)
