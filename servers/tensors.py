@@ -24,7 +24,7 @@ from meshserve.servers.model import (
 from meshserve.v1 import prediction_pb2, tensor_pb2
 
 DT = tensor_pb2.DataType
-_NAME_TO_ENUM: dict[str, int] = {
+_NAME_TO_ENUM: dict[str, tensor_pb2.DataType] = {
     "float32": DT.DATA_TYPE_FLOAT32,
     "float16": DT.DATA_TYPE_FLOAT16,
     "float64": DT.DATA_TYPE_FLOAT64,
@@ -36,7 +36,7 @@ _NAME_TO_ENUM: dict[str, int] = {
     "bool": DT.DATA_TYPE_BOOL,
     BYTES: DT.DATA_TYPE_BYTES,
 }
-_ENUM_TO_NAME = {v: k for k, v in _NAME_TO_ENUM.items()}
+_ENUM_TO_NAME: dict[int, str] = {int(v): k for k, v in _NAME_TO_ENUM.items()}
 # little-endian on the wire whatever the host order
 _NUMPY: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<") for name in _NAME_TO_ENUM if name != BYTES
@@ -49,7 +49,7 @@ _KIND_TO_ENUM = {
 }
 
 
-def dtype_enum(name: str) -> int:
+def dtype_enum(name: str) -> tensor_pb2.DataType:
     return _NAME_TO_ENUM[name]
 
 
@@ -113,7 +113,7 @@ def decode_tensor(tensor: tensor_pb2.Tensor, spec: TensorSpec) -> Array:
     count = math.prod(shape)
     if dtype == BYTES:
         return _decode_bytes(tensor, spec, field, count)
-    np_dtype = _NUMPY[dtype]
+    np_dtype = _NUMPY[spec.dtype]
     expected = count * np_dtype.itemsize
     content = tensor.content  # each attribute read copies the bytes: read once
     if len(content) != expected:
