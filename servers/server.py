@@ -194,10 +194,10 @@ class ModelServer:
             return
 
     async def _deregister(self) -> None:
-        from meshserve.registry import client
-
         if self._registered_id is None or self.config.registry is None:
             return
+        from meshserve.registry import client
+
         try:
             await asyncio.wait_for(
                 client.deregister(self.config.registry, self._registered_id), timeout=3.0
