@@ -22,6 +22,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from meshserve import telemetry
+from meshserve.errors import InvalidInput
 from meshserve.registry.config import RegistryConfig, ServiceInstance
 from meshserve.servers.batching import Admission, Batcher, BatchingConfig
 from meshserve.servers.metrics import ServerMetrics
@@ -82,6 +83,7 @@ class ModelServer:
         self.port = 0
         self._stop = asyncio.Event()
         self._registered_id: str | None = None
+        self._exit_code = 0
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -138,7 +140,7 @@ class ModelServer:
                 await self._stop.wait()
         finally:
             await self._shutdown(server, health, servicer, admission, batcher, register_task)
-        return 0
+        return self._exit_code
 
     async def _load(self, batcher: Batcher) -> None:
         started = time.perf_counter()
@@ -181,6 +183,11 @@ class ModelServer:
         while not self._stop.is_set():
             try:
                 await client.register(self.config.registry, instance)
+            except InvalidInput as exc:  # retrying cannot fix it: say so and stop
+                log.error("cannot register: %s", exc)
+                self._exit_code = 2
+                self._stop.set()
+                return
             except Exception as exc:
                 log.warning("registration of %s failed (%s); retrying in %.1fs",
                             instance.instance_id, exc, delay)  # fmt: skip

@@ -25,7 +25,7 @@ from tests.integration.identity_server import (
     start_identity,
     stub,
 )
-from tests.support import ManagedProcess, wait_until
+from tests.support import ManagedProcess, free_port, meshserve_argv, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -147,3 +147,18 @@ def test_sigterm_turns_not_serving_deregisters_and_drains(
     assert server.proc.wait(timeout=10) == 0
     assert time.monotonic() - sent < 8, "did not exit within the grace period"
     channel.close()
+
+
+def test_a_registration_consul_would_refuse_stops_the_server_with_a_message(
+    spawn: Callable[..., ManagedProcess],
+) -> None:
+    proc = spawn(
+        meshserve_argv(
+            "serve", "identity", "--port", str(free_port()),
+            "--consul", "http://127.0.0.1:1", "--instance-id", "has a space",
+        ),
+        name="identity-bad-id",
+    )  # fmt: skip
+    assert proc.wait(timeout=30) == 2
+    output = proc.output()
+    assert "cannot register" in output and "has a space" in output
