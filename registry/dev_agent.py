@@ -593,6 +593,19 @@ def _keys_view(prefix: str, keys: list[str], separator: str) -> list[str]:
 # ---- running -------------------------------------------------------------------------------------
 
 
+def _raise_fd_limit() -> None:
+    """Every parked blocking query holds a socket; the default soft limit (often 1024) is low."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_IN_FLIGHT + 1024 if hard == resource.RLIM_INFINITY else min(hard, MAX_IN_FLIGHT + 1024)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            log.warning("cannot raise the open-file limit above %s", soft)
+
+
 def _node_info(config: AgentConfig, node_id: str) -> NodeInfo:
     address = config.host if config.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     return NodeInfo(node_id=node_id, name=config.node_name or socket.gethostname(),
@@ -601,6 +614,7 @@ def _node_info(config: AgentConfig, node_id: str) -> NodeInfo:
 
 async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None) -> None:
     """Run the dev agent until SIGTERM/SIGINT; state is saved on the way out."""
+    _raise_fd_limit()
     if config.data_dir is not None:
         dev_persist.lock(config.data_dir)  # released when the process exits
     snapshot = dev_persist.load(config.data_dir) if config.data_dir else None

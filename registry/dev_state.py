@@ -20,6 +20,7 @@ CATALOG_TOPIC = "catalog"
 # Indexes handed out may run this far ahead of the last save; a restart resumes above it,
 # so an index a client has seen never comes back smaller, even after a SIGKILL.
 INDEX_RESERVE = 10_000
+MAX_TOMBSTONES = 10_000
 
 
 class NotFoundError(Exception):
@@ -103,6 +104,7 @@ class DevState:
         self.checks: dict[str, CheckState] = {}
         self.kv: dict[str, KVEntry] = {}
         self.tombstones: dict[str, int] = {}
+        self.tombstone_floor = 0
         self.service_index: dict[str, int] = {}
         self.extinction_index = 1
         self.catalog_index = 1
@@ -357,7 +359,8 @@ class DevState:
         if not prefix:
             return max(1, self.kv_index), entries
         idx = max([e.modify_index for e in entries]
-                  + [i for k, i in self.tombstones.items() if k.startswith(prefix)], default=0)
+                  + [i for k, i in self.tombstones.items() if k.startswith(prefix)]
+                  + [self.tombstone_floor], default=0)
         return max(1, idx or self.kv_index), entries
 
     def kv_put(self, key: str, value: bytes | None, flags: int | None, cas: int | None) -> bool:
@@ -395,6 +398,11 @@ class DevState:
             self.tombstones[k] = idx
             self.notifier.notify_kv(k)
         self.kv_index = idx
+        if len(self.tombstones) > MAX_TOMBSTONES:
+            # Forget the oldest deletes but keep their index as a floor for every prefix, so a
+            # prefix's index can only show a spurious change, never go backwards.
+            for k in sorted(self.tombstones, key=self.tombstones.__getitem__)[: MAX_TOMBSTONES // 2]:
+                self.tombstone_floor = max(self.tombstone_floor, self.tombstones.pop(k))
         return True
 
     # ---- persistence ---------------------------------------------------------------------------
@@ -421,6 +429,7 @@ class DevState:
                     "value": None if e.value is None else base64.b64encode(e.value).decode()}
                    for e in self.kv.values()],
             "tombstones": self.tombstones,
+            "tombstone_floor": self.tombstone_floor,
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -452,6 +461,7 @@ class DevState:
             value = None if raw["value"] is None else base64.b64decode(raw["value"])
             self.kv[raw["key"]] = KVEntry(raw["key"], value, raw["flags"], raw["create"], raw["modify"])
         self.tombstones = {str(k): int(v) for k, v in data["tombstones"].items()}
+        self.tombstone_floor = int(data.get("tombstone_floor", 0))
 
     def start_listeners(self) -> None:
         """Tell the check runners about every check (after a restore)."""

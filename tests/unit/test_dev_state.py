@@ -162,3 +162,18 @@ def test_reregistering_keeps_a_known_check_status() -> None:
     assert "service:w1" not in state.checks
     state.register_check(CheckDef(check_id="node-check", name="n", kind="ttl", ttl=5.0))
     assert [c.check_id for c in state.health("w")[1][0].checks] == ["serfHealth", "node-check"]
+
+
+def test_tombstones_are_bounded_without_indexes_going_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshserve.registry import dev_state
+
+    monkeypatch.setattr(dev_state, "MAX_TOMBSTONES", 10)
+    state = new_state()
+    state.kv_put("p/keep", b"x", None, None)
+    seen = []
+    for i in range(30):
+        state.kv_put(f"p/{i}", b"x", None, None)
+        state.kv_delete(f"p/{i}", recurse=False, cas=None)
+        seen.append(state.kv_list("p/")[0])
+    assert len(state.tombstones) <= 10
+    assert seen == sorted(seen) and len(set(seen)) == 30
