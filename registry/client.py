@@ -137,9 +137,13 @@ class RegistryClient:
             raise RuntimeError("RegistryClient used outside `async with`")
         return self._consul
 
-    async def _call(self, action: str, call: Awaitable[T]) -> T:
+    async def call(self, action: str, call: Awaitable[T]) -> T:
+        """Await any py-consul call on `self.consul` with the config's deadline and errors
+        translated, e.g. `await client.call("read x", client.consul.health.service("x"))`."""
         with translate_errors(action, self.config):
             return await asyncio.wait_for(call, self.config.request_timeout_s)
+
+    _call = call
 
     async def register(self, instance: ServiceInstance) -> None:
         """Register (or re-register, replacing its checks) one instance with a gRPC check."""
