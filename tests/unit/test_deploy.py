@@ -378,13 +378,14 @@ def test_compose_jobs_run_once_and_everything_waits_for_what_it_reads() -> None:
         if argv[:1] in (["train"], ["shard"]):
             assert svc["restart"] == "no" and svc["healthcheck"] == {"disable": True}, name
         if argv[:2] == ["shard", "build"]:
-            shard_jobs[flag(argv, "-o")] = name
-            assert flag(argv, "-o").startswith(docker_env()["MESHSERVE_HOME"] + "/"), name
+            out = flag(argv, "-o")
+            assert out is not None and out.startswith(docker_env()["MESHSERVE_HOME"] + "/"), name
+            shard_jobs[out] = name
             assert services[name]["depends_on"]["train"]["condition"] == "service_completed_successfully"
     for name, svc, argv, role in compose_servers():
         assert svc["depends_on"]["consul"]["condition"] == "service_healthy", name
         if role == "indexer":
-            job = shard_jobs[flag(argv, "--shard")]
+            job = shard_jobs[flag(argv, "--shard") or ""]
             assert svc["depends_on"][job]["condition"] == "service_completed_successfully", name
         elif role != "gateway":
             assert svc["depends_on"]["train"]["condition"] == "service_completed_successfully", name
