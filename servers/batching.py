@@ -54,29 +54,24 @@ class BatchObserver:
     def dropped_expired(self, count: int) -> None:
         pass
 
-    def inflight(self, count: int) -> None:
-        pass
-
 
 class Admission:
-    """Counts admitted requests; refuses at once beyond the bound (no waiting, no queue)."""
+    """Counts admitted requests; refuses at once beyond the bound (no waiting, no queue).
+    Only the event loop touches it, so a plain counter is enough."""
 
-    __slots__ = ("limit", "count", "_observer")
+    __slots__ = ("limit", "count")
 
-    def __init__(self, limit: int, observer: BatchObserver):
+    def __init__(self, limit: int):
         self.limit = limit
         self.count = 0
-        self._observer = observer
 
     def acquire(self) -> None:
         if self.count >= self.limit:
             raise Overloaded(f"server busy: {self.count} requests in flight (limit {self.limit})")
         self.count += 1
-        self._observer.inflight(self.count)
 
     def release(self) -> None:
         self.count -= 1
-        self._observer.inflight(self.count)
 
 
 class _Item:
@@ -162,15 +157,11 @@ class Batcher:
             self.observer.dropped_expired(1)
             raise DeadlineExpired("deadline expired before the request was queued")
         size = rows(next(iter(inputs.values())))
-        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
         if not self._queue and not self._slots.locked() and self._dispatch_now:
             # Idle model, nobody waiting: run at once, without a trip through the dispatcher.
             await self._slots.acquire()  # does not block: a slot is free
-            item = _Item(inputs, params, size, None, deadline, future)
-            task = asyncio.create_task(self._run([item]))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-            return await future
+            return await self._run_direct(inputs, params, size)
+        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
         key = self.model.batch_key(inputs, params) if self.config.max_batch_size > 1 else None
         self._queue.append(_Item(inputs, params, size, key, deadline, future))
         self._wakeup.set()
@@ -243,6 +234,26 @@ class Batcher:
         if expired:
             self.observer.dropped_expired(expired)
         return batch
+
+    async def _run_direct(self, inputs: Arrays, params: Params, size: int) -> Arrays:
+        """One request on an idle model: no queue, no task, one hop to the model thread."""
+        self.observer.queued(0.0)
+        started = time.perf_counter()
+        work = self._executor.submit(self.model.predict, inputs, params)
+        try:
+            outputs = await asyncio.wrap_future(work)
+        except asyncio.CancelledError:
+            # The caller went away. The slot stays taken until the model thread is done
+            # (a cancel before it started frees it at once).
+            loop = asyncio.get_running_loop()
+            work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._slots.release))
+            raise
+        except BaseException:
+            self._slots.release()
+            raise
+        self._slots.release()
+        self.observer.batch_ran(size, 1, time.perf_counter() - started)
+        return outputs
 
     async def _run(self, batch: list[_Item]) -> None:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -116,5 +118,6 @@ class ServerMetrics(BatchObserver):
     def dropped_expired(self, count: int) -> None:
         self._dropped.inc(count)
 
-    def inflight(self, count: int) -> None:
-        self._inflight.set(count)
+    def watch_inflight(self, count: Callable[[], float]) -> None:
+        """Read the in-flight count when scraped (nothing to do per request)."""
+        self._inflight.set_function(count)

@@ -97,7 +97,8 @@ class ModelServer:
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.metrics_port)
         batcher = Batcher(self.model, cfg.batching, self.metrics)
-        admission = Admission(cfg.batching.max_inflight, self.metrics)
+        admission = Admission(cfg.batching.max_inflight)
+        self.metrics.watch_inflight(lambda: admission.count)
         servicer = PredictionServicer(
             self.model, batcher, admission, self.metrics, cfg.batching.max_batch_size, tracing
         )

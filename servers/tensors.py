@@ -41,6 +41,7 @@ _ENUM_TO_NAME: dict[int, str] = {int(v): k for k, v in _NAME_TO_ENUM.items()}
 _NUMPY: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<") for name in _NAME_TO_ENUM if name != BYTES
 }
+_WIRE_NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in _NUMPY.items()}
 _KIND_TO_ENUM = {
     bool: prediction_pb2.ParameterSpec.KIND_BOOL,
     int: prediction_pb2.ParameterSpec.KIND_INT,
@@ -200,15 +201,14 @@ def encode_tensor(value: Array, out: tensor_pb2.Tensor) -> None:
         out.shape.append(len(value))
         out.elements.extend(value)
         return
-    name = value.dtype.name
-    enum = _NAME_TO_ENUM.get(name)
-    if enum is None or name == BYTES:
-        raise TypeError(f"cannot send dtype {value.dtype} on the wire")
-    out.dtype = enum
+    name = _WIRE_NAMES.get(value.dtype)  # fast path: already a little-endian wire dtype
+    if name is None:
+        name = value.dtype.name
+        if name not in _NUMPY:
+            raise TypeError(f"cannot send dtype {value.dtype} on the wire")
+        value = value.astype(_NUMPY[name])
+    out.dtype = _NAME_TO_ENUM[name]
     out.shape.extend(value.shape)
-    wire = _NUMPY[name]
-    if value.dtype != wire:
-        value = value.astype(wire)
     base = value.base
     while isinstance(base, np.ndarray):
         base = base.base

@@ -27,6 +27,8 @@ class Recording(Model):
         self.threads: set[int] = set()
         self.cost_s = cost_s
         self.fail = fail
+        self.running = 0
+        self.most_at_once = 0
 
     def load(self) -> None:
         pass
@@ -36,8 +38,11 @@ class Recording(Model):
         assert isinstance(x, np.ndarray)
         self.calls.append(len(x))
         self.threads.add(threading.get_ident())
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
         if self.cost_s:
             time.sleep(self.cost_s)
+        self.running -= 1
         if self.fail:
             raise RuntimeError("model blew up")
         return {"y": x * 2}
@@ -149,6 +154,24 @@ async def test_expired_work_is_dropped_and_never_computed() -> None:
     assert counts.dropped == 3
 
 
+async def test_a_cancelled_caller_keeps_its_worker_busy_until_the_model_returns() -> None:
+    model = Recording(cost_s=0.2)
+    batcher = await _with_batcher(model, BatchingConfig(max_batch_size=1, workers=1))
+    try:
+        first = asyncio.ensure_future(batcher.submit(_x(1), {}, None))
+        await asyncio.sleep(0.05)  # the model is running it
+        first.cancel()
+        # the worker is still busy: this one queues, and expires there uncomputed
+        with pytest.raises(DeadlineExpired, match="while queued"):
+            await batcher.submit(_x(2), {}, time.monotonic() + 0.05)
+        out = await batcher.submit(_x(3), {}, None)
+    finally:
+        await batcher.close()
+    assert first.cancelled()
+    assert float(out["y"][0, 0]) == 6.0
+    assert model.calls == [1, 1] and model.most_at_once == 1
+
+
 async def test_model_failure_reaches_every_caller_of_the_batch() -> None:
     model = Recording(fail=True)
     batcher = await _with_batcher(model, BatchingConfig(max_batch_size=4, max_queue_delay_ms=20))
@@ -169,7 +192,7 @@ async def test_closed_batcher_refuses() -> None:
 
 
 def test_admission_refuses_beyond_the_limit_at_once() -> None:
-    admission = Admission(2, BatchObserver())
+    admission = Admission(2)
     admission.acquire()
     admission.acquire()
     with pytest.raises(Overloaded, match="limit 2"):
