@@ -148,7 +148,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser, kind: Kind) -> None:
         help="torch/OpenMP threads of this process (default 1: 2 cores are shared)",
     )
     work.add_argument(
-        "--grace", type=float, default=10.0, help="seconds to drain in-flight calls on SIGTERM"
+        "--grace", type=float, default=10.0, help="seconds to drain in-flight calls on SIGTERM (default 10)"
     )
     reg = parser.add_argument_group("registry and observability")
     reg.add_argument(
