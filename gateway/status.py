@@ -10,7 +10,6 @@ from meshserve.gateway.discovery import Registered, registered_from_health
 from meshserve.gateway.policy import default_policies
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
-from meshserve.registry.consul_http import translate_errors
 
 
 @dataclass(frozen=True)
@@ -38,8 +37,7 @@ async def read_status(config: RegistryConfig) -> dict[str, Any]:
     registered: dict[str, tuple[Registered, ...]] = {}
     async with RegistryClient(config) as client:
         for role, name in SERVICE_NAMES.items():
-            with translate_errors(f"read {name}", config):
-                _, entries = await client.consul.health.service(name)
+            _, entries = await client.call(f"read {name}", client.consul.health.service(name))
             registered[role] = registered_from_health(entries)
     for role, found in registered.items():
         services[role] = [ReplicaStatus(r.instance.id, r.instance.target, r.status,

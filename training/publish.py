@@ -22,7 +22,6 @@ from typing import Any
 
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
-from meshserve.registry.consul_http import translate_errors
 from meshserve.registry.instances import Instance, instance_from_entry
 from meshserve.training.artifacts import meshserve_home
 from meshserve.training.shards import ShardManifest, read_manifest
@@ -134,8 +133,7 @@ def aggregate_status(checks: list[Mapping[str, Any]]) -> str:
 async def registered_indexers(config: RegistryConfig) -> list[Replica]:
     """Every registered indexer, passing or not, with its health."""
     async with RegistryClient(config) as client:
-        with translate_errors(f"read {INDEXER_SERVICE}", config):
-            _, entries = await client.consul.health.service(INDEXER_SERVICE)
+        _, entries = await client.call(f"read {INDEXER_SERVICE}", client.consul.health.service(INDEXER_SERVICE))
     return [Replica(instance_from_entry(e), aggregate_status(e.get("Checks") or [])) for e in entries]
 
 
