@@ -1,0 +1,137 @@
+"""The `detector` kind: product boxes, category labels and scores for encoded images.
+
+Predict(image bytes [N]; min_score) → boxes f32 [N, K, 4] (pixels x_min, y_min, x_max, y_max of
+the upright image), scores f32 [N, K], labels i64 [N, K], label_names bytes [C]. K is the
+model's max detections; rows past an image's detections are padding with score 0. Undecodable
+images, decompression bombs and the like are INVALID_ARGUMENT naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import numpy as np
+
+from meshserve.servers.embedder import decode_rows
+from meshserve.servers.images import DEFAULT_LIMITS, ImageLimits
+from meshserve.servers.model import BYTES, Arrays, Model, Params, ParamSpec, Signature, TensorSpec
+
+MAX_IMAGES = 16
+
+
+def _detector_config(model_dir: str) -> dict:
+    import json
+    from pathlib import Path
+
+    from meshserve.training.detector import CONFIG_FILE
+
+    return dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
+
+
+def pad_detections(
+    boxes: Sequence[np.ndarray], labels: Sequence[np.ndarray], scores: Sequence[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image detections → fixed [N, K] arrays, padding with score 0 (best first)."""
+    n = len(boxes)
+    out_b = np.zeros((n, k, 4), np.float32)
+    out_l = np.zeros((n, k), np.int64)
+    out_s = np.zeros((n, k), np.float32)
+    for i, (b, lab, s) in enumerate(zip(boxes, labels, scores, strict=True)):
+        order = np.argsort(-s, kind="stable")[:k]
+        m = len(order)
+        out_b[i, :m], out_l[i, :m], out_s[i, :m] = b[order], lab[order], s[order]
+    return out_b, out_l, out_s
+
+
+class DetectorModel(Model):
+    role = "detector"
+
+    def __init__(self, model_dir: str, limits: ImageLimits = DEFAULT_LIMITS):
+        from meshserve.training.artifacts import read_card
+        from meshserve.training.catalogue import CATEGORY_NAMES
+
+        self.model_dir = model_dir
+        self.limits = limits
+        card = read_card(model_dir)
+        self.name = card.name or "detector"
+        self.version = card.version
+        cfg = _detector_config(model_dir)
+        self.max_detections = int(cfg["max_detections"])
+        self.default_score = float(cfg["score_threshold"])
+        self.label_names = [name.encode() for name in CATEGORY_NAMES[: int(cfg["n_classes"])]]
+        self.detector = None
+        k = self.max_detections
+        self.signature = Signature(
+            inputs=(
+                TensorSpec("image", BYTES, (-1,), max_shape=(MAX_IMAGES,),
+                           max_element_bytes=limits.max_bytes, description="encoded JPEG/PNG/WebP"),
+            ),
+            outputs=(
+                TensorSpec("boxes", "float32", (-1, k, 4), description="pixels, upright image"),
+                TensorSpec("scores", "float32", (-1, k), description="0 marks padding rows"),
+                TensorSpec("labels", "int64", (-1, k), description="index into label_names"),
+                TensorSpec("label_names", BYTES, (-1,), description="category names"),
+            ),
+            parameters=(
+                ParamSpec("min_score", float, self.default_score, min=0.0, max=1.0,
+                          description="drop detections scoring below this"),
+            ),
+        )  # fmt: skip
+
+    def load(self) -> None:
+        from meshserve.training.detector import Detector
+
+        self.detector = Detector.load(self.model_dir)
+        self.detector.version = self.version
+
+    def warmup(self) -> None:
+        self.predict({"image": [np.full((96, 96, 3), 127, np.uint8)]},
+                     {"min_score": self.default_score})
+
+    def check(self, inputs: Arrays, params: Params) -> None:
+        # Decoded before queueing, so one bad image fails only its own request, never a batch
+        # it would have joined. The decoded arrays replace the bytes.
+        inputs["image"] = decode_rows(inputs, self.limits)  # type: ignore[assignment]
+
+    def predict(self, inputs: Arrays, params: Params) -> Arrays:
+        assert self.detector is not None, "load() first"
+        images = decode_rows(inputs, self.limits)
+        boxes, labels, scores = self.detector.detect(images, float(params["min_score"]))
+        b, lab, s = pad_detections(boxes, labels, scores, self.max_detections)
+        return {"boxes": b, "scores": s, "labels": lab, "label_names": list(self.label_names)}
+
+    def unbatch(self, outputs: Arrays, sizes: Sequence[int]) -> list[Arrays]:
+        names = outputs.pop("label_names")
+        parts = super().unbatch(outputs, sizes)
+        for part in parts:
+            part["label_names"] = names
+        return parts
+
+
+def detect_in_process(detector, image: bytes, min_score: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """What the server computes for one image (for tests and offline use), padded to K."""
+    from meshserve.servers.images import decode_image
+
+    boxes, labels, scores = detector.detect([decode_image(image)], min_score)
+    b, lab, s = pad_detections(boxes, labels, scores, detector.cfg.max_detections)
+    return b[0], lab[0], s[0]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        help="artifact directory models/detector/<version> or a version id "
+        "(default: the newest under $MESHSERVE_HOME)",
+    )
+
+
+def build(args: argparse.Namespace) -> Model:
+    from meshserve.errors import MeshError
+    from meshserve.training.artifacts import resolve_model_dir
+
+    try:
+        path = resolve_model_dir("detector", args.model)
+    except MeshError as exc:
+        raise ValueError(str(exc)) from exc
+    return DetectorModel(str(path))
