@@ -1,7 +1,8 @@
 """Sharded ANN search vs one index: recall of the merged top-k, per-shard ef, latency, build cost.
 
 Run:  python bench/shards.py                      # clustered vectors, 20,000 x 128, S = 1, 4, 8
-      python bench/shards.py --vectors emb.npy    # your own (e.g. catalogue) embeddings
+      python bench/shards.py --catalogue          # the catalogue's listing photos, held-out query photos
+      python bench/shards.py --vectors emb.npy    # your own embeddings
       python bench/shards.py --synthetic 1000000  # build time and memory per shard, 8 shards
 
 Recall is measured against exact (brute-force) search over the same items; the
@@ -126,11 +127,32 @@ def build_cost(n: int, dim: int, shards: int, params: HnswParams) -> None:
             del loaded
 
 
+def catalogue_vectors(n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """Listing-photo vectors of every item (what shards hold) and held-out query-photo vectors."""
+    from meshserve.training.artifacts import latest
+    from meshserve.training.catalogue import load_items
+    from meshserve.training.embedder import Embedder
+    from meshserve.training.evaluate import eval_photos, query_crops
+    from meshserve.training.shard_build import embed_listings
+
+    embedder_dir = latest("embedder")
+    if embedder_dir is None:
+        raise SystemExit("no embedder artifact: run `meshserve train --quick` first")
+    items = load_items()
+    base, _ = embed_listings(items, embedder_dir)
+    embedder = Embedder.load(embedder_dir)
+    crops, _ = query_crops(eval_photos(items, n_queries), embedder.cfg.crop_size)
+    return base, embedder.embed_crops(crops)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--items", type=int, default=20_000, help="clustered vectors for the recall table")
     parser.add_argument("--queries", type=int, default=1_000)
     parser.add_argument("--vectors", type=Path, help=".npy of L2-normalised [N, D] vectors to use instead")
+    parser.add_argument("--catalogue", action="store_true",
+                        help="index the catalogue's listing photos with the newest embedder and query with "
+                        "held-out photos (MESHSERVE_HOME must hold a trained embedder)")
     parser.add_argument("--synthetic", type=int, metavar="N", help="report build time/memory for N vectors")
     parser.add_argument("--M", type=int, default=16)
     parser.add_argument("--ef-construction", type=int, default=200)
@@ -140,6 +162,10 @@ def main() -> None:
 
     if args.synthetic:
         build_cost(args.synthetic, 128, 8, params)
+        return
+    if args.catalogue:
+        base, queries = catalogue_vectors(args.queries)
+        recall_table(base, queries, params)
         return
     if args.vectors:
         vectors = np.load(args.vectors).astype(np.float32)
