@@ -409,8 +409,6 @@ def parse_service(raw: Any) -> tuple[ServiceDef, list[CheckDef]]:
     if not name:
         raise BadRequest("Missing service name")
     service_id = as_str(f.get("ID"), "ID") or name
-    if "/" in service_id:
-        raise BadRequest(f"Invalid service ID {service_id!r}: it must not contain '/'")
     meta = as_str_map(f.get("Meta"), "Meta")
     validate_meta(meta)
     weights = {"Passing": 1, "Warning": 1}
