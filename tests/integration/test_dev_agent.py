@@ -328,6 +328,11 @@ def test_tag_and_filter_parameters(c: consul.Consul) -> None:
         [f"{name}-a", f"{name}-b"]
     with pytest.raises(consul.base.ConsulException, match="400"):
         c.health.service(name, filter_expr="Service.Meta.shard ===")
+    # filters never change the index
+    indexes = {c.health.service(name)[0], c.health.service(name, passing=True)[0],
+               c.health.service(name, tag="green")[0],
+               c.health.service(name, filter_expr='Service.Meta.shard == "2"')[0]}
+    assert len(indexes) == 1
 
 
 # ---- blocking queries and indexes ---------------------------------------------------------------
