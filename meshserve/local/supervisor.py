@@ -116,19 +116,20 @@ class Supervisor:
                 events.append(f"{child.spec.name} restarted (pid {replacement.proc.pid})")
         return events
 
-    def stop_all(self, grace: float = 15.0, order: Sequence[str] = ()) -> None:
-        """SIGTERM children (those named in `order` first, in that order; the rest in reverse start
-        order), wait up to `grace` seconds, then SIGKILL every process group left."""
-        first = [c for name in order for c in self.children if c.spec.name == name]
-        rest = [c for c in reversed(self.children) if c not in first]
-        for child in (*first, *rest):
-            if child.alive:
-                child.proc.send_signal(signal.SIGTERM)
-                if child in first:
-                    self._wait(child, grace)
-        deadline = time.monotonic() + grace
-        for child in rest:
-            self._wait(child, max(0.1, deadline - time.monotonic()))
+    def stop_all(self, grace: float = 15.0, first: Sequence[str] = (), last: Sequence[str] = ()) -> None:
+        """SIGTERM every child in three waves — those named in `first`, then the rest, then those in
+        `last` — each wave waited for up to `grace` seconds; finally SIGKILL every process group left."""
+        by_name = {c.spec.name: c for c in self.children}
+        wave_one = [by_name[n] for n in first if n in by_name]
+        wave_three = [by_name[n] for n in last if n in by_name]
+        wave_two = [c for c in reversed(self.children) if c not in wave_one and c not in wave_three]
+        for wave in (wave_one, wave_two, wave_three):
+            for child in wave:
+                if child.alive:
+                    child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for child in wave:
+                self._wait(child, max(0.1, deadline - time.monotonic()))
         for child in self.children:
             try:
                 os.killpg(child.proc.pid, signal.SIGKILL)

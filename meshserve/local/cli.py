@@ -1,0 +1,106 @@
+"""`meshserve up` and `meshserve demo`: the whole mesh on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway-addr", default="127.0.0.1:50050", help="gateway HOST:PORT (default 127.0.0.1:50050)")
+    parser.add_argument("--consul", help="use this Consul (URL) instead of starting the dev registry")
+    parser.add_argument("--registry-addr", default="127.0.0.1:8500",
+                        help="where the dev registry listens when --consul is not given (default 127.0.0.1:8500)")
+    parser.add_argument("--detectors", type=int, default=2, help="detector replicas (default 2)")
+    parser.add_argument("--embedders", type=int, default=2, help="embedder replicas (default 2)")
+    parser.add_argument("--shards", type=int, default=4, help="index shards over the catalogue (default 4)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per model server (default 1)")
+
+
+def add_commands(subparsers: Any) -> None:
+    epilog = ("MESHSERVE_HOME holds the catalogue, models, shards, logs and traces "
+              "(default ~/.cache/meshserve). Models are trained with `train --quick` first if missing.")
+    up = subparsers.add_parser(
+        "up", help="run the whole mesh locally until Ctrl-C",
+        description="Start the dev registry (or use --consul), train quick models if none exist, then "
+        "detectors, embedders, classifiers, the shipping estimator, the indexer shards and the gateway; "
+        "print where everything listens; Ctrl-C stops everything.", epilog=epilog,
+    )  # fmt: skip
+    _add_mesh_arguments(up)
+    up.set_defaults(func=_up)
+
+    demo = subparsers.add_parser(
+        "demo", help="up + example searches + a picture of the results + one trace, then stop",
+        description="Bring the mesh up, search held-out photos through the gateway, write a contact sheet "
+        "PNG, print one search's trace as a waterfall, coverage and versions, and stop the mesh.",
+        epilog=epilog,
+    )  # fmt: skip
+    _add_mesh_arguments(demo)
+    demo.add_argument("--queries", type=int, default=6, help="held-out photos to search (default 6)")
+    demo.add_argument("-o", "--out", type=Path, help="contact sheet PNG (default $MESHSERVE_HOME/demo/results.png)")
+    demo.set_defaults(func=_demo)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from meshserve.local.mesh import MeshConfig
+    from meshserve.training.artifacts import meshserve_home
+
+    return MeshConfig(home=meshserve_home(), consul=args.consul, registry_addr=args.registry_addr,
+                      gateway_addr=args.gateway_addr, detectors=args.detectors, embedders=args.embedders,
+                      shards=args.shards, threads=args.threads)  # fmt: skip
+
+
+def _up(args: argparse.Namespace) -> int:
+    import signal
+
+    from meshserve.local.mesh import LocalMesh
+
+    try:
+        config = _config(args)
+    except ValueError as exc:
+        print(f"meshserve up: {exc}", file=sys.stderr)
+        return 2
+    stop = {"requested": False}
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop["requested"] = True
+
+    mesh = LocalMesh(config)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        info = mesh.start()
+        print(f"\nmeshserve is up:\n{info.table()}\n\nCtrl-C stops everything.", flush=True)
+        signal.signal(signal.SIGINT, request_stop)
+        mesh.watch(lambda: stop["requested"])
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"meshserve up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping …", flush=True)
+        mesh.stop()
+        print("stopped", flush=True)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from meshserve.local.demo import run_demo
+
+    try:
+        config = _config(args)
+    except ValueError as exc:
+        print(f"meshserve demo: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or config.home / "demo" / "results.png"
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        return run_demo(config, out, queries=args.queries, say=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        return 130
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"meshserve demo: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,244 @@
+"""The whole mesh on one machine: registry, models, shards and gateway as supervised children."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshserve.local.supervisor import Child, ChildSpec, Supervisor
+from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
+
+log = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    home: Path
+    consul: str | None = None  # None: start the dev agent on registry_addr
+    registry_addr: str = "127.0.0.1:8500"
+    gateway_addr: str = "127.0.0.1:50050"
+    detectors: int = 2
+    embedders: int = 2
+    shards: int = 4
+    threads: int = 1
+    check_interval_s: float = 1.0
+    ready_timeout_s: float = 180.0
+    trace_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.detectors < 1 or self.embedders < 1 or self.shards < 1:
+            raise ValueError("need at least one detector, one embedder and one shard")
+        host, _, port = self.gateway_addr.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--gateway-addr {self.gateway_addr!r} is not HOST:PORT")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "up"
+
+
+@dataclass
+class Endpoint:
+    role: str
+    name: str
+    target: str
+    child: Child
+
+
+@dataclass
+class MeshInfo:
+    registry: str
+    gateway: str
+    endpoints: list[Endpoint] = field(default_factory=list)
+    trace_file: Path | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def table(self) -> str:
+        lines = [f"registry   {self.registry}",
+                 f"gateway    {self.gateway}   (meshserve search IMAGE --gateway {self.gateway})"]
+        for e in self.endpoints:
+            lines.append(f"{e.role:<10} {e.target:<22} {e.name:<18} pid {e.child.proc.pid:<7} log {e.child.log_path}")
+        if self.trace_file:
+            lines.append(f"traces     {self.trace_file}")
+        return "\n".join(lines)
+
+
+def _leader_answers(http_addr: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{http_addr}/v1/status/leader", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+class LocalMesh:
+    def __init__(self, config: MeshConfig, say: Say = print):
+        self.config = config
+        self.say = say
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        self.trace_file = config.trace_file or config.run_dir / "traces.jsonl"
+        self.registry_addr = config.consul or f"http://{config.registry_addr}"
+        env = {"MESHSERVE_HOME": str(config.home), "CONSUL_HTTP_ADDR": self.registry_addr,
+               "MESHSERVE_TRACE_FILE": str(self.trace_file)}  # fmt: skip
+        self.supervisor = Supervisor(config.run_dir / "logs", env)
+        self._ports = config.run_dir / "ports"
+        self._ports.mkdir(exist_ok=True)
+
+    # -- bring up -------------------------------------------------------------------------------
+
+    def start(self) -> MeshInfo:
+        cfg = self.config
+        self.trace_file.unlink(missing_ok=True)
+        if cfg.consul is None:
+            self._start_registry()
+        elif not _leader_answers(self.registry_addr):
+            raise RuntimeError(f"Consul at {self.registry_addr} does not answer /v1/status/leader")
+        self._train_if_missing()
+        shard_dirs = self._build_shards()
+
+        info = MeshInfo(self.registry_addr, cfg.gateway_addr, trace_file=self.trace_file)
+        plan: list[tuple[str, str, list[str]]] = []
+        plan += [("detector", f"detector-{i}", ["serve", "detector"]) for i in range(cfg.detectors)]
+        plan += [("embedder", f"embedder-{i}", ["serve", "embedder"]) for i in range(cfg.embedders)]
+        plan += [("classifier", f"classifier-{name}", ["serve", "classifier", "--model", name])
+                 for name in self._classifier_names()]  # fmt: skip
+        plan += [("shipping", "shipping", ["serve", "shipping"])]
+        plan += [("indexer", f"indexer-{d.name}", ["serve", "indexer", "--shard", str(d)]) for d in shard_dirs]
+        self.say(f"starting {len(plan)} model servers …")
+        for role, name, args in plan:
+            port_file = self._ports / f"{name}.port"
+            spec = ChildSpec(name, (*args, "--port", "0", "--port-file", str(port_file), "--threads",
+                                    str(cfg.threads), "--check-interval", str(cfg.check_interval_s)),
+                             port_file=port_file)  # fmt: skip
+            info.endpoints.append(Endpoint(role, name, "", self.supervisor.start(spec)))
+        for endpoint in info.endpoints:
+            port = self.supervisor.wait_port(endpoint.child, cfg.ready_timeout_s)
+            endpoint.target = f"127.0.0.1:{port}"
+        self._wait_passing(info.endpoints)
+
+        host, _, port = cfg.gateway_addr.rpartition(":")
+        gateway_port_file = self._ports / "gateway.port"
+        gateway = self.supervisor.start(ChildSpec(
+            "gateway", ("gateway", "--host", host, "--port", port, "--port-file", str(gateway_port_file),
+                        "--check-interval", str(cfg.check_interval_s)),
+            port_file=gateway_port_file))  # fmt: skip
+        self.supervisor.wait_port(gateway, cfg.ready_timeout_s)
+        gateway_endpoint = Endpoint("gateway", "gateway", cfg.gateway_addr, gateway)
+        self._wait_passing([gateway_endpoint])
+        info.endpoints.append(gateway_endpoint)
+        return info
+
+    def _start_registry(self) -> None:
+        if _leader_answers(self.registry_addr):
+            raise RuntimeError(f"something already answers as Consul on {self.registry_addr}; "
+                               "stop it, or pass --consul to use it")  # fmt: skip
+        spec = ChildSpec("registry", ("registry", "dev", "--http-addr", self.config.registry_addr))
+        child = self.supervisor.start(spec)
+        deadline = time.monotonic() + 30
+        while not _leader_answers(self.registry_addr):
+            if not child.alive or time.monotonic() > deadline:
+                raise RuntimeError(f"the dev registry did not come up: {self.supervisor.tail(child)}")
+            time.sleep(0.05)
+        self.say(f"dev registry on {self.registry_addr}")
+
+    def _train_if_missing(self) -> None:
+        from meshserve.training.artifacts import latest
+
+        missing = [k for k in ("detector", "embedder", "classifier", "shipping") if latest(k, self.config.home) is None]
+        if not missing:
+            return
+        self.say(f"no trained {', '.join(missing)} yet: running `meshserve train --quick` (about 3 minutes) …")
+        import subprocess
+
+        kinds = ",".join(missing)
+        done = subprocess.run([sys.executable, "-m", "meshserve", "train", "--quick", "--only", kinds],
+                              env={**os.environ, "MESHSERVE_HOME": str(self.config.home)})  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"training failed (exit {done.returncode})")
+
+    def _build_shards(self) -> list[Path]:
+        """The newest embedder's shard set over the catalogue, built once and reused."""
+        from meshserve.training.artifacts import latest
+        from meshserve.training.catalogue import load_items
+        from meshserve.training.shard_build import ItemSlice, build_from_catalogue
+        from meshserve.training.shards import ShardError, read_manifest
+
+        embedder_dir = latest("embedder", self.config.home)
+        assert embedder_dir is not None
+        ids = [item.item_id for item in load_items(self.config.home)]
+        parts = self.config.shards
+        bounds = [ids[0] + (len(ids) * i) // parts for i in range(parts)] + [ids[-1] + 1]
+        root = self.config.run_dir / "shards" / embedder_dir.name
+        dirs = []
+        for i in range(parts):
+            shard_dir = root / f"base-{i}"
+            lo, hi = bounds[i], bounds[i + 1]
+            try:
+                manifest = read_manifest(shard_dir)
+                fresh = manifest.items == ItemSlice("ids", lo, hi).describe()
+            except ShardError:
+                fresh = False
+            if not fresh:
+                self.say(f"building shard base-{i} (items {lo}–{hi - 1}) …")
+                build_from_catalogue(shard_dir, ItemSlice("ids", lo, hi), embedder=str(embedder_dir),
+                                     shard=f"base-{i}", home=self.config.home)  # fmt: skip
+            dirs.append(shard_dir)
+        return dirs
+
+    def _classifier_names(self) -> list[str]:
+        from meshserve.training.artifacts import latest
+
+        newest = latest("classifier", self.config.home)
+        if newest is None:
+            return []
+        return sorted(p.name for p in newest.iterdir() if p.is_dir() and (p / "card.json").is_file())
+
+    def _wait_passing(self, endpoints: list[Endpoint]) -> None:
+        from meshserve.registry.client import RegistryClient
+
+        role_service = {**SERVICE_NAMES}
+        wanted = {(role_service[e.role], e.target) for e in endpoints}
+        registry = RegistryConfig.from_env(http_addr=self.registry_addr)
+
+        async def passing() -> set[tuple[str, str]]:
+            found = set()
+            async with RegistryClient(registry) as client:
+                for service in {s for s, _ in wanted}:
+                    for instance in await client.passing(service):
+                        found.add((service, instance.target))
+            return found
+
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        while True:
+            missing = wanted - asyncio.run(passing())
+            if not missing:
+                return
+            for e in endpoints:
+                if not e.child.alive:
+                    tail = self.supervisor.tail(e.child)
+                    raise RuntimeError(f"{e.name} exited with {e.child.proc.returncode}: {tail}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not passing after {self.config.ready_timeout_s:.0f}s: {sorted(missing)}")
+            time.sleep(0.2)
+
+    # -- run and stop ---------------------------------------------------------------------------
+
+    def watch(self, stop_requested: Callable[[], bool]) -> None:
+        while not stop_requested():
+            for event in self.supervisor.check():
+                self.say(event)
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        # The gateway first (no new searches), then the model servers, the registry last so
+        # everyone can deregister.
+        self.supervisor.stop_all(grace=15.0, first=("gateway",), last=("registry",))
