@@ -65,7 +65,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def run_dev(args: argparse.Namespace) -> int:
     import asyncio
 
-    from meshserve.registry.dev_agent import AgentConfig, serve
+    from meshserve.registry.dev_agent import AgentConfig
+    from meshserve.registry.dev_serve import serve
 
     host, port = args.http_addr
     config = AgentConfig(

@@ -6,9 +6,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import signal
-import socket
-import uuid
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,21 +14,30 @@ from typing import Any
 from aiohttp import web
 
 from meshserve.registry import dev_persist, dev_render
-from meshserve.registry.dev_checks import CheckRunner
-from meshserve.registry.dev_filter import compile_filter
+from meshserve.registry.dev_http import (
+    blocking_params,
+    bool_param,
+    dumps,
+    filter_param,
+    index_headers,
+    keys_view,
+    reject_constant,
+    required_bool,
+    text_response,
+    too_large,
+    uint_param,
+)
 from meshserve.registry.dev_notify import block_until_changed
 from meshserve.registry.dev_schema import (
     KV_VALUE_MAX,
     BadRequest,
     CheckDef,
     parse_check,
-    parse_go_duration,
     parse_service,
 )
 from meshserve.registry.dev_state import (
     CATALOG_TOPIC,
     DevState,
-    NodeInfo,
     NotFoundError,
     ServerError,
 )
@@ -103,28 +109,28 @@ class DevAgent:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.in_flight >= MAX_IN_FLIGHT:
-            return _text(429, f"Too many requests in flight ({MAX_IN_FLIGHT}); retry later")
+            return text_response(429, f"Too many requests in flight ({MAX_IN_FLIGHT}); retry later")
         self.in_flight += 1
         try:
             self._check_dc(request)
             return await handler(request)
         except BadRequest as exc:
-            return _text(exc.status, str(exc))
+            return text_response(exc.status, str(exc))
         except NotFoundError as exc:
-            return _text(404, str(exc))
+            return text_response(404, str(exc))
         except ServerError as exc:
-            return _text(500, str(exc))
+            return text_response(500, str(exc))
         except web.HTTPRequestEntityTooLarge:
-            return _text(413, f"Request body too large, max size: {MAX_BODY} bytes")
+            return text_response(413, f"Request body too large, max size: {MAX_BODY} bytes")
         except web.HTTPException as exc:
             if exc.status >= 400 and not exc.text:
-                return _text(exc.status, exc.reason)
+                return text_response(exc.status, exc.reason)
             raise
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:
             log.exception("internal error answering %s %s", request.method, request.path_qs)
-            return _text(500, "Internal error in the meshserve dev agent (see its log)")
+            return text_response(500, "Internal error in the meshserve dev agent (see its log)")
         finally:
             self.in_flight -= 1
 
@@ -189,13 +195,13 @@ class DevAgent:
 
     def _indexed_body(self, body: bytes, index: int) -> web.Response:
         resp = web.Response(body=body, content_type="application/json")
-        _index_headers(resp, index)
+        index_headers(resp, index)
         return resp
 
     def _indexed(self, data: Any, index: int, filtered: bool = False,
                  status: int = 200) -> web.Response:
-        resp = web.json_response(data, status=status, dumps=_dumps)
-        _index_headers(resp, index)
+        resp = web.json_response(data, status=status, dumps=dumps)
+        index_headers(resp, index)
         if filtered:
             resp.headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
         return resp
@@ -205,7 +211,7 @@ class DevAgent:
         if not body.strip():
             raise BadRequest("Request decode failed: EOF")
         try:
-            return json.loads(body, parse_constant=_reject_constant)
+            return json.loads(body, parse_constant=reject_constant)
         except (ValueError, RecursionError) as exc:
             raise BadRequest(f"Request decode failed: {exc}") from None
 
@@ -217,7 +223,7 @@ class DevAgent:
     async def _block(self, request: web.Request, index_of: Callable[[], int],
                      topics: tuple[Hashable, ...] = (),
                      kv_prefix: Callable[[], str | None] | None = None) -> int:
-        min_index, wait = _blocking_params(request)
+        min_index, wait = blocking_params(request)
         return await block_until_changed(self.state.notifier, index_of, min_index, wait,
                                          topics, kv_prefix)
 
@@ -261,7 +267,7 @@ class DevAgent:
 
     async def service_maintenance(self, request: web.Request) -> web.Response:
         service_id = request.match_info["id"]
-        enable = _required_bool(request, "enable")
+        enable = required_bool(request, "enable")
         svc = self._known_service(request, service_id)
         self._require_write(request, "service:write", svc.definition.name)
         self.state.service_maintenance(service_id, enable, request.query.get("reason", ""))
@@ -269,7 +275,7 @@ class DevAgent:
         return web.Response(status=200)
 
     async def node_maintenance(self, request: web.Request) -> web.Response:
-        enable = _required_bool(request, "enable")
+        enable = required_bool(request, "enable")
         self._require_write(request, "node:write", self.state.node.name)
         self.state.node_maintenance(enable, request.query.get("reason", ""))
         await self._committed()
@@ -286,7 +292,7 @@ class DevAgent:
 
     async def agent_services(self, request: web.Request) -> web.Response:
         readable = self._can_read(request)
-        match = _filter_param(request)
+        match = filter_param(request)
         out = {}
         for sid, svc in self.state.services.items():
             item = dev_render.agent_service_json(svc, self.state.node.datacenter)
@@ -299,7 +305,7 @@ class DevAgent:
 
     async def agent_checks(self, request: web.Request) -> web.Response:
         readable = self._can_read(request)
-        match = _filter_param(request)
+        match = filter_param(request)
         out = {}
         for cid, check in self.state.checks.items():
             item = dev_render.check_json(check, self.state.node, self.state.services, indexes=False)
@@ -354,10 +360,10 @@ class DevAgent:
     async def health_service(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         readable = self._can_read(request)
-        passing = _bool_param(request, "passing")
+        passing = bool_param(request, "passing")
         tags = tuple(t.lower() for t in request.query.getall("tag", []))
         expr = request.query.get("filter", "")
-        match = _filter_param(request)
+        match = filter_param(request)
         index = await self._block(request, lambda: self.state.health_index(name),
                                   topics=(("svc", name),))
         # Many watchers of one service wake together on one change: render that answer once.
@@ -378,7 +384,7 @@ class DevAgent:
                     out.append(item)
             if len(self._health_cache) >= HEALTH_CACHE_SIZE:
                 self._health_cache.clear()
-            cached = self._health_cache[key] = (_dumps(out).encode(), bool(out))
+            cached = self._health_cache[key] = (dumps(out).encode(), bool(out))
         body, nonempty = cached
         if not readable:
             return self._indexed([], index, filtered=nonempty)
@@ -387,7 +393,7 @@ class DevAgent:
     async def health_checks(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         readable = self._can_read(request)
-        match = _filter_param(request)
+        match = filter_param(request)
         index = await self._block(request, lambda: self.state.health_index(name),
                                   topics=(("svc", name),))
         out = []
@@ -414,7 +420,7 @@ class DevAgent:
         name = request.match_info["name"]
         readable = self._can_read(request)
         tags = [t.lower() for t in request.query.getall("tag", [])]
-        match = _filter_param(request)
+        match = filter_param(request)
         index = await self._block(request, lambda: self.state.health_index(name),
                                   topics=(("svc", name),))
         out = []
@@ -442,7 +448,7 @@ class DevAgent:
             if not readable:
                 entries = []
             if "keys" in query:
-                keys = _keys_view(key, [e.key for e in entries], query.get("separator", ""))
+                keys = keys_view(key, [e.key for e in entries], query.get("separator", ""))
                 if not keys:
                     return self._indexed(None, index, filtered, status=404)
                 return self._indexed(keys, index, filtered)
@@ -468,14 +474,14 @@ class DevAgent:
             raise BadRequest("Missing key name")
         if "acquire" in request.query or "release" in request.query:
             raise BadRequest("Sessions (acquire/release) are not supported by the meshserve dev agent")
-        flags = _uint_param(request, "flags", "Invalid flags")
-        cas = _uint_param(request, "cas", "Invalid cas index")
+        flags = uint_param(request, "flags", "Invalid flags")
+        cas = uint_param(request, "cas", "Invalid cas index")
         self._require_write(request, "key:write", key)
         if request.content_length is not None and request.content_length > KV_VALUE_MAX:
-            raise BadRequest(_too_large(request.content_length), status=413)
+            raise BadRequest(too_large(request.content_length), status=413)
         value = await request.read()
         if len(value) > KV_VALUE_MAX:
-            raise BadRequest(_too_large(len(value)), status=413)
+            raise BadRequest(too_large(len(value)), status=413)
         ok = self.state.kv_put(key, value or None, flags, cas)
         await self._committed()
         return web.json_response(ok)
@@ -485,180 +491,8 @@ class DevAgent:
         recurse = "recurse" in request.query
         if not key and not recurse:
             raise BadRequest("Missing key name")
-        cas = _uint_param(request, "cas", "Invalid cas index")
+        cas = uint_param(request, "cas", "Invalid cas index")
         self._require_write(request, "key:write", key)
         ok = self.state.kv_delete(key, recurse, cas)
         await self._committed()
         return web.json_response(ok)
-
-
-# ---- helpers -------------------------------------------------------------------------------------
-
-
-def _index_headers(resp: web.Response, index: int) -> None:
-    resp.headers["X-Consul-Index"] = str(max(1, index))
-    resp.headers["X-Consul-KnownLeader"] = "true"
-    resp.headers["X-Consul-LastContact"] = "0"
-    resp.headers["X-Consul-Effective-Consistency"] = "leader"
-
-
-def _dumps(data: Any) -> str:
-    return json.dumps(data, separators=(",", ":"))
-
-
-def _text(status: int, message: str) -> web.Response:
-    return web.Response(status=status, text=message, content_type="text/plain")
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"invalid character '{name[0]}' looking for beginning of value")
-
-
-def _too_large(size: int) -> str:
-    return (f"Request body({size} bytes) too large, max size: {KV_VALUE_MAX} bytes. "
-            "See https://developer.hashicorp.com/consul/docs/agent/config/config-files#kv_max_value_size.")
-
-
-def _blocking_params(request: web.Request) -> tuple[int, float | None]:
-    index = 0
-    if "index" in request.query:
-        raw = request.query["index"]
-        if not raw.isdigit() or int(raw) >= 2**64:
-            raise BadRequest("Invalid index")
-        index = int(raw)
-    wait: float | None = None
-    if "wait" in request.query:
-        try:
-            wait = parse_go_duration(request.query["wait"])
-        except ValueError:
-            raise BadRequest("Invalid wait time") from None
-    return index, wait
-
-
-def _parse_bool(raw: str) -> bool | None:
-    return {"1": True, "t": True, "T": True, "true": True, "TRUE": True, "True": True,
-            "0": False, "f": False, "F": False, "false": False, "FALSE": False,
-            "False": False}.get(raw)
-
-
-def _bool_param(request: web.Request, name: str) -> bool:
-    if name not in request.query:
-        return False
-    raw = request.query[name]
-    if raw == "":
-        return True
-    value = _parse_bool(raw)
-    if value is None:
-        raise BadRequest(f"Invalid value for ?{name}")
-    return value
-
-
-def _required_bool(request: web.Request, name: str) -> bool:
-    if name not in request.query:
-        raise BadRequest(f"Missing value for {name}")
-    value = _parse_bool(request.query[name])
-    if value is None:
-        raise BadRequest(f"Invalid value for {name}: " + json.dumps(request.query[name]))
-    return value
-
-
-def _uint_param(request: web.Request, name: str, message: str) -> int | None:
-    if name not in request.query:
-        return None
-    raw = request.query[name]
-    if not raw.isdigit() or int(raw) >= 2**64:
-        raise BadRequest(f"{message}: {raw!r}")
-    return int(raw)
-
-
-def _filter_param(request: web.Request) -> Callable[[Any], bool]:
-    expr = request.query.get("filter", "")
-    if not expr:
-        return lambda item: True
-    return compile_filter(expr)
-
-
-def _keys_view(prefix: str, keys: list[str], separator: str) -> list[str]:
-    if not separator:
-        return keys
-    out: list[str] = []
-    for key in keys:
-        cut = key.find(separator, len(prefix))
-        shown = key if cut < 0 else key[: cut + len(separator)]
-        if not out or out[-1] != shown:
-            out.append(shown)
-    return out
-
-
-# ---- running -------------------------------------------------------------------------------------
-
-
-def _raise_fd_limit() -> None:
-    """Every parked blocking query holds a socket; the default soft limit (often 1024) is low."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = MAX_IN_FLIGHT + 1024 if hard == resource.RLIM_INFINITY else min(hard, MAX_IN_FLIGHT + 1024)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except (ValueError, OSError):
-            log.warning("cannot raise the open-file limit above %s", soft)
-
-
-def _node_info(config: AgentConfig, node_id: str) -> NodeInfo:
-    address = config.host if config.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
-    return NodeInfo(node_id=node_id, name=config.node_name or socket.gethostname(),
-                    address=address, datacenter=config.datacenter)
-
-
-async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None) -> None:
-    """Run the dev agent until SIGTERM/SIGINT; state is saved on the way out."""
-    _raise_fd_limit()
-    if config.data_dir is not None:
-        dev_persist.lock(config.data_dir)  # released when the process exits
-    snapshot = dev_persist.load(config.data_dir) if config.data_dir else None
-    node_id = str(snapshot.get("node_id", "")) if snapshot else ""
-    state = DevState(_node_info(config, node_id or str(uuid.uuid4())),
-                     min_deregister_after=config.min_deregister_after)
-    if snapshot:
-        try:
-            state.restore(snapshot)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SystemExit(f"the dev agent state in {config.data_dir} is damaged ({exc!r}); "
-                             "move it away to start empty") from exc
-    persister = None
-    if config.data_dir is not None:
-        persister = dev_persist.Persister(config.data_dir, state.snapshot)
-        state.on_change = persister.mark_dirty
-        persister.start()
-        persister.mark_dirty()  # record the index reservation before answering anything
-        await persister.flush()
-    checks = CheckRunner(state, min_interval=config.min_check_interval)
-    state.start_listeners()
-    reaper = asyncio.get_running_loop().create_task(checks.reaper(config.reap_interval))
-    agent = DevAgent(config, state, persister)
-    # handler_cancellation: a watcher that hangs up stops holding a parked blocking query.
-    runner = web.AppRunner(agent.app(), access_log=None, handle_signals=False,
-                           shutdown_timeout=1.0, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
-    await site.start()
-    port = runner.addresses[0][1] if runner.addresses else config.port
-    log.info("meshserve dev agent (Consul HTTP API subset) listening on http://%s:%s%s",
-             config.host, port, f", state in {config.data_dir}" if config.data_dir else "")
-    if ready is not None:
-        ready(port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        log.info("dev agent stopping")
-        reaper.cancel()
-        await runner.cleanup()
-        await checks.close()
-        if persister is not None:
-            await persister.close()

@@ -1,0 +1,90 @@
+"""Running the dev agent as a process: state restore, checks, reaper, HTTP site, clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import uuid
+from collections.abc import Callable
+
+from aiohttp import web
+
+from meshserve.registry import dev_persist
+from meshserve.registry.dev_agent import MAX_IN_FLIGHT, AgentConfig, DevAgent
+from meshserve.registry.dev_checks import CheckRunner
+from meshserve.registry.dev_state import DevState, NodeInfo
+
+log = logging.getLogger(__name__)
+
+
+def _raise_fd_limit() -> None:
+    """Every parked blocking query holds a socket; the default soft limit (often 1024) is low."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_IN_FLIGHT + 1024 if hard == resource.RLIM_INFINITY else min(hard, MAX_IN_FLIGHT + 1024)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            log.warning("cannot raise the open-file limit above %s", soft)
+
+
+def _node_info(config: AgentConfig, node_id: str) -> NodeInfo:
+    address = config.host if config.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    return NodeInfo(node_id=node_id, name=config.node_name or socket.gethostname(),
+                    address=address, datacenter=config.datacenter)
+
+
+async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None) -> None:
+    """Run the dev agent until SIGTERM/SIGINT; state is saved on the way out."""
+    _raise_fd_limit()
+    if config.data_dir is not None:
+        dev_persist.lock(config.data_dir)  # released when the process exits
+    snapshot = dev_persist.load(config.data_dir) if config.data_dir else None
+    node_id = str(snapshot.get("node_id", "")) if snapshot else ""
+    state = DevState(_node_info(config, node_id or str(uuid.uuid4())),
+                     min_deregister_after=config.min_deregister_after)
+    if snapshot:
+        try:
+            state.restore(snapshot)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SystemExit(f"the dev agent state in {config.data_dir} is damaged ({exc!r}); "
+                             "move it away to start empty") from exc
+    persister = None
+    if config.data_dir is not None:
+        persister = dev_persist.Persister(config.data_dir, state.snapshot)
+        state.on_change = persister.mark_dirty
+        persister.start()
+        persister.mark_dirty()  # record the index reservation before answering anything
+        await persister.flush()
+    checks = CheckRunner(state, min_interval=config.min_check_interval)
+    state.start_listeners()
+    reaper = asyncio.get_running_loop().create_task(checks.reaper(config.reap_interval))
+    agent = DevAgent(config, state, persister)
+    # handler_cancellation: a watcher that hangs up stops holding a parked blocking query.
+    runner = web.AppRunner(agent.app(), access_log=None, handle_signals=False,
+                           shutdown_timeout=1.0, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else config.port
+    log.info("meshserve dev agent (Consul HTTP API subset) listening on http://%s:%s%s",
+             config.host, port, f", state in {config.data_dir}" if config.data_dir else "")
+    if ready is not None:
+        ready(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("dev agent stopping")
+        reaper.cancel()
+        await runner.cleanup()
+        await checks.close()
+        if persister is not None:
+            await persister.close()
