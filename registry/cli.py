@@ -31,7 +31,7 @@ def _duration(text: str) -> float:
 
 def _host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not host:port, e.g. 127.0.0.1:8500")
     return host.strip("[]") or "127.0.0.1", int(port)
 

@@ -40,7 +40,7 @@ def blocking_params(request: web.Request) -> tuple[int, float | None]:
     index = 0
     if "index" in request.query:
         raw = request.query["index"]
-        if not raw.isdigit() or int(raw) >= 2**64:
+        if not _is_uint64(raw):
             raise BadRequest("Invalid index")
         index = int(raw)
     wait: float | None = None
@@ -83,7 +83,7 @@ def uint_param(request: web.Request, name: str, message: str) -> int | None:
     if name not in request.query:
         return None
     raw = request.query[name]
-    if not raw.isdigit() or int(raw) >= 2**64:
+    if not _is_uint64(raw):
         raise BadRequest(f"{message}: {raw!r}")
     return int(raw)
 
@@ -105,3 +105,8 @@ def keys_view(prefix: str, keys: list[str], separator: str) -> list[str]:
         if not out or out[-1] != shown:
             out.append(shown)
     return out
+
+
+def _is_uint64(raw: str) -> bool:
+    """Go's strconv.ParseUint(raw, 10, 64): ASCII digits only, below 2**64."""
+    return raw.isascii() and raw.isdigit() and len(raw) <= 20 and int(raw) < 2**64

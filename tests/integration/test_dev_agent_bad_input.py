@@ -117,6 +117,8 @@ def test_bodies_over_one_mib_get_413(base: str) -> None:
 @pytest.mark.parametrize("query, words", [
     ("index=abc", ["Invalid index"]),
     ("index=-1", ["Invalid index"]),
+    ("index=%EF%BC%95", ["Invalid index"]),
+    ("index=18446744073709551616", ["Invalid index"]),
     ("index=5&wait=soon", ["Invalid wait time"]),
     ("index=5&wait=10", ["Invalid wait time"]),
     ("passing=maybe", ["passing"]),
