@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Hashable
@@ -151,7 +152,7 @@ class DevAgent:
         if self.config.acl_token is None:
             return True
         token = self._token(request)
-        if token == self.config.acl_token:
+        if hmac.compare_digest(token.encode(), self.config.acl_token.encode()):
             return True
         if token:
             raise BadRequest("ACL not found", status=403)
@@ -200,7 +201,10 @@ class DevAgent:
 
     def _indexed(self, data: Any, index: int, filtered: bool = False,
                  status: int = 200) -> web.Response:
-        resp = web.json_response(data, status=status, dumps=dumps)
+        if data is None:  # Consul's KV 404: no body, but the index headers all the same
+            resp = web.Response(status=status)
+        else:
+            resp = web.json_response(data, status=status, dumps=dumps)
         index_headers(resp, index)
         if filtered:
             resp.headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
@@ -464,7 +468,7 @@ class DevAgent:
             return self._indexed(None, index, status=404)
         if "raw" in query:
             resp = web.Response(body=entry.value or b"", content_type="text/plain")
-            resp.headers["X-Consul-Index"] = str(index)
+            index_headers(resp, index)
             return resp
         return self._indexed([dev_render.kv_json(entry)], index)
 
