@@ -227,6 +227,13 @@ class DevState:
             if other is not None and other.service_id != service.service_id:
                 raise BadRequest(f"Check ID {check.check_id!r} already belongs to another service")
         previous = self.services.get(service.service_id)
+        if previous is not None and self._same_registration(service, checks, replace_existing_checks):
+            # Like Consul's catalog, an identical re-registration changes nothing (no index
+            # bump, no watcher woken); the check runners restart as they would in Consul.
+            for check in checks:
+                for listener in self.listeners:
+                    listener.check_added(self.checks[check.check_id])
+            return
         idx = self._bump()
         create = previous.create_index if previous else idx
         self.services[service.service_id] = ServiceState(service, create, idx)
@@ -243,6 +250,19 @@ class DevState:
             self._touch_service_name(previous.definition.name, idx)
         self._touch_service_name(service.name, idx)
         self.notifier.notify(CATALOG_TOPIC)
+
+    def _same_registration(self, service: ServiceDef, checks: list[CheckDef],
+                           replace_existing_checks: bool) -> bool:
+        if self.services[service.service_id].definition != service:
+            return False
+        if any(self.checks.get(c.check_id) is None or self.checks[c.check_id].definition != c
+               for c in checks):
+            return False
+        if replace_existing_checks:
+            wanted = {c.check_id for c in checks}
+            return all(cid in wanted or cid.startswith(SERVICE_MAINT_PREFIX)
+                       for cid, c in self.checks.items() if c.service_id == service.service_id)
+        return True
 
     def deregister_service(self, service_id: str) -> None:
         svc = self.services.get(service_id)

@@ -177,3 +177,16 @@ def test_tombstones_are_bounded_without_indexes_going_back(monkeypatch: pytest.M
         seen.append(state.kv_list("p/")[0])
     assert len(state.tombstones) <= 10
     assert seen == sorted(seen) and len(set(seen)) == 30
+
+
+def test_identical_reregistration_changes_nothing() -> None:
+    state = new_state()
+    body = {"Name": "w", "ID": "w1", "Meta": {"a": "1"}, "Check": {"TTL": "5s"}}
+    register(state, body)
+    state.update_ttl("service:w1", "passing", "ok")
+    index = state.health("w")[0]
+    register(state, body)
+    assert state.health("w")[0] == index
+    register(state, {**body, "Meta": {"a": "2"}})
+    assert state.health("w")[0] > index
+    assert state.checks["service:w1"].status == "passing"  # a changed service keeps its checks
