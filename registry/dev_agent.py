@@ -222,7 +222,12 @@ class DevAgent:
     async def _committed(self) -> None:
         """Acknowledged writes are on disk before the answer, when persisting."""
         if self.persister is not None:
-            await self.persister.flush()
+            try:
+                await self.persister.flush()
+            except TimeoutError:
+                raise ServerError(
+                    "the change is made but could not be saved to the data dir (see the agent log)"
+                ) from None
 
     async def _block(self, request: web.Request, index_of: Callable[[], int],
                      topics: tuple[Hashable, ...] = (),

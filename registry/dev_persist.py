@@ -91,13 +91,15 @@ class Persister:
         self._wanted += 1
         self._wake.set()
 
-    async def flush(self) -> None:
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every change so far is on disk; TimeoutError if the disk will not take it."""
         target = self._wanted
         if self._saved >= target:
             return
         self._wake.set()
         async with self._saved_cond:
-            await self._saved_cond.wait_for(lambda: self._saved >= target)
+            await asyncio.wait_for(self._saved_cond.wait_for(lambda: self._saved >= target),
+                                   timeout)
 
     async def _loop(self) -> None:
         while True:
@@ -106,11 +108,11 @@ class Persister:
             generation = self._wanted
             if generation == self._saved:
                 continue
-            # Serialise on the loop (a consistent view), write off the loop (fsync is slow).
-            data = json.dumps(self._snapshot(), separators=(",", ":")).encode()
             try:
+                # Serialise on the loop (a consistent view), write off the loop (fsync is slow).
+                data = json.dumps(self._snapshot(), separators=(",", ":")).encode()
                 await asyncio.to_thread(write_atomic, self.path, data)
-            except OSError:
+            except Exception:
                 log.exception("cannot save the dev agent state to %s; retrying", self.path)
                 await asyncio.sleep(1.0)
                 self._wake.set()
