@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from meshserve.errors import InvalidInput
 from meshserve.training.artifacts import meshserve_home
-from meshserve.training.catalogue import Item
+from meshserve.training.catalogue import DEFAULT_SEED, Item
 from meshserve.training.render import RenderConfig, crop, render_photo
 
 # Photo seeds are split into disjoint ranges so evaluation never sees a training photo.
@@ -181,6 +182,20 @@ def view_jobs(items: Sequence[Item], views: int, seed_base: int = TRAIN_SEEDS) -
 def reference_jobs(items: Sequence[Item]) -> list[Job]:
     """The one listing photo per item that an index holds."""
     return [((it,), REFERENCE_SEEDS + it.item_id) for it in items]
+
+
+def resolve_items(items: Sequence[Item] | None, data_seed: int | None
+                  ) -> tuple[Sequence[Item], int]:
+    """The items to train on and their data seed: given ones, else the warehouse's."""
+    if items is None:
+        from meshserve.training.catalogue import catalogue_meta, load_items
+
+        items = load_items()
+        if data_seed is None:
+            data_seed = int(catalogue_meta()["seed"])
+    if not items:
+        raise InvalidInput("no items to train on")
+    return items, int(DEFAULT_SEED if data_seed is None else data_seed)
 
 
 def _save(path: Path, **arrays: np.ndarray) -> None:

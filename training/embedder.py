@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
 from meshserve.errors import InvalidInput
+from meshserve.training.artifacts import ModelCard, write_card
 from meshserve.training.catalogue import (
     ACCENT_COLORS,
     CATEGORY_NAMES,
@@ -25,7 +26,8 @@ from meshserve.training.catalogue import (
     PATTERNS,
     Item,
 )
-from meshserve.training.datasets import CROP_PAD
+from meshserve.training.datasets import CROP_PAD, EVAL_SEEDS, resolve_items
+from meshserve.training.evaluate import eval_photos, evaluate_retrieval
 from meshserve.training.render import crop
 from meshserve.training.views import SpriteViews
 
@@ -189,12 +191,46 @@ class Embedder:
         return self.embed_crops(self.crops_for(images, boxes))
 
 
-def train_embedder(cfg: EmbedderConfig, out_dir: Path, items: Sequence[Item], *,
-                   progress: bool = True, eval_fn=None) -> dict:  # type: ignore[no-untyped-def]
-    """Train on `items`, save weights + config to out_dir, return metrics (loss, timings).
+def signature(dim: int) -> dict:
+    return {
+        "inputs": {
+            "image": {"dtype": "BYTES", "shape": [1], "doc": "an encoded JPEG/PNG photo"},
+            "boxes": {"dtype": "FP32", "shape": [-1, 4], "doc": "x0, y0, x1, y1 in pixels"},
+        },
+        "outputs": {"embeddings": {"dtype": "FP32", "shape": [-1, dim],
+                                   "doc": "one unit vector per box; inner product = cosine"}},
+        "metric": "ip",
+        "dim": dim,
+    }
 
-    `eval_fn(embedder) -> dict` adds evaluation metrics (see training.evaluate).
-    """
+
+def train_embedder(cfg: EmbedderConfig, out_dir: Path | str, progress: bool = True, *,
+                   items: Sequence[Item] | None = None, data_seed: int | None = None,
+                   evaluate: bool = True) -> dict:
+    """Train on the warehouse's items (or `items`), evaluate same-item retrieval on held-out
+    photos against the colour-histogram baseline, write weights and a card into out_dir."""
+    out_dir = Path(out_dir)
+    items, data_seed = resolve_items(items, data_seed)
+    t0 = time.perf_counter()
+    metrics = fit_embedder(cfg, out_dir, items, progress=progress)
+    training_time = time.perf_counter() - t0
+    if evaluate:
+        photos = eval_photos(items, progress=progress)
+        model = Embedder.load(out_dir)
+        metrics.update(evaluate_retrieval(model.embed_crops, items, photos, cfg.crop_size,
+                                          progress=progress))
+        metrics["eval_seeds_from"] = EVAL_SEEDS
+    metrics["total_s"] = round(time.perf_counter() - t0, 2)
+    write_card(out_dir, ModelCard(kind="embedder", version=out_dir.name, data_seed=data_seed,
+                                  metrics=metrics, signature=signature(cfg.dim),
+                                  training_time_s=round(training_time, 2), config=asdict(cfg),
+                                  name="embedder"))
+    return metrics
+
+
+def fit_embedder(cfg: EmbedderConfig, out_dir: Path, items: Sequence[Item], *,
+                 progress: bool = True) -> dict:
+    """Train on `items`, save weights + config to out_dir, return loss and timings."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -251,8 +287,6 @@ def train_embedder(cfg: EmbedderConfig, out_dir: Path, items: Sequence[Item], *,
         "train_s": round(train_s, 2),
         "samples_per_s": round(total * cfg.batch_size / max(train_s, 1e-6), 1),
     }
-    if eval_fn is not None:
-        metrics.update(eval_fn(Embedder.load(out_dir)))
     return metrics
 
 

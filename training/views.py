@@ -58,8 +58,10 @@ class SpriteViews:
     def __len__(self) -> int:
         return len(self.sprites)
 
-    def batch(self, idx: torch.Tensor, out: int, gen: torch.Generator) -> torch.Tensor:
-        """Normalised views [len(idx), 3, out, out] of items idx, channels_last."""
+    def batch(self, idx: torch.Tensor, out: int, gen: torch.Generator, jitter: float = 0.06
+              ) -> torch.Tensor:
+        """Normalised views [len(idx), 3, out, out] of items idx, channels_last; `jitter` moves
+        each crop edge by up to that share of the box, as an imprecise detector would."""
         b, c = len(idx), self.canvas
 
         def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
@@ -100,9 +102,9 @@ class SpriteViews:
 
         boxes = _alpha_boxes(alpha[:, 0] > 0.4)
         wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
-        jitter = u(-0.06, 0.06, b, 4) * wh
+        shift = u(-jitter, jitter, b, 4) * wh
         grow = torch.tensor([-1.0, -1.0, 1.0, 1.0]) * CROP_PAD * wh
-        boxes = (boxes + grow + jitter).clamp(0, c)
+        boxes = (boxes + grow + shift).clamp(0, c)
         # the crop as one more affine warp: output [-1, 1] spans the box
         centre = (boxes[:, :2] + boxes[:, 2:]) / c - 1
         half = (boxes[:, 2:] - boxes[:, :2]) / c

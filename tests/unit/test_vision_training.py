@@ -1,0 +1,70 @@
+"""Tiny detector and embedder training runs: they learn, write a card, and reload identically."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meshserve.training.catalogue import generate_items
+from meshserve.training.detector import Detector, DetectorConfig, train_detector
+from meshserve.training.embedder import Embedder, EmbedderConfig, train_embedder
+from meshserve.training.render import render_photo
+
+ITEMS = generate_items(32)
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHSERVE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MESHSERVE_RENDER_WORKERS", "1")
+
+
+def test_tiny_detector_learns_and_reloads_bit_for_bit(tmp_path: Path) -> None:
+    out = tmp_path / "det"
+    metrics = train_detector(DetectorConfig.tiny(), out, progress=False, items=ITEMS, data_seed=9)
+    assert metrics["loss_last"] < 0.75 * metrics["loss_first"]
+    assert metrics["ap50_class_agnostic"] > 0.05  # an untrained head finds nothing at IoU 0.5
+    card = json.loads((out / "card.json").read_text())
+    assert card["kind"] == "detector" and card["data_seed"] == 9
+    assert card["metrics"]["ap50"] == metrics["ap50"]
+    assert card["signature"]["outputs"]["boxes"]["shape"] == [-1, 4]
+
+    det = Detector.load(out)
+    photos = [render_photo(it, 77).image for it in ITEMS[:3]]
+    b1, l1, s1 = det.detect(photos, score_threshold=0.0)
+    b2, l2, s2 = Detector.load(out).detect(photos, score_threshold=0.0)
+    for a, b in zip(b1 + l1 + s1, b2 + l2 + s2, strict=True):
+        assert np.array_equal(a, b)
+    for boxes, image in zip(b1, photos, strict=True):
+        h, w = image.shape[:2]
+        assert boxes.dtype == np.float32 and boxes.shape[1] == 4
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+    # a non-square photo: boxes come back in its own pixels
+    wide = np.zeros((40, 100, 3), dtype=np.uint8)
+    boxes, _, _ = det.detect([wide], score_threshold=0.0)
+    assert (boxes[0][:, 2] <= 100).all() and (boxes[0][:, 3] <= 40).all()
+
+
+def test_tiny_embedder_learns_same_item_retrieval(tmp_path: Path) -> None:
+    out = tmp_path / "emb"
+    cfg = replace(EmbedderConfig.tiny(), epochs=40)
+    metrics = train_embedder(cfg, out, progress=False, items=ITEMS, data_seed=9)
+    assert metrics["loss_last"] < 0.7 * metrics["loss_first"]
+    chance = 10 / len(ITEMS)
+    assert metrics["recall@10"] > chance + 0.15, metrics
+    card = json.loads((out / "card.json").read_text())
+    assert card["kind"] == "embedder" and card["signature"]["dim"] == cfg.dim
+    assert "histogram_recall@10" in card["metrics"]
+
+    emb = Embedder.load(out)
+    photos = [render_photo(it, 5) for it in ITEMS[:4]]
+    vecs = emb.embed([p.image for p in photos], [p.boxes for p in photos])
+    assert vecs.shape == (4, cfg.dim) and vecs.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    again = Embedder.load(out).embed([p.image for p in photos], [p.boxes for p in photos])
+    assert np.array_equal(vecs, again)
+    assert emb.embed([photos[0].image], [np.zeros((0, 4))]).shape == (0, cfg.dim)

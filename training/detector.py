@@ -1,0 +1,418 @@
+"""Product detector: centre-heatmap box proposals from a small CNN, then a crop categoriser."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision.ops import generalized_box_iou_loss, nms
+from torchvision.ops.misc import Conv2dNormActivation as ConvBN
+
+from meshserve.errors import InvalidInput
+from meshserve.training.artifacts import ModelCard, write_card
+from meshserve.training.catalogue import CATEGORY_NAMES, Item
+from meshserve.training.categoriser import Categoriser, fit_categoriser
+from meshserve.training.datasets import (
+    CROP_PAD,
+    EVAL_SEEDS,
+    TRAIN_SEEDS,
+    PhotoSet,
+    render_photos,
+    resolve_items,
+)
+from meshserve.training.evaluate import eval_photos, evaluate_detector
+from meshserve.training.render import crop
+
+WEIGHTS_FILE = "detector.pt"
+CONFIG_FILE = "detector.json"
+STRIDE = 8
+PAD_VALUE = 114
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Detector size and training schedule; `quick()` fits the 3-minute pipeline."""
+
+    input_size: int = 128
+    width: int = 16
+    photos: int = 4000  # rendered training photos (cached under MESHSERVE_HOME)
+    epochs: int = 14
+    batch_size: int = 32
+    lr: float = 4e-3
+    weight_decay: float = 1e-4
+    p_two: float = 0.3
+    score_threshold: float = 0.05
+    max_detections: int = 8
+    nms_iou: float = 0.5
+    # second stage: a crop categoriser trained on torch-made views of every item
+    cat_crop: int = 48
+    cat_width: int = 12
+    cat_epochs: int = 6
+    cat_batch_size: int = 64
+    cat_lr: float = 3e-3
+    seed: int = 0
+    threads: int = 1  # a shared 2-core box: one busy thread beats two contending
+    n_classes: int = len(CATEGORY_NAMES)
+
+    @classmethod
+    def quick(cls) -> DetectorConfig:
+        return cls(input_size=96, width=12, photos=2000, epochs=8, cat_epochs=4)
+
+    @classmethod
+    def tiny(cls) -> DetectorConfig:
+        """For tests: seconds, not minutes."""
+        return cls(input_size=64, width=8, photos=96, epochs=8, batch_size=16, lr=1e-2,
+                   cat_width=8, cat_epochs=6, cat_batch_size=16)
+
+    def __post_init__(self) -> None:
+        if self.input_size % (2 * STRIDE) or self.input_size < 32:
+            raise InvalidInput(f"input_size must be a multiple of {2 * STRIDE} and >= 32")
+        if self.photos < 1 or self.epochs < 1 or self.width < 4:
+            raise InvalidInput("detector config: photos, epochs >= 1; width >= 4")
+
+
+class DetNet(nn.Module):
+    """Stride-16 backbone, a top-down merge to stride 8, an objectness and a box head."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        w = width
+        self.stem = ConvBN(3, w, 3, stride=2)
+        self.s4 = nn.Sequential(ConvBN(w, 2 * w, 3, stride=2), ConvBN(2 * w, 2 * w, 3))
+        self.s8 = nn.Sequential(ConvBN(2 * w, 3 * w, 3, stride=2), ConvBN(3 * w, 3 * w, 3))
+        self.s16 = nn.Sequential(ConvBN(3 * w, 4 * w, 3, stride=2), ConvBN(4 * w, 4 * w, 3),
+                                 ConvBN(4 * w, 4 * w, 3))
+        self.lateral = ConvBN(3 * w, 4 * w, 1)
+        self.fuse = ConvBN(4 * w, 4 * w, 3)
+        self.obj = nn.Conv2d(4 * w, 1, 1)
+        self.box = nn.Conv2d(4 * w, 4, 1)
+        nn.init.constant_(self.obj.bias, -2.19)  # start near p = 0.1: the heatmap is mostly empty
+        nn.init.zeros_(self.box.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f8 = self.s8(self.s4(self.stem(x)))
+        f16 = self.s16(f8)
+        p = self.fuse(self.lateral(f8) + F.interpolate(f16, scale_factor=2.0, mode="nearest"))
+        return self.obj(p), self.box(p)
+
+
+def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Scale the longer side to `size`, pad right/bottom with grey; returns (pixels, scale)."""
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    out = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
+    out[:nh, :nw] = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+    return out, scale
+
+
+def to_tensor(batch: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
+    return ((x / 255.0 - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
+
+
+def _cell_centres(grid: int) -> torch.Tensor:
+    c = (torch.arange(grid, dtype=torch.float32) + 0.5) * STRIDE
+    return torch.stack(torch.meshgrid(c, c, indexing="xy"), 0)  # [2 (x, y), G, G]
+
+
+def decode_boxes(box_out: torch.Tensor) -> torch.Tensor:
+    """Head output [n, 4, G, G] (log distances to the box sides) → boxes [n, 4, G, G]."""
+    centres = _cell_centres(box_out.shape[-1])
+    dist = torch.exp(box_out.clamp(-6, 6)) * (2 * STRIDE)
+    return torch.cat([centres - dist[:, :2], centres + dist[:, 2:]], 1)
+
+
+class Detector:
+    """In-process inference: the exact computation the detector server runs.
+
+    Two stages: DetNet proposes class-agnostic boxes (objectness peaks), the categoriser
+    names each box from its crop; score = objectness × category probability.
+    """
+
+    def __init__(self, net: DetNet, categoriser: Categoriser, cfg: DetectorConfig,
+                 version: str = ""):
+        self.net = net.eval().to(memory_format=torch.channels_last)
+        self.categoriser = categoriser.eval().to(memory_format=torch.channels_last)
+        self.cfg = cfg
+        self.version = version
+        self.classes = CATEGORY_NAMES[: cfg.n_classes]
+
+    @classmethod
+    def untrained(cls, cfg: DetectorConfig) -> Detector:
+        return cls(DetNet(cfg.width), Categoriser(cfg.n_classes, cfg.cat_width), cfg, "untrained")
+
+    @classmethod
+    def load(cls, model_dir: Path | str) -> Detector:
+        model_dir = Path(model_dir)
+        cfg = DetectorConfig(**json.loads((model_dir / CONFIG_FILE).read_text()))
+        state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        det = cls.untrained(cfg)
+        det.net.load_state_dict(state["net"])
+        det.categoriser.load_state_dict(state["categoriser"])
+        det.version = model_dir.name
+        return det
+
+    def save(self, model_dir: Path) -> None:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"net": self.net.state_dict(), "categoriser": self.categoriser.state_dict()},
+                   model_dir / WEIGHTS_FILE)
+        (model_dir / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2))
+
+    @torch.inference_mode()
+    def propose(self, images: Sequence[np.ndarray], threshold: float
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Class-agnostic boxes (image pixels, clipped, NMS'd) and objectness per image."""
+        boxed = [letterbox(img, self.cfg.input_size) for img in images]
+        obj_out, box_out = self.net(to_tensor(np.stack([b[0] for b in boxed])))
+        heat = torch.sigmoid(obj_out)[:, 0]
+        peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
+        boxes_all = decode_boxes(box_out)
+        n, g, _ = heat.shape
+        scores, cells = peaks.reshape(n, -1).topk(min(self.cfg.max_detections, g * g), dim=1)
+        out_b, out_s = [], []
+        for i, (img, (_, scale)) in enumerate(zip(images, boxed, strict=True)):
+            keep = scores[i] > threshold
+            s, cell = scores[i][keep], cells[i][keep]
+            b = boxes_all[i].reshape(4, -1)[:, cell].t() / scale
+            h, w = img.shape[:2]
+            b[:, 0::2] = b[:, 0::2].clamp(0, w)
+            b[:, 1::2] = b[:, 1::2].clamp(0, h)
+            ok = ((b[:, 2] - b[:, 0]) >= 1) & ((b[:, 3] - b[:, 1]) >= 1)
+            b, s = b[ok], s[ok]
+            keep_idx = nms(b, s, self.cfg.nms_iou)
+            out_b.append(b[keep_idx])
+            out_s.append(s[keep_idx])
+        return out_b, out_s
+
+    @torch.inference_mode()
+    def detect(self, images: Sequence[np.ndarray], score_threshold: float | None = None
+               ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """uint8 [H, W, 3] images → per image boxes float32 [k, 4] (pixels), labels, scores."""
+        thr = self.cfg.score_threshold if score_threshold is None else score_threshold
+        if len(images) == 0:
+            return [], [], []
+        images = [np.ascontiguousarray(img, dtype=np.uint8) for img in images]
+        boxes, objectness = self.propose(images, thr)
+        crops = [crop(img, b.tolist(), self.cfg.cat_crop, CROP_PAD)
+                 for img, bs in zip(images, boxes, strict=True) for b in bs]
+        probs = self.categoriser.probabilities(np.stack(crops)) if crops else np.zeros((0, 1))
+        out_b, out_l, out_s = [], [], []
+        at = 0
+        for b, obj in zip(boxes, objectness, strict=True):
+            p = probs[at:at + len(b)]
+            at += len(b)
+            labels = p.argmax(axis=1).astype(np.int64) if len(b) else np.zeros(0, np.int64)
+            conf = p.max(axis=1) if len(b) else np.zeros(0, np.float32)
+            score = (obj.numpy() * conf).astype(np.float32)
+            order = np.argsort(-score, kind="stable")
+            out_b.append(b.numpy().astype(np.float32)[order])
+            out_l.append(labels[order])
+            out_s.append(score[order])
+        return out_b, out_l, out_s
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _targets(boxes: np.ndarray, labels: np.ndarray, grid: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Gaussian centre heatmap [G, G], box targets [4, G, G], their weights [G, G] and the
+    category of each weighted cell [G, G]."""
+    heat = np.zeros((grid, grid), dtype=np.float32)
+    tcls = np.zeros((grid, grid), dtype=np.int64)
+    tbox = np.zeros((4, grid, grid), dtype=np.float32)
+    weight = np.zeros((grid, grid), dtype=np.float32)
+    owner_area = np.full((grid, grid), np.inf, dtype=np.float32)
+    cs = (np.arange(grid, dtype=np.float32) + 0.5) * STRIDE
+    for box, label in zip(boxes, labels, strict=True):
+        x0, y0, x1, y1 = box
+        bw, bh = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        sx, sy = max(bw / 6, STRIDE * 0.5), max(bh / 6, STRIDE * 0.5)
+        g = np.exp(-((cs[None, :] - cx) ** 2) / (2 * sx**2) - ((cs[:, None] - cy) ** 2)
+                   / (2 * sy**2))
+        ix, iy = min(int(cx // STRIDE), grid - 1), min(int(cy // STRIDE), grid - 1)
+        g[iy, ix] = 1.0  # the peak sits exactly on the centre cell
+        heat = np.maximum(heat, g)
+        area = bw * bh
+        mine = (g > 0.3) & (area < owner_area)  # overlapping cells belong to the smaller box
+        owner_area[mine] = area
+        tbox[:, mine] = np.asarray(box, dtype=np.float32)[:, None]
+        weight[mine] = g[mine]
+        tcls[mine] = label
+    return heat, tbox, weight, tcls
+
+
+def _focal(pred_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Penalty-reduced focal loss on Gaussian heatmaps (CenterNet), per object."""
+    p = torch.sigmoid(pred_logits).clamp(1e-4, 1 - 1e-4)
+    pos = target.eq(1.0).float()
+    neg_w = (1 - target) ** 4
+    pos_loss = -torch.log(p) * (1 - p) ** 2 * pos
+    neg_loss = -torch.log(1 - p) * p**2 * neg_w * (1 - pos)
+    return (pos_loss.sum() + neg_loss.sum()) / pos.sum().clamp(min=1.0)
+
+
+def prepare(photos: PhotoSet, cfg: DetectorConfig) -> dict[str, torch.Tensor]:
+    """Letterboxed images and their targets as tensors, once per training run."""
+    grid = cfg.input_size // STRIDE
+    imgs, heats, tboxes, weights, tclss = [], [], [], [], []
+    for img, boxes, labels in zip(photos.images, photos.boxes, photos.labels, strict=True):
+        small, scale = letterbox(img, cfg.input_size)
+        h, t, w, c = _targets(boxes * scale, labels, grid)
+        imgs.append(small)
+        heats.append(h)
+        tboxes.append(t)
+        weights.append(w)
+        tclss.append(c)
+    return {
+        "images": torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(),
+        "heat": torch.from_numpy(np.stack(heats)),
+        "tbox": torch.from_numpy(np.stack(tboxes)),
+        "weight": torch.from_numpy(np.stack(weights)),
+        "tcls": torch.from_numpy(np.stack(tclss)),
+    }
+
+
+def _flip(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    t = batch["tbox"].flip(3)
+    t = torch.stack([size - t[:, 2], t[:, 1], size - t[:, 0], t[:, 3]], 1)
+    return {"images": batch["images"].flip(3), "heat": batch["heat"].flip(2), "tbox": t,
+            "weight": batch["weight"].flip(2), "tcls": batch["tcls"].flip(2)}
+
+
+SIGNATURE = {
+    "inputs": {"image": {"dtype": "BYTES", "shape": [1], "doc": "an encoded JPEG/PNG photo"}},
+    "outputs": {
+        "boxes": {"dtype": "FP32", "shape": [-1, 4], "doc": "x0, y0, x1, y1 in image pixels"},
+        "labels": {"dtype": "INT64", "shape": [-1], "doc": "category index"},
+        "scores": {"dtype": "FP32", "shape": [-1]},
+    },
+    "labels": list(CATEGORY_NAMES),
+}
+
+
+def train_detector(cfg: DetectorConfig, out_dir: Path | str, progress: bool = True, *,
+                   items: Sequence[Item] | None = None, data_seed: int | None = None,
+                   evaluate: bool = True) -> dict:
+    """Train on the warehouse's items (or `items`), evaluate on held-out photos, write the
+    weights and a card into out_dir; returns the card's metrics."""
+    out_dir = Path(out_dir)
+    items, data_seed = resolve_items(items, data_seed)
+    t0 = time.perf_counter()
+    metrics = fit_detector(cfg, out_dir, items, progress=progress)
+    training_time = time.perf_counter() - t0
+    if evaluate:
+        photos = eval_photos(items, progress=progress)
+        metrics.update(evaluate_detector(Detector.load(out_dir).detect, photos))
+        metrics["eval_seeds_from"] = EVAL_SEEDS
+    metrics["total_s"] = round(time.perf_counter() - t0, 2)
+    write_card(out_dir, ModelCard(kind="detector", version=out_dir.name, data_seed=data_seed,
+                                  metrics=metrics, signature=SIGNATURE,
+                                  training_time_s=round(training_time, 2), config=asdict(cfg),
+                                  name="detector"))
+    return metrics
+
+
+def fit_detector(cfg: DetectorConfig, out_dir: Path, items: Sequence[Item], *,
+                 progress: bool = True) -> dict:
+    """Render (or reuse) training photos, train, save weights + config, return loss/timings."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    photos = render_photos(items, cfg.photos, TRAIN_SEEDS, p_two=cfg.p_two, seed=cfg.seed,
+                           progress="render detector photos" if progress else None)
+    data = prepare(photos, cfg)
+    prep_s = time.perf_counter() - t0
+    net = DetNet(cfg.width).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(data["images"])
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
+                                                pct_start=0.15)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = _progress(total, "train detector", progress)
+    losses: list[float] = []
+    net.train()
+    for _epoch in range(cfg.epochs):
+        order = torch.randperm(n, generator=gen)
+        for s in range(steps_per_epoch):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            batch = {k: v[idx] for k, v in data.items()}
+            if torch.rand(1, generator=gen).item() < 0.5:
+                batch = _flip(batch, cfg.input_size)
+            x = ((batch["images"].float() / 255.0 - 0.5) / 0.25).contiguous(
+                memory_format=torch.channels_last)
+            obj_out, box_out = net(x)
+            loss_hm = _focal(obj_out[:, 0], batch["heat"])
+            w = batch["weight"]
+            sel = w > 0
+            norm = w[sel].sum().clamp(min=1.0)
+            pred = decode_boxes(box_out).permute(0, 2, 3, 1)[sel]
+            tgt = batch["tbox"].permute(0, 2, 3, 1)[sel]
+            loss_box = (generalized_box_iou_loss(pred, tgt, reduction="none") * w[sel]).sum() / norm
+            loss = loss_hm + 2.0 * loss_box
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    t_cat = time.perf_counter()
+    categoriser = Categoriser(cfg.n_classes, cfg.cat_width).to(memory_format=torch.channels_last)
+    cat_steps = cfg.cat_epochs * math.ceil(len(items) / cfg.cat_batch_size)
+    cat_bar = _progress(cat_steps, "train categoriser", progress)
+    cat_losses = fit_categoriser(categoriser, items, cfg.cat_crop, cfg.cat_epochs,
+                                 cfg.cat_batch_size, cfg.cat_lr, cfg.seed, cat_bar)
+    cat_bar.close()
+    cat_s = time.perf_counter() - t_cat
+    train_s = time.perf_counter() - t0 - prep_s
+    Detector(net, categoriser, cfg).save(Path(out_dir))
+    k = max(1, min(20, len(losses) // 10))
+    metrics = {
+        "train_photos": n,
+        "steps": total,
+        "loss_first": float(np.mean(losses[:k])),
+        "loss_last": float(np.mean(losses[-k:])),
+        "prepare_s": round(prep_s, 2),
+        "train_s": round(train_s, 2),
+        "images_per_s": round(total * cfg.batch_size / max(train_s - cat_s, 1e-6), 1),
+        "categoriser_loss_first": float(np.mean(cat_losses[:k])) if cat_losses else None,
+        "categoriser_loss_last": float(np.mean(cat_losses[-k:])) if cat_losses else None,
+        "categoriser_s": round(cat_s, 2),
+    }
+    return metrics
+
+
+class _Quiet:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kw: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, on: bool):  # type: ignore[no-untyped-def]
+    if not on:
+        return _Quiet()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=0.5)
