@@ -69,7 +69,14 @@ async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None)
                            shutdown_timeout=1.0, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        await checks.close()
+        raise SystemExit(
+            f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+        ) from None
     port = runner.addresses[0][1] if runner.addresses else config.port
     log.info("meshserve dev agent (Consul HTTP API subset) listening on http://%s:%s%s",
              config.host, port, f", state in {config.data_dir}" if config.data_dir else "")
