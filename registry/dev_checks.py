@@ -227,6 +227,7 @@ class CheckRunner:
                 d.method, d.target, headers=headers, data=d.body or None,
                 allow_redirects=not d.disable_redirects, max_redirects=10,
                 ssl=False if d.tls_skip_verify else True,
+                server_hostname=d.tls_server_name or None,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 body = await resp.content.read(d.output_max_size)
