@@ -33,6 +33,8 @@ def add_commands(subparsers: Any) -> None:
     gateway.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     gateway.add_argument("--consul", help="Consul HTTP address (default: $CONSUL_HTTP_ADDR)")
     gateway.add_argument("--no-register", action="store_true", help="do not register the gateway in Consul")
+    gateway.add_argument("--check-interval", type=float, default=1.0,
+                         help="Consul gRPC check interval of the gateway, s (≤ 2; default 1)")
     gateway.add_argument("--hedge-ms", type=float,
                          help="hedge detector/embedder calls after this many ms (default: off)")
     gateway.add_argument("--default-deadline", type=float, default=10.0,
@@ -105,7 +107,7 @@ def _gateway(args: argparse.Namespace) -> int:
             advertise_address=args.advertise_address, metrics_port=args.metrics_port,
             register=not args.no_register, grace_s=args.grace, hedge_after_ms=args.hedge_ms,
             default_deadline_s=args.default_deadline, catalogue_ttl_s=args.cache_ttl,
-            port_file=args.port_file, trace_file=args.trace_file,
+            port_file=args.port_file, trace_file=args.trace_file, check_interval_s=args.check_interval,
             search=SearchConfig(cache_ttl_s=args.cache_ttl),
         )  # fmt: skip
     except ValueError as exc:
