@@ -101,6 +101,24 @@ class _ShardAnswer:
     reason: str = ""
 
 
+def select_detections(found: list[Detected], min_score: float, labels: tuple[str, ...], limit: int) -> list[Detected]:
+    """The detections a search goes on with: confident enough, of the wanted labels, best first."""
+    kept = [d for d in found if d.score >= min_score and (not labels or d.label in labels)]
+    return sorted(kept, key=lambda d: -d.score)[:limit]
+
+
+def merge_top_k(n_queries: int, answers: list[tuple[str, np.ndarray, np.ndarray]], top_k: int) -> list[list[Match]]:
+    """Per query, the best top_k of every shard's (shard, item ids, scores); ties keep shard order."""
+    merged: list[list[Match]] = []
+    for q in range(n_queries):
+        candidates: list[Match] = []
+        for shard, ids, scores in answers:
+            candidates += [Match(str(int(i)), float(s), shard) for i, s in zip(ids[q], scores[q], strict=True)]
+        candidates.sort(key=lambda m: -m.score)
+        merged.append(candidates[:top_k])
+    return merged
+
+
 class PhotoSearch:
     def __init__(self, routes: RouteTable, enricher: CatalogueEnricher, config: SearchConfig):
         self.routes = routes
@@ -122,8 +140,7 @@ class PhotoSearch:
             found, stats = await model_wire.detect(ServiceCaller(route.detector, "detector"), query.image,
                                                    min_score, deadline, metadata)  # fmt: skip
             self._count(stats, "detector")
-        found = [d for d in found if d.score >= min_score and (not query.labels or d.label in query.labels)]
-        found = sorted(found, key=lambda d: -d.score)[: self.config.max_detections]
+        found = select_detections(found, min_score, query.labels, self.config.max_detections)
 
         answers: list[_ShardAnswer] = []
         vectors = np.zeros((0, 0), np.float32)
@@ -208,18 +225,8 @@ class PhotoSearch:
 
     @staticmethod
     def _merge(n_queries: int, answers: list[_ShardAnswer], top_k: int) -> list[list[Match]]:
-        """The best top_k of every shard's answers, per detection; ties keep shard order."""
-        merged: list[list[Match]] = []
-        for q in range(n_queries):
-            candidates: list[Match] = []
-            for answer in answers:
-                if answer.ids is None or answer.scores is None:
-                    continue
-                candidates += [Match(str(int(i)), float(s), answer.shard)
-                               for i, s in zip(answer.ids[q], answer.scores[q], strict=True)]  # fmt: skip
-            candidates.sort(key=lambda m: -m.score)
-            merged.append(candidates[:top_k])
-        return merged
+        answered = [(a.shard, a.ids, a.scores) for a in answers if a.ids is not None and a.scores is not None]
+        return merge_top_k(n_queries, answered, top_k)
 
     def _cache_key(self, query: SearchQuery, top_k: int, min_score: float, route: SearchRoute) -> tuple:
         digest = hashlib.sha256(query.image).hexdigest()
