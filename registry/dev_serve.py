@@ -66,7 +66,7 @@ async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None)
     agent = DevAgent(config, state, persister)
     # handler_cancellation: a watcher that hangs up stops holding a parked blocking query.
     runner = web.AppRunner(agent.app(), access_log=None, handle_signals=False,
-                           shutdown_timeout=1.0, handler_cancellation=True)
+                           shutdown_timeout=0.2, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     try:
