@@ -394,9 +394,8 @@ class DevState:
         if entry is None:
             self.kv[key] = KVEntry(key, value, flags or 0, idx, idx)
         else:
-            entry.value, entry.modify_index = value, idx
-            if flags is not None:
-                entry.flags = flags
+            # Like Consul, a PUT without ?flags sets them to 0.
+            entry.value, entry.modify_index, entry.flags = value, idx, flags or 0
         self.tombstones.pop(key, None)
         self.kv_index = idx
         self.notifier.notify_kv(key)
