@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ class TrainPlan:
     only: tuple[str, ...] = STAGES
     home: Path | None = None
     progress: bool = True
-    eval_photos: int | None = None  # None: the stage's own default
     tiny: bool = False  # seconds-long configs for tests; never for real models
 
     def __post_init__(self) -> None:
@@ -102,50 +100,24 @@ def train_shipping_stage(plan: TrainPlan, items: list, seed: int) -> StageResult
 
 def train_embedder_stage(plan: TrainPlan, items: list, seed: int) -> StageResult:
     from meshserve.training.embedder import EmbedderConfig, train_embedder
-    from meshserve.training.evaluate import eval_photos, evaluate_retrieval
 
     cfg = EmbedderConfig.tiny() if plan.tiny else (
         EmbedderConfig.quick() if plan.quick else EmbedderConfig())
-    n_eval = plan.eval_photos or len(items)
-
-    def evaluate(embedder: Any) -> dict:
-        photos = eval_photos(items, min(n_eval, len(items)), progress=plan.progress)
-        return evaluate_retrieval(embedder.embed_crops, items, photos, embedder.cfg.crop_size,
-                                  progress=plan.progress)
-
-    watch = artifacts.Stopwatch()
     version, root = artifacts.new_version("embedder", plan.home)
-    metrics = train_embedder(cfg, root, items, progress=plan.progress, eval_fn=evaluate)
-    artifacts.write_card(root, artifacts.ModelCard(
-        kind="embedder", version=version, name="embedder", data_seed=seed, metrics=metrics,
-        signature={"inputs": {"image": "bytes [n]", "boxes": "float32 [n, m, 4] pixels"},
-                   "outputs": {"embeddings": f"float32 [n, m, {cfg.dim}] unit length"}},
-        training_time_s=round(watch.elapsed, 2), config=asdict(cfg),
-    ))
+    # train_embedder evaluates on held-out photos and writes the card itself.
+    metrics = train_embedder(cfg, root, plan.progress, items=items, data_seed=seed)
     keys = ("recall@1", "recall@10", "histogram_recall@10")
     return StageResult("embedder", "trained", version=version, path=str(root),
                        metrics={k: metrics[k] for k in keys if k in metrics})
 
 
 def train_detector_stage(plan: TrainPlan, items: list, seed: int) -> StageResult:
-    try:
-        detector = importlib.import_module("meshserve.training.detector")
-    except ModuleNotFoundError as exc:
-        if exc.name != "meshserve.training.detector":
-            raise
-        return StageResult("detector", "skipped", note="training/detector.py has not landed yet")
-    train = getattr(detector, "train_detector_artifact", None)
-    if train is None:
-        return StageResult("detector", "skipped",
-                           note="training.detector has no train_detector_artifact() yet")
-    watch = artifacts.Stopwatch()
-    root, metrics, config, signature = train(items, quick=plan.quick, tiny=plan.tiny,
-                                             home=plan.home, progress=plan.progress)
-    version = Path(root).name
-    artifacts.write_card(Path(root), artifacts.ModelCard(
-        kind="detector", version=version, name="detector", data_seed=seed, metrics=metrics,
-        signature=signature, training_time_s=round(watch.elapsed, 2), config=config,
-    ))
+    from meshserve.training.detector import DetectorConfig, train_detector
+
+    cfg = DetectorConfig.tiny() if plan.tiny else (
+        DetectorConfig.quick() if plan.quick else DetectorConfig())
+    version, root = artifacts.new_version("detector", plan.home)
+    metrics = train_detector(cfg, root, plan.progress, items=items, data_seed=seed)
     keys = ("ap50", "ap50_class_agnostic")
     return StageResult("detector", "trained", version=version, path=str(root),
                        metrics={k: metrics[k] for k in keys if k in metrics})

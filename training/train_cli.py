@@ -25,8 +25,6 @@ def add_commands(subparsers: Any) -> None:
                        help="catalogue size (default: the stored catalogue's, else 2000)")
     train.add_argument("--only", default=",".join(_stages()),
                        help="comma-separated kinds to train (default: all)")
-    train.add_argument("--eval-photos", type=int, default=None,
-                       help="held-out photos for detector/embedder evaluation (default: one per item)")
     train.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--json", action="store_true", help="print the results as JSON too")
@@ -55,7 +53,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
             n_items=args.items,
             only=tuple(s.strip() for s in args.only.split(",") if s.strip()),
             progress=not args.no_progress and sys.stderr.isatty(),
-            eval_photos=args.eval_photos,
             tiny=args.tiny,
         )
         results, info = run(plan)

@@ -31,10 +31,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.set_num_threads(1)
     path = tmp_path_factory.mktemp("home")
-    plan = TrainPlan(n_items=60, seed=7, only=("embedder", "classifier", "shipping"), home=path,
-                     progress=False, eval_photos=20, tiny=True)
+    plan = TrainPlan(n_items=60, seed=7, home=path, progress=False, tiny=True)
     results, _ = run(plan)
-    assert [r.status for r in results] == ["trained"] * 3, results
+    assert [r.status for r in results] == ["trained"] * 4, results
     return path
 
 
@@ -180,14 +179,13 @@ def bad_images() -> dict[str, bytes]:
             "truncated": jpeg[: len(jpeg) // 2], "pixels": bomb}
 
 
-@pytest.fixture(scope="module")
-def embedder_server(home: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """One embedder process for the embedder tests (starting torch is the slow part)."""
-    logs = tmp_path_factory.mktemp("embedder-logs")
+def module_server(home: Path, tmp_path_factory: pytest.TempPathFactory, kind: str):  # type: ignore[no-untyped-def]
+    """One server process shared by a module's tests (starting torch is the slow part)."""
+    logs = tmp_path_factory.mktemp(f"{kind}-logs")
     port = free_port()
     proc = ManagedProcess(
-        meshserve_argv("serve", "embedder", "--port", str(port), "--no-register", "--max-queue-delay-ms", "20"),
-        logs / "embedder.log", env={"MESHSERVE_HOME": str(home)},
+        meshserve_argv("serve", kind, "--port", str(port), "--no-register", "--max-queue-delay-ms", "20"),
+        logs / f"{kind}.log", env={"MESHSERVE_HOME": str(home)},
     )
     try:
         target = f"127.0.0.1:{port}"
@@ -198,10 +196,20 @@ def embedder_server(home: Path, tmp_path_factory: pytest.TempPathFactory):  # ty
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
             return reply.status == health_pb2.HealthCheckResponse.SERVING
 
-        wait_until(serving, timeout=60, what="embedder SERVING")
+        wait_until(serving, timeout=60, what=f"{kind} SERVING")
         yield proc, target
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def embedder_server(home: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    yield from module_server(home, tmp_path_factory, "embedder")
+
+
+@pytest.fixture(scope="module")
+def detector_server(home: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    yield from module_server(home, tmp_path_factory, "detector")
 
 
 def test_embedder_served_equals_in_process(home: Path, embedder_server) -> None:  # type: ignore[no-untyped-def]
@@ -253,3 +261,62 @@ def test_bad_image_in_a_busy_server_fails_only_its_own_request(home: Path, embed
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(call, range(24)))
     assert codes == ["INVALID_ARGUMENT" if i % 3 == 0 else "ok" for i in range(24)], codes
+
+
+# ------------------------------------------------------------------------------ detector
+
+
+def odd_but_valid_images() -> dict[str, bytes]:
+    """Images that must give a sane answer: 1×1, grayscale, RGBA, CMYK, EXIF-rotated, 16-bit."""
+    rng = np.random.default_rng(1)
+    base = Image.fromarray(rng.integers(0, 255, (80, 120, 3), dtype=np.uint8))
+
+    def enc(img: Image.Image, fmt: str, **kw: object) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    exif = base.getexif()
+    exif[0x0112] = 8
+    wide = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    return {
+        "1x1": enc(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
+        "grayscale": enc(base.convert("L"), "JPEG"),
+        "rgba": enc(base.convert("RGBA"), "PNG"),
+        "cmyk": enc(base.convert("CMYK"), "JPEG"),
+        "exif": enc(base, "JPEG", exif=exif.tobytes()),
+        "16-bit": enc(Image.fromarray(wide), "PNG"),
+    }
+
+
+def test_detector_served_equals_in_process(home: Path, detector_server) -> None:  # type: ignore[no-untyped-def]
+    from meshserve.servers.detector import detect_in_process
+    from meshserve.training.artifacts import latest
+    from meshserve.training.catalogue import CATEGORY_NAMES
+    from meshserve.training.detector import Detector
+
+    _, target = detector_server
+    local = Detector.load(latest("detector", home))  # type: ignore[arg-type]
+    images = [photo(home, i, 30 + i)[0] for i in range(3)]
+    reply = predict(target, params={"min_score": 0.0}, image=images)
+    boxes, scores, labels = (np.asarray(out(reply, n)) for n in ("boxes", "scores", "labels"))
+    assert [n.decode() for n in out(reply, "label_names")] == list(CATEGORY_NAMES)  # type: ignore[union-attr]
+    assert boxes.shape == (3, local.cfg.max_detections, 4)
+    assert (scores > 0).sum() > 0, "min_score 0 keeps every peak, so some rows are real"
+    for i, image in enumerate(images):
+        want_b, want_l, want_s = detect_in_process(local, image, 0.0)
+        np.testing.assert_allclose(scores[i], want_s, atol=1e-5)
+        np.testing.assert_allclose(boxes[i], want_b, atol=1e-4)  # pixels, from 1e-5-close logits
+        np.testing.assert_array_equal(labels[i], want_l)
+
+
+def test_detector_bad_and_odd_images(home: Path, detector_server) -> None:  # type: ignore[no-untyped-def]
+    proc, target = detector_server
+    for problem, data in bad_images().items():
+        assert problem in refused(target, image=[data]), problem
+    for name, data in odd_but_valid_images().items():
+        reply = predict(target, image=[data])
+        boxes, scores = np.asarray(out(reply, "boxes")), np.asarray(out(reply, "scores"))
+        assert np.isfinite(boxes).all() and np.isfinite(scores).all(), name
+        assert ((scores >= 0) & (scores <= 1)).all(), name
+    assert proc.alive()
