@@ -33,6 +33,8 @@ class MeshConfig:
     check_interval_s: float = 1.0
     ready_timeout_s: float = 180.0
     trace_file: Path | None = None
+    gateway_metrics_port: int | None = None
+    gateway_args: tuple[str, ...] = ()  # extra `meshserve gateway` flags
 
     def __post_init__(self) -> None:
         if self.detectors < 1 or self.embedders < 1 or self.shards < 1:
@@ -127,10 +129,11 @@ class LocalMesh:
 
         host, _, port = cfg.gateway_addr.rpartition(":")
         gateway_port_file = self._ports / "gateway.port"
-        gateway = self.supervisor.start(ChildSpec(
-            "gateway", ("gateway", "--host", host, "--port", port, "--port-file", str(gateway_port_file),
-                        "--check-interval", str(cfg.check_interval_s)),
-            port_file=gateway_port_file))  # fmt: skip
+        gateway_args = ["gateway", "--host", host, "--port", port, "--port-file", str(gateway_port_file),
+                        "--check-interval", str(cfg.check_interval_s), *cfg.gateway_args]
+        if cfg.gateway_metrics_port is not None:
+            gateway_args += ["--metrics-port", str(cfg.gateway_metrics_port)]
+        gateway = self.supervisor.start(ChildSpec("gateway", tuple(gateway_args), port_file=gateway_port_file))
         self.supervisor.wait_port(gateway, cfg.ready_timeout_s)
         gateway_endpoint = Endpoint("gateway", "gateway", cfg.gateway_addr, gateway)
         self._wait_passing([gateway_endpoint])
