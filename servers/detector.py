@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,7 @@ class DetectorModel(Model):
         self.max_detections = int(cfg["max_detections"])
         self.default_score = float(cfg["score_threshold"])
         self.label_names = [name.encode() for name in CATEGORY_NAMES[: int(cfg["n_classes"])]]
-        self.detector = None
+        self.detector: Any = None
         k = self.max_detections
         self.signature = Signature(
             inputs=(
@@ -82,8 +83,9 @@ class DetectorModel(Model):
     def load(self) -> None:
         from meshserve.training.detector import Detector
 
-        self.detector = Detector.load(self.model_dir)
-        self.detector.version = self.version
+        loaded = Detector.load(self.model_dir)
+        loaded.version = self.version
+        self.detector = loaded
 
     def warmup(self) -> None:
         self.predict({"image": [np.full((96, 96, 3), 127, np.uint8)]},

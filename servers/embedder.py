@@ -9,6 +9,7 @@ INVALID_ARGUMENT naming the problem.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class EmbedderModel(Model):
         self.name = card.name or "embedder"
         self.version = card.version
         self.dim = _embedder_dim(model_dir)
-        self.embedder = None
+        self.embedder: Any = None
         self.signature = Signature(
             inputs=(
                 TensorSpec("image", BYTES, (-1,), max_shape=(MAX_IMAGES,),
@@ -73,8 +74,9 @@ class EmbedderModel(Model):
     def load(self) -> None:
         from meshserve.training.embedder import Embedder
 
-        self.embedder = Embedder.load(self.model_dir)
-        self.embedder.version = self.version
+        loaded = Embedder.load(self.model_dir)
+        loaded.version = self.version
+        self.embedder = loaded
 
     def warmup(self) -> None:
         blank = np.full((64, 64, 3), 127, np.uint8)
