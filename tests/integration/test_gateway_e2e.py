@@ -87,6 +87,7 @@ def test_search_through_the_mesh_equals_the_in_process_pipeline(mesh: tuple[Loca
         (None, -1, "top_k"),
         (None, 101, "top_k"),
     ],
+    ids=["empty", "not-an-image", "over-the-size-limit", "top_k-negative", "top_k-too-large"],
 )
 def test_bad_input_is_invalid_argument_and_reaches_no_stage(
     mesh: tuple[LocalMesh, MeshInfo], image: bytes | None, top_k: int, words: str
