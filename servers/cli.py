@@ -150,6 +150,10 @@ def _add_common_arguments(parser: argparse.ArgumentParser, kind: Kind) -> None:
     work.add_argument(
         "--grace", type=float, default=10.0, help="seconds to drain in-flight calls on SIGTERM (default 10)"
     )
+    work.add_argument(
+        "--inject-delay-ms", type=float, default=0.0,
+        help="fault injection: make every model call this much slower (drills and tests; default 0)",
+    )  # fmt: skip
     reg = parser.add_argument_group("registry and observability")
     reg.add_argument(
         "--consul", help="Consul HTTP address (default: $CONSUL_HTTP_ADDR or http://127.0.0.1:8500)"
@@ -216,6 +220,10 @@ def _serve(args: argparse.Namespace) -> int:
             port_file=args.port_file,
         )
         model = importlib.import_module(args.kind_module).build(args)
+        if args.inject_delay_ms:
+            from meshserve.servers.faults import DelayedModel
+
+            model = DelayedModel(model, args.inject_delay_ms)
     except ValueError as exc:
         print(f"meshserve serve {args.kind}: {exc}", file=sys.stderr)
         return 2
