@@ -37,15 +37,12 @@ def _stages() -> tuple[str, ...]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
     from meshserve.errors import MeshError
     from meshserve.training.train import TrainPlan, run, summary_table
 
     if args.threads < 1:
         print("error: --threads must be at least 1", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
     try:
         plan = TrainPlan(
             quick=args.quick,
@@ -55,6 +52,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress and sys.stderr.isatty(),
             tiny=args.tiny,
         )
+    except ValueError as exc:  # checked before torch is imported: a typo fails fast
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
         results, info = run(plan)
     except (ValueError, MeshError) as exc:
         print(f"error: {exc}", file=sys.stderr)
