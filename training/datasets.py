@@ -63,6 +63,19 @@ def _render_job(args: tuple[Job, RenderConfig, int | None, float]) -> tuple:
     return crops, photo.boxes, photo.labels, photo.item_ids
 
 
+def torch_threads(requested: int) -> int:
+    """`requested` threads, or with 0 as many as the cores left idle (at least 1): on a busy
+    shared box, two threads contending for one free core run slower than one."""
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, 2, int(cores - busy + 0.5)))
+
+
 def _workers() -> int:
     env = os.environ.get("MESHSERVE_RENDER_WORKERS")
     if env:

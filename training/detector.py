@@ -20,7 +20,7 @@ from torchvision.ops.misc import Conv2dNormActivation as ConvBN
 from meshserve.errors import InvalidInput
 from meshserve.training.artifacts import ModelCard, write_card
 from meshserve.training.catalogue import CATEGORY_NAMES, Item
-from meshserve.training.categoriser import Categoriser, fit_categoriser
+from meshserve.training.categoriser import Categoriser, categoriser_from_crop_net
 from meshserve.training.datasets import (
     CROP_PAD,
     EVAL_SEEDS,
@@ -28,13 +28,16 @@ from meshserve.training.datasets import (
     PhotoSet,
     render_photos,
     resolve_items,
+    torch_threads,
 )
+from meshserve.training.embedder import EmbedderConfig
 from meshserve.training.evaluate import eval_photos, evaluate_detector
 from meshserve.training.render import crop
 
 WEIGHTS_FILE = "detector.pt"
 CONFIG_FILE = "detector.json"
 STRIDE = 8
+EVAL_MIN_SCORE = 0.01
 PAD_VALUE = 114
 
 
@@ -53,25 +56,28 @@ class DetectorConfig:
     score_threshold: float = 0.05
     max_detections: int = 8
     nms_iou: float = 0.5
-    # second stage: a crop categoriser trained on torch-made views of every item
-    cat_crop: int = 48
-    cat_width: int = 12
-    cat_epochs: int = 6
-    cat_batch_size: int = 64
-    cat_lr: float = 3e-3
+    # second stage: the category head of the crop network shared with the embedder
+    crop_net: str = "full"  # which EmbedderConfig preset trains it: full, quick or tiny
     seed: int = 0
-    threads: int = 1  # a shared 2-core box: one busy thread beats two contending
+    threads: int = 0  # 0: as many as the machine has idle (see datasets.torch_threads)
     n_classes: int = len(CATEGORY_NAMES)
 
     @classmethod
     def quick(cls) -> DetectorConfig:
-        return cls(input_size=96, width=12, photos=2000, epochs=8, cat_epochs=4)
+        return cls(input_size=96, width=12, photos=2000, epochs=8, crop_net="quick")
 
     @classmethod
     def tiny(cls) -> DetectorConfig:
         """For tests: seconds, not minutes."""
         return cls(input_size=64, width=8, photos=96, epochs=8, batch_size=16, lr=1e-2,
-                   cat_width=8, cat_epochs=6, cat_batch_size=16)
+                   crop_net="tiny")
+
+    def crop_net_config(self) -> EmbedderConfig:
+        presets = {"full": EmbedderConfig, "quick": EmbedderConfig.quick,
+                   "tiny": EmbedderConfig.tiny}
+        if self.crop_net not in presets:
+            raise InvalidInput(f"crop_net must be one of {sorted(presets)}, got {self.crop_net!r}")
+        return presets[self.crop_net]()
 
     def __post_init__(self) -> None:
         if self.input_size % (2 * STRIDE) or self.input_size < 32:
@@ -149,7 +155,9 @@ class Detector:
 
     @classmethod
     def untrained(cls, cfg: DetectorConfig) -> Detector:
-        return cls(DetNet(cfg.width), Categoriser(cfg.n_classes, cfg.cat_width), cfg, "untrained")
+        ecfg = cfg.crop_net_config()
+        return cls(DetNet(cfg.width), Categoriser(cfg.n_classes, ecfg.width, ecfg.dim), cfg,
+                   "untrained")
 
     @classmethod
     def load(cls, model_dir: Path | str) -> Detector:
@@ -203,7 +211,8 @@ class Detector:
             return [], [], []
         images = [np.ascontiguousarray(img, dtype=np.uint8) for img in images]
         boxes, objectness = self.propose(images, thr)
-        crops = [crop(img, b.tolist(), self.cfg.cat_crop, CROP_PAD)
+        size = self.cfg.crop_net_config().crop_size
+        crops = [crop(img, b.tolist(), size, CROP_PAD)
                  for img, bs in zip(images, boxes, strict=True) for b in bs]
         probs = self.categoriser.probabilities(np.stack(crops)) if crops else np.zeros((0, 1))
         out_b, out_l, out_s = [], [], []
@@ -314,7 +323,9 @@ def train_detector(cfg: DetectorConfig, out_dir: Path | str, progress: bool = Tr
     training_time = time.perf_counter() - t0
     if evaluate:
         photos = eval_photos(items, progress=progress)
-        metrics.update(evaluate_detector(Detector.load(out_dir).detect, photos))
+        det = Detector.load(out_dir)
+        # AP integrates over every score, so evaluation keeps low-scoring boxes too
+        metrics.update(evaluate_detector(lambda ims: det.detect(ims, EVAL_MIN_SCORE), photos))
         metrics["eval_seeds_from"] = EVAL_SEEDS
     metrics["total_s"] = round(time.perf_counter() - t0, 2)
     write_card(out_dir, ModelCard(kind="detector", version=out_dir.name, data_seed=data_seed,
@@ -327,7 +338,7 @@ def train_detector(cfg: DetectorConfig, out_dir: Path | str, progress: bool = Tr
 def fit_detector(cfg: DetectorConfig, out_dir: Path, items: Sequence[Item], *,
                  progress: bool = True) -> dict:
     """Render (or reuse) training photos, train, save weights + config, return loss/timings."""
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(torch_threads(cfg.threads))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     photos = render_photos(items, cfg.photos, TRAIN_SEEDS, p_two=cfg.p_two, seed=cfg.seed,
@@ -374,12 +385,8 @@ def fit_detector(cfg: DetectorConfig, out_dir: Path, items: Sequence[Item], *,
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     t_cat = time.perf_counter()
-    categoriser = Categoriser(cfg.n_classes, cfg.cat_width).to(memory_format=torch.channels_last)
-    cat_steps = cfg.cat_epochs * math.ceil(len(items) / cfg.cat_batch_size)
-    cat_bar = _progress(cat_steps, "train categoriser", progress)
-    cat_losses = fit_categoriser(categoriser, items, cfg.cat_crop, cfg.cat_epochs,
-                                 cfg.cat_batch_size, cfg.cat_lr, cfg.seed, cat_bar)
-    cat_bar.close()
+    categoriser, cat_metrics = categoriser_from_crop_net(cfg.crop_net_config(), items,
+                                                         progress=progress)
     cat_s = time.perf_counter() - t_cat
     train_s = time.perf_counter() - t0 - prep_s
     Detector(net, categoriser, cfg).save(Path(out_dir))
@@ -392,9 +399,8 @@ def fit_detector(cfg: DetectorConfig, out_dir: Path, items: Sequence[Item], *,
         "prepare_s": round(prep_s, 2),
         "train_s": round(train_s, 2),
         "images_per_s": round(total * cfg.batch_size / max(train_s - cat_s, 1e-6), 1),
-        "categoriser_loss_first": float(np.mean(cat_losses[:k])) if cat_losses else None,
-        "categoriser_loss_last": float(np.mean(cat_losses[-k:])) if cat_losses else None,
-        "categoriser_s": round(cat_s, 2),
+        "crop_net_s": round(cat_s, 2),
+        "crop_net_reused": bool(cat_metrics.get("reused_cached_training", False)),
     }
     return metrics
 

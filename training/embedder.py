@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -16,7 +18,7 @@ from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
 from meshserve.errors import InvalidInput
-from meshserve.training.artifacts import ModelCard, write_card
+from meshserve.training.artifacts import ModelCard, meshserve_home, write_card
 from meshserve.training.catalogue import (
     ACCENT_COLORS,
     CATEGORY_NAMES,
@@ -26,7 +28,7 @@ from meshserve.training.catalogue import (
     PATTERNS,
     Item,
 )
-from meshserve.training.datasets import CROP_PAD, EVAL_SEEDS, resolve_items
+from meshserve.training.datasets import CROP_PAD, EVAL_SEEDS, resolve_items, torch_threads
 from meshserve.training.evaluate import eval_photos, evaluate_retrieval
 from meshserve.training.render import crop
 from meshserve.training.views import SpriteViews
@@ -62,9 +64,11 @@ class EmbedderConfig:
     lr: float = 3e-3
     weight_decay: float = 5e-4
     proxy_scale: float = 24.0
-    aux_weight: float = 1.0
+    aux_weight: float = 1.0  # shared by the attribute heads
+    category_weight: float = 1.0  # the category head alone: the detector's categoriser uses it
+    jitter: float = 0.1  # crop edges move by up to this share of the box, like a detector's
     seed: int = 0
-    threads: int = 1  # a shared 2-core box: one busy thread beats two contending
+    threads: int = 0  # 0: as many as the machine has idle (see datasets.torch_threads)
 
     @classmethod
     def quick(cls) -> EmbedderConfig:
@@ -230,17 +234,48 @@ def train_embedder(cfg: EmbedderConfig, out_dir: Path | str, progress: bool = Tr
 
 def fit_embedder(cfg: EmbedderConfig, out_dir: Path, items: Sequence[Item], *,
                  progress: bool = True) -> dict:
-    """Train on `items`, save weights + config to out_dir, return loss and timings."""
-    torch.set_num_threads(cfg.threads)
+    """Train (or reuse) the crop network for `items`, save the embedder, return its metrics."""
+    net, _heads, metrics = train_crop_net(cfg, items, progress=progress)
+    Embedder(net, cfg).save(Path(out_dir))
+    return metrics
+
+
+def train_crop_net(cfg: EmbedderConfig, items: Sequence[Item], *, progress: bool = True
+                   ) -> tuple[EmbedNet, nn.ModuleDict, dict]:
+    """The crop network and its attribute heads, trained once per (items, cfg) and cached.
+
+    The embedder is this network; the detector's categoriser is this network plus its
+    category head. Training it once serves both.
+    """
+    key = hashlib.sha256(repr((asdict(cfg), [(i.item_id, i.look) for i in items])).encode())
+    path = meshserve_home() / "cache" / "cropnet" / f"{key.hexdigest()[:24]}.pt"
+    net = EmbedNet(cfg.dim, cfg.width)
+    heads = nn.ModuleDict({k: nn.Linear(cfg.dim, len(v)) for k, v in ATTRIBUTES.items()})
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(saved["net"])
+        heads.load_state_dict(saved["heads"])
+        return net, heads, {**json.loads(saved["metrics"]), "reused_cached_training": True}
+    metrics = _train(cfg, items, net, heads, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"net": net.state_dict(), "heads": heads.state_dict(),
+                "metrics": json.dumps(metrics)}, tmp)
+    os.replace(tmp, path)
+    return net, heads, metrics
+
+
+def _train(cfg: EmbedderConfig, items: Sequence[Item], net: EmbedNet, heads: nn.ModuleDict,
+           progress: bool) -> dict:
+    torch.set_num_threads(torch_threads(cfg.threads))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     views = SpriteViews(items, seed=cfg.seed)
     prep_s = time.perf_counter() - t0
     attrs = _attribute_targets(items)
 
-    net = EmbedNet(cfg.dim, cfg.width).to(memory_format=torch.channels_last)
+    net.to(memory_format=torch.channels_last)
     proxies = ItemProxies(attrs, cfg.dim)
-    heads = nn.ModuleDict({k: nn.Linear(cfg.dim, len(v)) for k, v in ATTRIBUTES.items()})
     params = [*net.parameters(), *proxies.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(items)
@@ -257,15 +292,16 @@ def fit_embedder(cfg: EmbedderConfig, out_dir: Path, items: Sequence[Item], *,
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             if len(idx) < 2:
+                sched.step()
                 continue
             with torch.no_grad():
-                x = views.batch(idx, cfg.crop_size, gen)
+                x = views.batch(idx, cfg.crop_size, gen, jitter=cfg.jitter)
             emb = net(x)
             cos = F.normalize(emb, dim=1) @ F.normalize(proxies(), dim=1).t()
             loss = F.cross_entropy(cos * cfg.proxy_scale, idx)
-            if cfg.aux_weight:
-                aux = sum(F.cross_entropy(head(emb), attrs[k][idx]) for k, head in heads.items())
-                loss = loss + cfg.aux_weight * aux / len(heads)
+            for k, head in heads.items():
+                weight = cfg.category_weight if k == "category" else cfg.aux_weight / len(heads)
+                loss = loss + weight * F.cross_entropy(head(emb), attrs[k][idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -274,11 +310,10 @@ def fit_embedder(cfg: EmbedderConfig, out_dir: Path, items: Sequence[Item], *,
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
+    net.eval()
     train_s = time.perf_counter() - t0 - prep_s
-    embedder = Embedder(net, cfg)
-    embedder.save(Path(out_dir))
     k = max(1, min(20, len(losses) // 10))
-    metrics = {
+    return {
         "train_items": n,
         "steps": total,
         "loss_first": float(np.mean(losses[:k])),
@@ -287,7 +322,6 @@ def fit_embedder(cfg: EmbedderConfig, out_dir: Path, items: Sequence[Item], *,
         "train_s": round(train_s, 2),
         "samples_per_s": round(total * cfg.batch_size / max(train_s, 1e-6), 1),
     }
-    return metrics
 
 
 class _Quiet:

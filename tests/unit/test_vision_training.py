@@ -43,6 +43,11 @@ def test_tiny_detector_learns_and_reloads_bit_for_bit(tmp_path: Path) -> None:
         h, w = image.shape[:2]
         assert boxes.dtype == np.float32 and boxes.shape[1] == 4
         assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+    # tiny and odd images give sane, empty-or-small answers, never a crash
+    b, lab, sc = det.detect([np.zeros((1, 1, 3), np.uint8), np.full((3, 500, 3), 200, np.uint8)],
+                            score_threshold=0.0)
+    assert len(b) == 2 and all(x.shape[1] == 4 for x in b)
+    assert all(((x[:, 2] - x[:, 0]) >= 1).all() for x in b)
     # a non-square photo: boxes come back in its own pixels
     wide = np.zeros((40, 100, 3), dtype=np.uint8)
     boxes, _, _ = det.detect([wide], score_threshold=0.0)
@@ -68,3 +73,5 @@ def test_tiny_embedder_learns_same_item_retrieval(tmp_path: Path) -> None:
     again = Embedder.load(out).embed([p.image for p in photos], [p.boxes for p in photos])
     assert np.array_equal(vecs, again)
     assert emb.embed([photos[0].image], [np.zeros((0, 4))]).shape == (0, cfg.dim)
+    one = emb.embed([np.zeros((1, 1, 3), np.uint8)], [np.array([[0, 0, 1, 1]], np.float32)])
+    assert one.shape == (1, cfg.dim) and np.isfinite(one).all()
