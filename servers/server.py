@@ -128,7 +128,12 @@ class ModelServer:
         self._install_signal_handlers()
         register_task: asyncio.Task[None] | None = None
         try:
-            await self._load(batcher)
+            try:
+                await self._load(batcher)
+            except Exception:  # never registered, never SERVING: say why and exit non-zero
+                log.exception("model %s %s failed to load", self.model.name, self.model.version)
+                self._exit_code = 1
+                self._stop.set()
             if not self._stop.is_set():
                 batcher.start()
                 servicer.mark_ready()

@@ -123,3 +123,17 @@ async def test_loading_state_error_mapping_and_trace_ids(caplog: pytest.LogCaptu
     finally:
         server.request_stop()
         assert await asyncio.wait_for(running, 15) == 0
+
+
+class Unloadable(Picky):
+    def load(self) -> None:
+        raise FileNotFoundError("no weights at /nope")
+
+
+async def test_a_model_that_fails_to_load_exits_1_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = ModelServer(Unloadable(), ServerConfig(service_name="meshserve-test", register=False))
+    with caplog.at_level(logging.ERROR, logger="meshserve.servers.server"):
+        assert await asyncio.wait_for(server.run(), 15) == 1
+    assert any("failed to load" in r.getMessage() and r.exc_info for r in caplog.records)
