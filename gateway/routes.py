@@ -22,6 +22,7 @@ ROUTES_STALE = Gauge("meshserve_gateway_registry_stale",
                      "1 while routes come from the last known registry state")
 STALENESS = Gauge("meshserve_gateway_registry_staleness_seconds", "Seconds since the registry last answered")
 SHARDS = Gauge("meshserve_gateway_shards", "Shards of the live embedder version", ["state"])
+REPLICAS = Gauge("meshserve_gateway_replicas", "Passing replicas in the route table", ["stage"])
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class RouteTable:
         else:
             self._apply_versions(stage, registered)
         self._choose_embedder_version()
+        REPLICAS.labels(stage).set(sum(1 for r in registered if r.passing))
 
     def _apply_versions(self, stage: str, registered: tuple[Registered, ...]) -> None:
         by_version: dict[str, list] = defaultdict(list)

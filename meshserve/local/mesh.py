@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import sys
 import time
 import urllib.request
@@ -144,7 +145,12 @@ class LocalMesh:
         if _leader_answers(self.registry_addr):
             raise RuntimeError(f"something already answers as Consul on {self.registry_addr}; "
                                "stop it, or pass --consul to use it")  # fmt: skip
-        spec = ChildSpec("registry", ("registry", "dev", "--http-addr", self.config.registry_addr))
+        # A fresh registry per `up`, persisted so that a restart of it (crash, drill) keeps
+        # every registration, as a real Consul agent keeps its local services.
+        data_dir = self.config.run_dir / "registry"
+        shutil.rmtree(data_dir, ignore_errors=True)
+        spec = ChildSpec("registry", ("registry", "dev", "--http-addr", self.config.registry_addr,
+                                      "--data-dir", str(data_dir)))  # fmt: skip
         child = self.supervisor.start(spec)
         deadline = time.monotonic() + 30
         while not _leader_answers(self.registry_addr):

@@ -1,10 +1,16 @@
 """The whole mesh as real processes (dev agent, 2 detectors, 2 embedders, 4 shards, gateway) over tiny
-trained models: search results equal the in-process pipeline's; bad input never reaches a stage."""
+trained models, in one module-wide mesh. In order: results equal the in-process pipeline's; bad
+input reaches no stage; then the mesh is hurt — an embedder killed, shards churned, the registry
+stopped — under a steady search load, and no call fails."""
 
 from __future__ import annotations
 
+import json
+import signal
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -13,22 +19,18 @@ import pytest
 from meshserve.gateway.inprocess import InProcessSearch
 from meshserve.local.demo import held_out_photos
 from meshserve.local.mesh import LocalMesh, MeshConfig, MeshInfo
+from meshserve.local.supervisor import Child, ChildSpec
 from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
-from tests.support import free_port
+from tests.integration.load import SearchLoad
+from tests.support import free_port, wait_until
 
 MIN_SCORE = 0.01  # tiny models are unsure of everything; low enough that every photo has detections
+Mesh = tuple[LocalMesh, MeshInfo]
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalMesh, MeshInfo]]:
-    import torch
-
-    from meshserve.training.train import TrainPlan, run
-
-    torch.set_num_threads(1)
-    home = tmp_path_factory.mktemp("home")
-    results, _ = run(TrainPlan(n_items=80, seed=7, home=home, progress=False, tiny=True))
-    assert all(r.status == "trained" for r in results), results
+def mesh(home_copy: Callable[[], Path]) -> Iterator[Mesh]:
+    home = home_copy()
     config = MeshConfig(home=home, registry_addr=f"127.0.0.1:{free_port()}", gateway_addr=f"127.0.0.1:{free_port()}",
                         gateway_metrics_port=free_port(), ready_timeout_s=240)  # fmt: skip
     local = LocalMesh(config, say=lambda line: None)
@@ -39,21 +41,42 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalMesh, 
         assert all(not c.alive for c in local.supervisor.children)
 
 
+@pytest.fixture(scope="module")
+def photos(mesh: Mesh) -> list[bytes]:
+    return [p.jpeg for p in held_out_photos(mesh[0].config.home, 8)]
+
+
 def search(target: str, image: bytes, top_k: int = 10, timeout: float = 10) -> photo_search_pb2.SearchResponse:
     with grpc.insecure_channel(target) as channel:
-        request = photo_search_pb2.SearchRequest(image=image, top_k=top_k, min_detection_score=MIN_SCORE)
+        request = photo_search_pb2.SearchRequest(image=image, top_k=top_k, min_detection_score=MIN_SCORE,
+                                                 no_cache=True)  # fmt: skip
         return photo_search_pb2_grpc.PhotoSearchStub(channel).Search(request, timeout=timeout)
 
 
-def stage_calls(mesh: LocalMesh, stage: str) -> float:
+def gateway_metric(mesh: LocalMesh, name: str, labels: str = "") -> float:
     port = mesh.config.gateway_metrics_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    prefix = f'meshserve_gateway_stage_seconds_count{{stage="{stage}"}} '
+    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
     return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
 
 
-def test_search_through_the_mesh_equals_the_in_process_pipeline(mesh: tuple[LocalMesh, MeshInfo]) -> None:
+def child(mesh: LocalMesh, name: str) -> Child:
+    return next(c for c in mesh.supervisor.children if c.spec.name == name and c.alive)
+
+
+def start_server(mesh: LocalMesh, name: str, *args: str) -> Child:
+    port_file = mesh.config.run_dir / "ports" / f"{name}.port"
+    started = mesh.supervisor.start(ChildSpec(name, (*args, "--port", "0", "--port-file", str(port_file),
+                                                     "--check-interval", "1"), port_file=port_file))  # fmt: skip
+    mesh.supervisor.wait_port(started, 120)
+    return started
+
+
+# -- the mesh answers like the in-process pipeline ------------------------------------------
+
+
+def test_search_through_the_mesh_equals_the_in_process_pipeline(mesh: Mesh, photos: list[bytes]) -> None:
     from meshserve.training.artifacts import latest
 
     local, info = mesh
@@ -62,9 +85,9 @@ def test_search_through_the_mesh_equals_the_in_process_pipeline(mesh: tuple[Loca
     assert len(shard_dirs) == 4
     reference = InProcessSearch(latest("detector", home), latest("embedder", home), shard_dirs)  # type: ignore[arg-type]
     compared = 0
-    for photo in held_out_photos(home, 6):
-        reply = search(info.gateway, photo.jpeg)
-        want = reference.search(photo.jpeg, top_k=10, min_score=MIN_SCORE)
+    for photo in photos[:6]:
+        reply = search(info.gateway, photo)
+        want = reference.search(photo, top_k=10, min_score=MIN_SCORE)
         assert reply.coverage.shards_expected == 4 and reply.coverage.shards_answered == 4
         assert [d.label for d in reply.detections] == [d.label for d, _ in want]
         for got, (found, matches) in zip(reply.detections, want, strict=True):
@@ -90,13 +113,117 @@ def test_search_through_the_mesh_equals_the_in_process_pipeline(mesh: tuple[Loca
     ids=["empty", "not-an-image", "over-the-size-limit", "top_k-negative", "top_k-too-large"],
 )
 def test_bad_input_is_invalid_argument_and_reaches_no_stage(
-    mesh: tuple[LocalMesh, MeshInfo], image: bytes | None, top_k: int, words: str
+    mesh: Mesh, photos: list[bytes], image: bytes | None, top_k: int, words: str
 ) -> None:
     local, info = mesh
-    good = held_out_photos(local.config.home, 1)[0].jpeg
-    before = stage_calls(local, "detect")
+    before = gateway_metric(local, "meshserve_gateway_stage_seconds_count", 'stage="detect"')
     with pytest.raises(grpc.RpcError) as caught:
-        search(info.gateway, good if image is None else image, top_k=top_k)
+        search(info.gateway, photos[0] if image is None else image, top_k=top_k)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert words in caught.value.details()
-    assert stage_calls(local, "detect") == before
+    assert gateway_metric(local, "meshserve_gateway_stage_seconds_count", 'stage="detect"') == before
+
+
+# -- the mesh hurt under load ----------------------------------------------------------------
+
+
+def test_losing_an_embedder_replica_under_load_fails_no_call(mesh: Mesh, photos: list[bytes]) -> None:
+    local, info = mesh
+    with SearchLoad(info.gateway, photos, rate=8) as load:
+        time.sleep(4)
+        killed_at = time.monotonic()
+        child(local, "embedder-0").proc.send_signal(signal.SIGKILL)
+        time.sleep(6)
+    assert load.failures() == [], load.failures()[:3]
+    before, after = load.p99_ms(until=killed_at), load.p99_ms(since=killed_at)
+    print(f"\nembedder replica loss: {len(load.outcomes)} searches, 0 failed; p99 {before:.0f} ms before, "
+          f"{after:.0f} ms after the kill (bump ×{after / before:.2f})")
+
+
+def test_shard_churn_under_load_fails_no_call_and_shows_in_results(mesh: Mesh, photos: list[bytes]) -> None:
+    from meshserve.training.catalogue import append_items
+    from meshserve.training.shard_build import ItemSlice, build_from_catalogue
+
+    local, info = mesh
+    home = local.config.home
+    new_items = append_items(10, home)
+    fresh_dir = local.config.run_dir / "shards" / "fresh"
+    build_from_catalogue(fresh_dir, ItemSlice("ids", new_items[0].item_id, new_items[-1].item_id + 1),
+                         shard="fresh", home=home)  # fmt: skip
+    new_ids = {str(i.item_id) for i in new_items}
+    probe = photos[0]
+
+    def shards_in_results() -> set[str]:  # top_k 100 > every shard's size: each routed shard shows up
+        reply = search(info.gateway, probe, top_k=100)
+        return {m.shard for d in reply.detections for m in d.matches}
+
+    def coverage() -> tuple[int, int]:
+        reply = search(info.gateway, probe, top_k=100)
+        return reply.coverage.shards_answered, reply.coverage.shards_expected
+
+    with SearchLoad(info.gateway, photos, rate=6, max_s=120) as load:
+        began = time.monotonic()
+        # publish: a new indexer for the new listings
+        start_server(local, "indexer-fresh", "serve", "indexer", "--shard", str(fresh_dir))
+        passing = wait_until(lambda: registry_passing(local, "fresh") and time.monotonic(), timeout=30)
+        wait_until(lambda: "fresh" in shards_in_results(), timeout=10, interval=0.05)
+        findable_after = time.monotonic() - passing
+        reply = search(info.gateway, probe, top_k=100)
+        assert new_ids <= {m.item_id for d in reply.detections[:1] for m in d.matches}
+
+        # retire base-3: SIGTERM → NOT_SERVING, deregister, drain
+        retiring = child(local, "indexer-base-3")
+        retired_at = time.monotonic()
+        retiring.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "base-3" not in shards_in_results(), timeout=10, interval=0.05)
+        gone_after = time.monotonic() - retired_at
+
+        # SIGKILL base-2: expected but missing until a replacement passes
+        child(local, "indexer-base-2").proc.send_signal(signal.SIGKILL)
+        missing = wait_until(lambda: coverage() if coverage()[0] < coverage()[1] else None, timeout=15,
+                             interval=0.1)  # fmt: skip
+        shard_dir = next((local.config.run_dir / "shards").glob("*/base-2"))
+        start_server(local, "indexer-base-2-again", "serve", "indexer", "--shard", str(shard_dir))
+        wait_until(lambda: coverage()[0] == coverage()[1] == 4, timeout=30, interval=0.1)
+        time.sleep(max(0.0, 60 - (time.monotonic() - began)))  # a full minute of steady load
+
+    assert load.failures() == [], load.failures()[:3]
+    assert findable_after <= 2.0, findable_after
+    assert gone_after <= 2.0, gone_after
+    assert missing == (3, 4)  # base-0, base-1, fresh answer; base-2 is expected but missing; base-3 retired
+    assert any(o.coverage[0] < o.coverage[1] for o in load.outcomes)
+    print(f"\nshard churn: {len(load.outcomes)} searches over {time.monotonic() - began:.0f}s, 0 failed; new shard "
+          f"findable {findable_after:.2f}s after passing; retired shard gone after {gone_after:.2f}s; "
+          f"killed shard showed as coverage {missing[0]}/{missing[1]}")
+
+
+def registry_passing(mesh: LocalMesh, shard: str) -> bool:
+    url = f"{mesh.registry_addr}/v1/health/service/meshserve-indexer?passing"
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return any(e["Service"]["Meta"].get("shard") == shard for e in json.load(resp))
+
+
+def test_registry_outage_under_load_fails_no_call_and_routes_reconcile(mesh: Mesh, photos: list[bytes]) -> None:
+    local, info = mesh
+    registry = child(local, "registry")
+    with SearchLoad(info.gateway, photos, rate=6, max_s=120) as load:
+        time.sleep(2)
+        registry.proc.send_signal(signal.SIGTERM)
+        registry.proc.wait(timeout=15)
+        stopped = time.monotonic()
+        wait_until(lambda: gateway_metric(local, "meshserve_gateway_registry_stale") == 1, timeout=40)
+        # while the registry is away: one detector dies, a new one starts
+        child(local, "detector-1").proc.send_signal(signal.SIGKILL)
+        start_server(local, "detector-2", "serve", "detector")
+        time.sleep(max(0.0, 30 - (time.monotonic() - stopped)))
+        local.supervisor.start(registry.spec)
+        wait_until(lambda: gateway_metric(local, "meshserve_gateway_registry_stale") == 0, timeout=30)
+        # reconciled: detector-1 gone from the routes, detector-2 in them
+        wait_until(lambda: gateway_metric(local, "meshserve_gateway_replicas", 'stage="detector"') == 2, timeout=30)
+        time.sleep(3)
+    assert load.failures() == [], load.failures()[:3]
+    status = json.loads(urllib.request.urlopen(
+        f"{local.registry_addr}/v1/health/service/meshserve-detector?passing", timeout=2).read())
+    ports = {e["Service"]["Port"] for e in status}
+    assert child(local, "detector-2").port() in ports and len(ports) == 2
+    print(f"\nregistry outage: {len(load.outcomes)} searches, 0 failed across 30 s without the registry")
