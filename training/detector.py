@@ -20,7 +20,11 @@ from torchvision.ops.misc import Conv2dNormActivation as ConvBN
 from meshserve.errors import InvalidInput
 from meshserve.training.artifacts import ModelCard, write_card
 from meshserve.training.catalogue import CATEGORY_NAMES, Item
-from meshserve.training.categoriser import Categoriser, categoriser_from_crop_net
+from meshserve.training.categoriser import (
+    Categoriser,
+    categoriser_from_crop_net,
+    finetune_on_photos,
+)
 from meshserve.training.datasets import (
     CROP_PAD,
     EVAL_SEEDS,
@@ -45,10 +49,10 @@ PAD_VALUE = 114
 class DetectorConfig:
     """Detector size and training schedule; `quick()` fits the 3-minute pipeline."""
 
-    input_size: int = 128
+    input_size: int = 96
     width: int = 16
-    photos: int = 4000  # rendered training photos (cached under MESHSERVE_HOME)
-    epochs: int = 14
+    photos: int = 3000  # rendered training photos (cached under MESHSERVE_HOME)
+    epochs: int = 12
     batch_size: int = 32
     lr: float = 4e-3
     weight_decay: float = 1e-4
@@ -58,6 +62,8 @@ class DetectorConfig:
     nms_iou: float = 0.5
     # second stage: the category head of the crop network shared with the embedder
     crop_net: str = "full"  # which EmbedderConfig preset trains it: full, quick or tiny
+    cat_finetune_epochs: int = 3  # then a few passes over this detector's own training photos
+    cat_finetune_lr: float = 2e-3
     seed: int = 0
     threads: int = 0  # 0: as many as the machine has idle (see datasets.torch_threads)
     n_classes: int = len(CATEGORY_NAMES)
@@ -387,6 +393,8 @@ def fit_detector(cfg: DetectorConfig, out_dir: Path, items: Sequence[Item], *,
     t_cat = time.perf_counter()
     categoriser, cat_metrics = categoriser_from_crop_net(cfg.crop_net_config(), items,
                                                          progress=progress)
+    cat_losses = finetune_on_photos(categoriser, photos, cfg.crop_net_config().crop_size,
+                                    cfg.cat_finetune_epochs, cfg.cat_finetune_lr, cfg.seed)
     cat_s = time.perf_counter() - t_cat
     train_s = time.perf_counter() - t0 - prep_s
     Detector(net, categoriser, cfg).save(Path(out_dir))
@@ -401,6 +409,9 @@ def fit_detector(cfg: DetectorConfig, out_dir: Path, items: Sequence[Item], *,
         "images_per_s": round(total * cfg.batch_size / max(train_s - cat_s, 1e-6), 1),
         "crop_net_s": round(cat_s, 2),
         "crop_net_reused": bool(cat_metrics.get("reused_cached_training", False)),
+        "categoriser_finetune_loss": [round(float(np.mean(cat_losses[:k])), 4),
+                                      round(float(np.mean(cat_losses[-k:])), 4)]
+        if cat_losses else None,
     }
     return metrics
 

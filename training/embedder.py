@@ -59,7 +59,7 @@ class EmbedderConfig:
     crop_size: int = 48
     dim: int = 128
     width: int = 16
-    epochs: int = 24  # passes over the items, a fresh random view of each per pass
+    epochs: int = 36  # passes over the items, a fresh random view of each per pass
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 5e-4
@@ -283,32 +283,23 @@ def _train(cfg: EmbedderConfig, items: Sequence[Item], net: EmbedNet, heads: nn.
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
                                                 pct_start=0.15)
-    gen = torch.Generator().manual_seed(cfg.seed)
     bar = _progress(total, "train embedder", progress)
     losses: list[float] = []
     net.train()
-    for _epoch in range(cfg.epochs):
-        order = torch.randperm(n, generator=gen)
-        for s in range(steps_per_epoch):
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            if len(idx) < 2:
-                sched.step()
-                continue
-            with torch.no_grad():
-                x = views.batch(idx, cfg.crop_size, gen, jitter=cfg.jitter)
-            emb = net(x)
-            cos = F.normalize(emb, dim=1) @ F.normalize(proxies(), dim=1).t()
-            loss = F.cross_entropy(cos * cfg.proxy_scale, idx)
-            for k, head in heads.items():
-                weight = cfg.category_weight if k == "category" else cfg.aux_weight / len(heads)
-                loss = loss + weight * F.cross_entropy(head(emb), attrs[k][idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    for idx, x in _view_batches(views, n, cfg, steps_per_epoch):
+        emb = net(x)
+        cos = F.normalize(emb, dim=1) @ F.normalize(proxies(), dim=1).t()
+        loss = F.cross_entropy(cos * cfg.proxy_scale, idx)
+        for k, head in heads.items():
+            weight = cfg.category_weight if k == "category" else cfg.aux_weight / len(heads)
+            loss = loss + weight * F.cross_entropy(head(emb), attrs[k][idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     net.eval()
     train_s = time.perf_counter() - t0 - prep_s
@@ -322,6 +313,40 @@ def _train(cfg: EmbedderConfig, items: Sequence[Item], net: EmbedNet, heads: nn.
         "train_s": round(train_s, 2),
         "samples_per_s": round(total * cfg.batch_size / max(train_s, 1e-6), 1),
     }
+
+
+class _ViewStream(torch.utils.data.IterableDataset):
+    """The training views in order: a fresh permutation of the items per epoch."""
+
+    def __init__(self, views: SpriteViews, n: int, cfg: EmbedderConfig, steps_per_epoch: int):
+        self.views, self.n, self.cfg, self.steps = views, n, cfg, steps_per_epoch
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for _epoch in range(cfg.epochs):
+            order = torch.randperm(self.n, generator=gen)
+            for s in range(self.steps):
+                idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                with torch.no_grad():
+                    x = self.views.batch(idx, cfg.crop_size, gen, jitter=cfg.jitter)
+                yield idx, x
+
+
+def _view_batches(views: SpriteViews, n: int, cfg: EmbedderConfig, steps_per_epoch: int):  # type: ignore[no-untyped-def]
+    """Views made in a worker process while the net trains (same sequence as in-process)."""
+    stream = _ViewStream(views, n, cfg, steps_per_epoch)
+    if cfg.epochs * steps_per_epoch < 50:  # a worker costs more than it saves on tiny runs
+        yield from stream
+        return
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1,
+                                         prefetch_factor=4, multiprocessing_context="fork",
+                                         worker_init_fn=_one_thread)
+    yield from loader
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)
 
 
 class _Quiet:

@@ -24,7 +24,7 @@ class RenderConfig:
     size: int = 160
     min_scale: float = 0.35  # product's longer side as a fraction of the photo side
     max_scale: float = 0.7
-    two_product_scale: tuple[float, float] = (0.28, 0.45)
+    two_product_scale: tuple[float, float] = (0.32, 0.5)
     max_rotation: float = 30.0
     p_distractor: float = 0.6
     max_distractors: int = 3
