@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -44,6 +45,9 @@ class PhotoSearchServicer(photo_search_pb2_grpc.PhotoSearchServicer):
                                                attributes={"rpc.system": "grpc"}) as span:  # fmt: skip
                 try:
                     result = await self.search.search(to_query(request), deadline)
+                except asyncio.CancelledError:  # the caller went away or its deadline passed
+                    code = grpc.StatusCode.CANCELLED
+                    raise
                 except MeshError as exc:
                     code = status_for(exc)
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
