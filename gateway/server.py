@@ -22,6 +22,7 @@ from meshserve.gateway.routes import RouteTable
 from meshserve.gateway.servicer import PhotoSearchServicer
 from meshserve.registry import client
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig, ServiceInstance
+from meshserve.registry.keeper import keep_registered
 from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -93,19 +94,17 @@ async def run_gateway(config: GatewayConfig) -> int:
         check_interval_s=config.check_interval_s, check_timeout_s=config.check_interval_s,
         grpc_health_service=PHOTO_SEARCH,
     )  # fmt: skip
-    registered = False
+    registration: asyncio.Task[None] | None = None
+    if config.register:
+        registration = asyncio.create_task(keep_registered(config.registry, instance, stop))
     try:
-        if config.register:
-            try:
-                await client.register(config.registry, instance)
-                registered = True
-            except Exception as exc:  # noqa: BLE001 - serving does not depend on being listed
-                log.warning("gateway registration failed: %s", exc)
         await stop.wait()
     finally:
         log.info("stopping: NOT_SERVING, deregistering, draining")
         await health.enter_graceful_shutdown()
-        if registered:
+        if registration is not None:
+            registration.cancel()
+            await asyncio.gather(registration, return_exceptions=True)
             try:
                 await asyncio.wait_for(client.deregister(config.registry, instance.instance_id), 3.0)
             except Exception as exc:  # noqa: BLE001

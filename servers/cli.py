@@ -175,6 +175,10 @@ def _add_common_arguments(parser: argparse.ArgumentParser, kind: Kind) -> None:
         help="Consul removes the instance after its check has been critical this long (s)",
     )
     reg.add_argument(
+        "--resync-interval", type=float, default=10.0,
+        help="seconds between checks that the Consul agent still lists this server (re-registers if not)",
+    )  # fmt: skip
+    reg.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off)"
     )
     reg.add_argument(
@@ -216,6 +220,7 @@ def _serve(args: argparse.Namespace) -> int:
             instance_id=args.instance_id,
             check_interval_s=args.check_interval,
             deregister_critical_after_s=args.deregister_after,
+            resync_interval_s=args.resync_interval,
             trace_file=args.trace_file,
             port_file=args.port_file,
         )

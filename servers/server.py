@@ -55,6 +55,7 @@ class ServerConfig:
     deregister_critical_after_s: float = 60.0
     trace_file: Path | None = None
     port_file: Path | None = None
+    resync_interval_s: float = 10.0  # how often the server checks that its agent still lists it
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
@@ -180,31 +181,23 @@ class ModelServer:
         )
 
     async def _register_until_done(self) -> None:
-        """Register once ready; if Consul is not reachable yet, keep trying (serving meanwhile)."""
-        from meshserve.registry import client
+        """Register once ready and stay registered (re-registering if the agent forgets us);
+        while Consul is away, keep trying and keep serving."""
+        from meshserve.registry.keeper import keep_registered
 
         assert self.config.registry is not None
         instance = self._instance()
-        delay = 0.25
-        while not self._stop.is_set():
-            try:
-                await client.register(self.config.registry, instance)
-            except InvalidInput as exc:  # retrying cannot fix it: say so and stop
-                log.error("cannot register: %s", exc)
-                self._exit_code = 2
-                self._stop.set()
-                return
-            except Exception as exc:
-                log.warning("registration of %s failed (%s); retrying in %.1fs",
-                            instance.instance_id, exc, delay)  # fmt: skip
-                try:
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                except TimeoutError:
-                    pass
-                delay = min(delay * 2, 5.0)
-                continue
+
+        def registered() -> None:
             self._registered_id = instance.instance_id
-            return
+
+        try:
+            await keep_registered(self.config.registry, instance, self._stop, self.config.resync_interval_s,
+                                  registered)  # fmt: skip
+        except InvalidInput as exc:  # retrying cannot fix it: say so and stop
+            log.error("cannot register: %s", exc)
+            self._exit_code = 2
+            self._stop.set()
 
     async def _deregister(self) -> None:
         if self._registered_id is None or self.config.registry is None:
