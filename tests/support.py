@@ -112,3 +112,18 @@ class ManagedProcess:
 def meshserve_argv(*args: str) -> list[str]:
     """The meshserve CLI as a child process of this interpreter."""
     return [sys.executable, "-m", "meshserve.cli", *args]
+
+
+def wait_serving(target: str, proc: ManagedProcess | None = None, timeout: float = 60.0) -> None:
+    """Wait until the gRPC server at `target` reports SERVING (failing at once if `proc` died)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def serving() -> bool:
+        if proc is not None:
+            proc.check_alive()
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    wait_until(serving, timeout=timeout, what=f"{target} SERVING")

@@ -10,13 +10,12 @@ import consul
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshserve.servers import tensors
 from meshserve.training.shards import HnswParams, build_shard, load_shard
 from meshserve.v1 import prediction_pb2, prediction_pb2_grpc
 from tests.conftest import DevAgent
-from tests.support import ManagedProcess, free_port, meshserve_argv, wait_until
+from tests.support import ManagedProcess, free_port, meshserve_argv, wait_serving, wait_until
 
 DIM = 16
 
@@ -49,14 +48,7 @@ def start_indexer(
         meshserve_argv("serve", "indexer", "--shard", str(shard), "--port", str(port), *extra), name="indexer"
     )
     target = f"127.0.0.1:{port}"
-
-    def serving() -> bool:
-        proc.check_alive()
-        with grpc.insecure_channel(target) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-    wait_until(serving, timeout=30, what="indexer SERVING")
+    wait_serving(target, proc)
     return proc, target
 
 

@@ -13,13 +13,12 @@ import consul
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from meshserve.servers import tensors
 from meshserve.v1 import prediction_pb2, prediction_pb2_grpc
 from tests.conftest import DevAgent
-from tests.support import ManagedProcess, free_port, meshserve_argv, wait_until
+from tests.support import ManagedProcess, free_port, meshserve_argv, wait_serving, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +41,7 @@ def start(spawn: Callable[..., ManagedProcess], home: Path, kind: str, *extra: s
     proc = spawn(meshserve_argv("serve", kind, "--port", str(port), *extra), name=kind,
                  env={"MESHSERVE_HOME": str(home)})
     target = f"127.0.0.1:{port}"
-
-    def serving() -> bool:
-        proc.check_alive()
-        with grpc.insecure_channel(target) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-    wait_until(serving, timeout=60, what=f"{kind} SERVING")
+    wait_serving(target, proc)
     return proc, target
 
 
@@ -189,14 +181,7 @@ def module_server(home: Path, tmp_path_factory: pytest.TempPathFactory, kind: st
     )
     try:
         target = f"127.0.0.1:{port}"
-
-        def serving() -> bool:
-            proc.check_alive()
-            with grpc.insecure_channel(target) as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-        wait_until(serving, timeout=60, what=f"{kind} SERVING")
+        wait_serving(target, proc)
         yield proc, target
     finally:
         proc.stop()
