@@ -91,6 +91,8 @@ class DetectorModel(Model):
         self.predict({"image": [np.full((96, 96, 3), 127, np.uint8)]},
                      {"min_score": self.default_score})
 
+    check_off_loop = True  # decoding an image costs milliseconds: keep it off the event loop
+
     def check(self, inputs: Arrays, params: Params) -> None:
         # Decoded before queueing, so one bad image fails only its own request, never a batch
         # it would have joined. The decoded arrays replace the bytes.

@@ -82,6 +82,8 @@ class EmbedderModel(Model):
         blank = np.full((64, 64, 3), 127, np.uint8)
         self.predict({"image": [blank], "boxes": np.array([[[8, 8, 56, 56]]], np.float32)}, {})
 
+    check_off_loop = True  # decoding an image costs milliseconds: keep it off the event loop
+
     def check(self, inputs: Arrays, params: Params) -> None:
         # Decoded here, before queueing, so one bad image fails only its own request and never
         # a batch it would have been merged into. The decoded arrays replace the bytes.

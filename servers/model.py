@@ -138,10 +138,14 @@ class Model(ABC):
         """Run on a validated batch: every input has the same first dimension N, every output
         must have first dimension N too (or override `unbatch`). Runs in a worker thread."""
 
+    # check() runs on the event loop unless this is True; then it runs in a worker thread (for
+    # per-request work that costs milliseconds, such as decoding an image).
+    check_off_loop: bool = False
+
     def check(self, inputs: Arrays, params: Params) -> None:  # noqa: B027 - optional hook
         """Refuse one request before it is queued, when the signature cannot say what is wrong
-        (NaN in a query, a version mismatch …): raise InvalidInput / FailedPrecondition.
-        Runs on the event loop for every request: keep it cheap."""
+        (NaN in a query, a version mismatch, an undecodable image …): raise InvalidInput /
+        FailedPrecondition. It may replace inputs with decoded forms the model prefers."""
 
     def meta(self) -> dict[str, str]:
         """Extra registry meta for this model (indexer: index, shard, dim …); strings only."""

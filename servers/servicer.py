@@ -138,7 +138,10 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             signature = self.model.signature
             inputs = tensors.decode_inputs(request.inputs, signature)
             params = tensors.decode_params(request.parameters, signature)
-            self.model.check(inputs, params)
+            if self.model.check_off_loop:
+                await asyncio.get_running_loop().run_in_executor(None, self.model.check, inputs, params)
+            else:
+                self.model.check(inputs, params)
             wanted = set(request.output_filter)
             if wanted:
                 known = {spec.name for spec in signature.outputs}
