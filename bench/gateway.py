@@ -1,0 +1,390 @@
+"""Photo search through the mesh vs the same pipeline in one process: latency, throughput, shard count.
+
+Run:  nice -n 10 python bench/gateway.py --home ~/.meshserve          # S = 1, 4, 8
+      nice -n 10 python bench/gateway.py --quick                      # smoke run: fewer queries, S = 1, 4
+
+One run, the same trained models and the same held-out photos on both sides:
+
+(a) concurrency 1: p50 and p99 of `InProcessSearch.search` vs `PhotoSearch.Search` through a local
+    mesh (dev registry, 2 detectors, 2 embedders, 4 indexers, gateway; every model server `--threads 1`).
+    Goal: mesh/in-process ≤ 1.10 at p50 and ≤ 1.25 at p99.
+(b) throughput: 16 searches in flight through the mesh (grpc.aio, one channel) vs the in-process loop
+    run sequentially over the same requests. Goal: mesh/in-process ≥ 1.0, thanks to dynamic batching
+    and the replicas working on both cores at once.
+(c) latency at concurrency 1 vs shard count S = 1, 4, 8: a fresh LocalMesh per S (shards rebuilt as
+    S contiguous slices of the catalogue), with the in-process pipeline over the same S shards beside it.
+
+Every mesh request sets `no_cache=True`, so the gateway's prediction cache never answers. Both sides
+are warmed up before timing. The two sides are measured *interleaved*, query by query, with the order
+alternating, so the load that other work puts on this shared machine falls on both alike.
+
+The in-process baseline's torch threads. The machine has 2 cores. Each mesh stage runs in its own
+process with 1 torch thread, and at concurrency 1 the stages run one after another, so a search
+through the mesh computes on one core at a time. The in-process pipeline is therefore measured at both
+1 and 2 torch threads, and each goal is set against the baseline that is fair *for that question*:
+  - (a) and (c), latency: 1 thread — the same compute budget per stage as the servers, so the ratio
+    isolates what the mesh adds (gRPC hops, serialisation, the gateway, tracing), which is the question.
+    The 2-thread figures are printed too, for what a single process could do for one caller.
+  - (b), throughput: 2 threads — the in-process loop may use the whole machine, as the mesh does with
+    its replicas; this is the stricter baseline (a 1-thread loop leaves a core idle and would flatter the
+    mesh). The ratio against the 1-thread loop is printed beside it.
+The in-process throughput is the sequential loop's searches per second over the same requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
+
+TOP_K = 10
+CONCURRENCY = 16
+TIMEOUT_S = 60.0
+BASELINE_THREADS = (1, 2)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    home: Path
+    queries: int
+    shard_counts: tuple[int, ...]
+    main_shards: int
+    min_score: float
+    throughput_requests: int
+    warmup: int
+    ready_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.queries < 2:
+            raise ValueError("--queries must be at least 2")
+        if self.main_shards not in self.shard_counts:
+            raise ValueError(f"the main shard count {self.main_shards} must be one of {self.shard_counts}")
+
+
+@dataclass
+class Timings:
+    seconds: list[float] = field(default_factory=list)
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.seconds)
+        # nearest-rank percentile: with few samples p99 is the slowest search, never an interpolation
+        rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
+        return ordered[rank - 1]
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def p99(self) -> float:
+        return self.pct(99)
+
+
+# -- the two sides ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def search_request(image: bytes, min_score: float) -> photo_search_pb2.SearchRequest:
+    return photo_search_pb2.SearchRequest(image=image, top_k=TOP_K, min_detection_score=min_score, no_cache=True)
+
+
+class InProcess:
+    """The reference pipeline in this process, with the torch thread count set per call."""
+
+    def __init__(self, home: Path, shard_dirs: Sequence[Path], min_score: float):
+        from meshserve.gateway.inprocess import InProcessSearch
+        from meshserve.training.artifacts import latest
+
+        detector, embedder = latest("detector", home), latest("embedder", home)
+        assert detector is not None and embedder is not None
+        self.pipeline = InProcessSearch(detector, embedder, shard_dirs)
+        self.min_score = min_score
+
+    def threads(self, n: int) -> None:
+        import torch
+
+        torch.set_num_threads(n)
+
+    def search(self, image: bytes) -> int:
+        return len(self.pipeline.search(image, TOP_K, self.min_score))
+
+
+class ThroughMesh:
+    """Synchronous searches through the gateway over one persistent channel."""
+
+    def __init__(self, target: str, min_score: float, shards: int):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = photo_search_pb2_grpc.PhotoSearchStub(self.channel)
+        self.min_score = min_score
+        self.shards = shards
+
+    def search(self, image: bytes) -> int:
+        reply = self.stub.Search(search_request(image, self.min_score), timeout=TIMEOUT_S)
+        if reply.coverage.shards_answered != self.shards or reply.coverage.shards_expected != self.shards:
+            raise RuntimeError(f"coverage {reply.coverage.shards_answered}/{reply.coverage.shards_expected}, "
+                               f"expected {self.shards}/{self.shards}: the figures would not be comparable")
+        return len(reply.detections)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def timed(fn: Callable[[bytes], int], image: bytes) -> float:
+    started = time.perf_counter()
+    fn(image)
+    return time.perf_counter() - started
+
+
+def interleaved(sides: dict[str, Callable[[bytes], int]], photos: Sequence[bytes], warmup: int,
+                before: dict[str, Callable[[], None]] | None = None) -> dict[str, Timings]:  # fmt: skip
+    """Each photo searched by every side in turn, the order rotating per photo; warm-up untimed."""
+    before = before or {}
+    names = list(sides)
+    for photo in list(photos)[:warmup]:
+        for name in names:
+            before.get(name, lambda: None)()
+            sides[name](photo)
+    out = {name: Timings() for name in names}
+    for i, photo in enumerate(photos):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            before.get(name, lambda: None)()
+            out[name].seconds.append(timed(sides[name], photo))
+    return out
+
+
+async def _mesh_concurrent(target: str, requests: Sequence[bytes], min_score: float, concurrency: int) -> float:
+    """Wall seconds for all `requests` with `concurrency` in flight over one grpc.aio channel."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = photo_search_pb2_grpc.PhotoSearchStub(channel)
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        for image in requests:
+            queue.put_nowait(image)
+
+        async def worker() -> None:
+            while not queue.empty():
+                image = queue.get_nowait()
+                await stub.Search(search_request(image, min_score), timeout=TIMEOUT_S)
+
+        warm = [stub.Search(search_request(image, min_score), timeout=TIMEOUT_S) for image in requests[:concurrency]]
+        await asyncio.gather(*warm)
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - started
+
+
+def mesh_throughput(target: str, requests: Sequence[bytes], min_score: float) -> float:
+    return len(requests) / asyncio.run(_mesh_concurrent(target, requests, min_score, CONCURRENCY))
+
+
+def inprocess_throughput(side: InProcess, threads: int, requests: Sequence[bytes]) -> float:
+    side.threads(threads)
+    side.search(requests[0])
+    started = time.perf_counter()
+    for image in requests:
+        side.search(image)
+    return len(requests) / (time.perf_counter() - started)
+
+
+# -- one mesh per shard count -------------------------------------------------------------------
+
+
+@dataclass
+class ShardRow:
+    shards: int
+    mesh: Timings
+    inproc: Timings
+
+
+@dataclass
+class MainFigures:
+    latency: dict[str, Timings]
+    throughput: dict[str, list[float]]  # side -> one figure per round
+
+
+def run_mesh(cfg: BenchConfig, shards: int, photos: Sequence[bytes], say: Callable[[str], None]
+             ) -> tuple[ShardRow, MainFigures | None]:  # fmt: skip
+    from meshserve.local.mesh import LocalMesh, MeshConfig
+
+    mesh_cfg = MeshConfig(home=cfg.home, registry_addr=f"127.0.0.1:{free_port()}",
+                          gateway_addr=f"127.0.0.1:{free_port()}", shards=shards, threads=1,
+                          ready_timeout_s=cfg.ready_timeout_s)  # fmt: skip
+    mesh = LocalMesh(mesh_cfg, say=lambda line: say(f"  mesh: {line}"))
+    client: ThroughMesh | None = None
+    try:
+        started = time.monotonic()
+        info = mesh.start()
+        say(f"mesh with S={shards} up in {time.monotonic() - started:.0f}s "
+            f"({sum(1 for e in info.endpoints)} processes besides the registry)")
+        shard_dirs = [mesh_cfg.run_dir / "shards" / _embedder_version(cfg.home) / f"base-{i}" for i in range(shards)]
+        inproc = InProcess(cfg.home, shard_dirs, cfg.min_score)
+        client = ThroughMesh(info.gateway, cfg.min_score, shards)
+        main = shards == cfg.main_shards
+        if not main:
+            got = interleaved({"mesh": client.search, "inproc-1": inproc.search}, photos, cfg.warmup,
+                              before={"inproc-1": lambda: inproc.threads(1)})  # fmt: skip
+            return ShardRow(shards, got["mesh"], got["inproc-1"]), None
+
+        sides: dict[str, Callable[[bytes], int]] = {"mesh": client.search}
+        before: dict[str, Callable[[], None]] = {}
+        for n in BASELINE_THREADS:
+            sides[f"inproc-{n}"] = inproc.search
+            before[f"inproc-{n}"] = (lambda n=n: inproc.threads(n))  # type: ignore[misc]
+        say(f"(a) concurrency 1: {len(photos)} photos, sides interleaved …")
+        latency = interleaved(sides, photos, cfg.warmup, before)
+
+        requests = [photos[i % len(photos)] for i in range(cfg.throughput_requests)]
+        say(f"(b) throughput: {len(requests)} searches, {CONCURRENCY} in flight vs the sequential loop, 2 rounds …")
+        throughput: dict[str, list[float]] = {"mesh": [], **{f"inproc-{n}": [] for n in BASELINE_THREADS}}
+        for _ in range(2):  # alternate rounds so a burst of outside load does not land on one side only
+            for n in BASELINE_THREADS:
+                throughput[f"inproc-{n}"].append(inprocess_throughput(inproc, n, requests))
+            throughput["mesh"].append(mesh_throughput(info.gateway, requests, cfg.min_score))
+        inproc.threads(1)
+        return ShardRow(shards, latency["mesh"], latency["inproc-1"]), MainFigures(latency, throughput)
+    finally:
+        if client is not None:
+            client.close()
+        mesh.stop()
+        alive = [c.spec.name for c in mesh.supervisor.children if c.alive]
+        if alive:
+            say(f"WARNING: still alive after stop: {alive}")
+
+
+def _embedder_version(home: Path) -> str:
+    from meshserve.training.artifacts import latest
+
+    embedder = latest("embedder", home)
+    assert embedder is not None
+    return embedder.name
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    return f"{1000 * seconds:8.1f}"
+
+
+def verdict(ok: bool) -> str:
+    return "meets goal" if ok else "MISSES goal"
+
+
+def report(cfg: BenchConfig, main: MainFigures, rows: list[ShardRow], n_photos: int) -> str:
+    lat, thr = main.latency, main.throughput
+    mesh, base = lat["mesh"], lat["inproc-1"]
+    p50_ratio, p99_ratio = mesh.p50 / base.p50, mesh.p99 / base.p99
+    lines = [
+        "",
+        f"photo search, {n_photos} held-out photos, top_k {TOP_K}, min score {cfg.min_score}, "
+        f"S={cfg.main_shards} for (a) and (b), no_cache on every mesh request",
+        "",
+        "(a) latency at concurrency 1 (ms)",
+        f"{'side':<34} {'p50':>8} {'p99':>8} {'mean':>8}",
+    ]
+    labels = {"mesh": "mesh (gateway + servers, 1 thread)", "inproc-1": "in-process, 1 torch thread",
+              "inproc-2": "in-process, 2 torch threads"}  # fmt: skip
+    for name, t in lat.items():
+        lines.append(f"{labels[name]:<34} {ms(t.p50)} {ms(t.p99)} {ms(statistics.fmean(t.seconds))}")
+    lines += [
+        f"ratio mesh / in-process(1 thread):  p50 {p50_ratio:.2f} (goal ≤ 1.10, {verdict(p50_ratio <= 1.10)})   "
+        f"p99 {p99_ratio:.2f} (goal ≤ 1.25, {verdict(p99_ratio <= 1.25)})",
+        f"      mesh / in-process(2 threads): p50 {mesh.p50 / lat['inproc-2'].p50:.2f}   "
+        f"p99 {mesh.p99 / lat['inproc-2'].p99:.2f}",
+        f"mesh overhead at p50: {1000 * (mesh.p50 - base.p50):+.1f} ms per search",
+        "",
+        f"(b) throughput (searches/s; best of {len(thr['mesh'])} alternating rounds, every round shown)",
+    ]
+    best = {name: max(v) for name, v in thr.items()}
+    thr_labels = {"mesh": f"mesh, {CONCURRENCY} in flight", "inproc-1": "in-process loop, 1 torch thread",
+                  "inproc-2": "in-process loop, 2 torch threads"}  # fmt: skip
+    for name, values in thr.items():
+        rounds = "  ".join(f"{v:6.1f}" for v in values)
+        lines.append(f"{thr_labels[name]:<34} {best[name]:8.1f}   rounds: {rounds}")
+    ratio2, ratio1 = best["mesh"] / best["inproc-2"], best["mesh"] / best["inproc-1"]
+    lines += [
+        f"ratio mesh / in-process loop(2 threads): {ratio2:.2f} (goal ≥ 1.0, {verdict(ratio2 >= 1.0)});  "
+        f"vs the 1-thread loop: {ratio1:.2f}",
+        "",
+        "(c) latency at concurrency 1 vs shard count (ms; in-process at 1 torch thread over the same shards)",
+        f"{'S':>3} {'mesh p50':>9} {'mesh p99':>9} {'inproc p50':>11} {'inproc p99':>11} {'p50 ratio':>10} "
+        f"{'p99 ratio':>10}",
+    ]
+    for row in sorted(rows, key=lambda r: r.shards):
+        lines.append(f"{row.shards:>3} {ms(row.mesh.p50):>9} {ms(row.mesh.p99):>9} {ms(row.inproc.p50):>11} "
+                     f"{ms(row.inproc.p99):>11} {row.mesh.p50 / row.inproc.p50:>10.2f} "
+                     f"{row.mesh.p99 / row.inproc.p99:>10.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", type=Path, default=os.environ.get("MESHSERVE_HOME"),
+                        help="MESHSERVE_HOME with trained models (default $MESHSERVE_HOME)")  # fmt: skip
+    parser.add_argument("--queries", type=int, default=None,
+                        help="held-out photos timed per side (default 60, 12 with --quick)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer queries, S = 1, 4 only")
+    parser.add_argument("--min-score", type=float, default=0.3,
+                        help="min detection score on both sides (default 0.3, the gateway's default)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.home is None:
+        parser.error("no models: pass --home DIR or set MESHSERVE_HOME")
+    queries = args.queries or (12 if args.quick else 60)
+    return BenchConfig(
+        home=Path(args.home).expanduser().resolve(),
+        queries=queries,
+        shard_counts=(1, 4) if args.quick else (1, 4, 8),
+        main_shards=4,
+        min_score=args.min_score,
+        throughput_requests=max(2 * CONCURRENCY, 2 * queries),
+        warmup=min(queries, 4 if args.quick else 8),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    from meshserve.local.demo import held_out_photos
+    from meshserve.training.artifacts import latest
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    missing = [k for k in ("detector", "embedder", "classifier", "shipping") if latest(k, cfg.home) is None]
+    if missing:
+        raise SystemExit(f"{cfg.home} has no trained {', '.join(missing)}: run `meshserve train --quick` first")
+    import torch
+
+    torch.set_num_threads(1)
+    photos = [p.jpeg for p in held_out_photos(cfg.home, cfg.queries)]
+    rows: list[ShardRow] = []
+    main_figures: MainFigures | None = None
+    # the main mesh first, the others after: its shard dirs are rebuilt when S changes
+    for shards in sorted(cfg.shard_counts, key=lambda s: (s != cfg.main_shards, s)):
+        say(f"starting a mesh with S={shards} over {cfg.home} …")
+        row, figures = run_mesh(cfg, shards, photos, say)
+        rows.append(row)
+        main_figures = figures or main_figures
+        say(f"S={shards}: mesh p50 {1000 * row.mesh.p50:.1f} ms, in-process p50 {1000 * row.inproc.p50:.1f} ms")
+    assert main_figures is not None
+    print(report(cfg, main_figures, rows, len(photos)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
