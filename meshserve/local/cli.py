@@ -41,6 +41,8 @@ def add_commands(subparsers: Any) -> None:
     _add_mesh_arguments(demo)
     demo.add_argument("--queries", type=int, default=6, help="held-out photos to search (default 6)")
     demo.add_argument("-o", "--out", type=Path, help="contact sheet PNG (default $MESHSERVE_HOME/demo/results.png)")
+    demo.add_argument("--min-score", type=float, default=0.0,
+                      help="lowest detection score to search with (default: the gateway's own threshold)")
     demo.set_defaults(func=_demo)
 
 
@@ -68,7 +70,9 @@ def _up(args: argparse.Namespace) -> int:
     def request_stop(signum: int, frame: object) -> None:
         stop["requested"] = True
 
-    mesh = LocalMesh(config)
+    # Flushed: `up` usually runs with its output going to a file or a journal, where a crash and
+    # restart line that sits in a buffer until exit is no use.
+    mesh = LocalMesh(config, say=lambda line: print(line, flush=True))
     signal.signal(signal.SIGTERM, request_stop)
     try:
         info = mesh.start()
@@ -92,13 +96,18 @@ def _demo(args: argparse.Namespace) -> int:
 
     try:
         config = _config(args)
+        if args.queries < 1:
+            raise ValueError(f"--queries {args.queries}: search at least one photo")
+        if not 0.0 <= args.min_score <= 1.0:
+            raise ValueError(f"--min-score {args.min_score} is outside [0, 1]")
     except ValueError as exc:
         print(f"meshserve demo: {exc}", file=sys.stderr)
         return 2
     out = args.out or config.home / "demo" / "results.png"
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        return run_demo(config, out, queries=args.queries, say=lambda line: print(line, flush=True))
+        return run_demo(config, out, queries=args.queries, min_score=args.min_score,
+                        say=lambda line: print(line, flush=True))  # fmt: skip
     except KeyboardInterrupt:
         return 130
     except (RuntimeError, TimeoutError) as exc:

@@ -41,7 +41,8 @@ def held_out_photos(home: Path, count: int) -> list[HeldOutPhoto]:
 
 def read_trace(trace_file: Path, trace_id: str, settle_s: float = 5.0) -> list[dict]:
     """The spans of one trace from the shared JSON-lines file, once they stop arriving."""
-    deadline, seen, spans = time.monotonic() + settle_s, -1, []
+    deadline, seen = time.monotonic() + settle_s, -1
+    spans: list[dict] = []
     while time.monotonic() < deadline:
         spans = []
         if trace_file.is_file():
@@ -87,8 +88,24 @@ def _title(match: Any) -> str:
     return str(match.attributes.get("title") or f"item {match.item_id}")
 
 
-def run_demo(config: MeshConfig, out: Path, queries: int = 6, say: Say = print) -> int:
-    from meshserve.gateway.client import SearchFailed, search_photo
+def _search(target: str, jpeg: bytes, min_score: float) -> Any:
+    """One Search call (top 10, 10 s deadline); raises SearchFailed with the gateway's status and message."""
+    import grpc
+
+    from meshserve.gateway.client import SearchFailed
+    from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
+
+    request = photo_search_pb2.SearchRequest(image=jpeg, top_k=10, min_detection_score=min_score)
+    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 16 * 1024 * 1024)]) as channel:
+        try:
+            return photo_search_pb2_grpc.PhotoSearchStub(channel).Search(request, timeout=10)
+        except grpc.RpcError as exc:
+            raise SearchFailed(f"{exc.code().name}: {exc.details()}") from None
+
+
+def run_demo(config: MeshConfig, out: Path, queries: int = 6, min_score: float = 0.0, say: Say = print) -> int:
+    """`min_score` 0 means the gateway's default detection threshold."""
+    from meshserve.gateway.client import SearchFailed
     from meshserve.gateway.picture import draw_results
 
     mesh = LocalMesh(config, say)
@@ -101,7 +118,7 @@ def run_demo(config: MeshConfig, out: Path, queries: int = 6, say: Say = print) 
         for n, photo in enumerate(photos, 1):
             t = time.perf_counter()
             try:
-                response = search_photo(config.gateway_addr, photo.jpeg, top_k=10, timeout=10)
+                response = _search(config.gateway_addr, photo.jpeg, min_score)
             except SearchFailed as exc:
                 say(f"query {n}: items {list(photo.item_ids)}  search failed: {exc}")
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meshserve.local.supervisor import Child, ChildSpec, Supervisor
+from meshserve.local.supervisor import Child, ChildSpec, Supervisor, die_with_parent
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,11 @@ class MeshInfo:
     endpoints: list[Endpoint] = field(default_factory=list)
     trace_file: Path | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    registry_child: Child | None = None  # None when the mesh uses an outside Consul
 
     def table(self) -> str:
-        lines = [f"registry   {self.registry}",
+        registry_pid = f"   pid {self.registry_child.proc.pid}" if self.registry_child else ""
+        lines = [f"registry   {self.registry}{registry_pid}",
                  f"gateway    {self.gateway}   (meshserve search IMAGE --gateway {self.gateway})"]
         for e in self.endpoints:
             lines.append(f"{e.role:<10} {e.target:<22} {e.name:<18} pid {e.child.proc.pid:<7} log {e.child.log_path}")
@@ -101,14 +104,16 @@ class LocalMesh:
     def start(self) -> MeshInfo:
         cfg = self.config
         self.trace_file.unlink(missing_ok=True)
+        registry_child = None
         if cfg.consul is None:
-            self._start_registry()
+            registry_child = self._start_registry()
         elif not _leader_answers(self.registry_addr):
             raise RuntimeError(f"Consul at {self.registry_addr} does not answer /v1/status/leader")
         self._train_if_missing()
         shard_dirs = self._build_shards()
 
-        info = MeshInfo(self.registry_addr, cfg.gateway_addr, trace_file=self.trace_file)
+        info = MeshInfo(self.registry_addr, cfg.gateway_addr, trace_file=self.trace_file,
+                        registry_child=registry_child)
         plan: list[tuple[str, str, list[str]]] = []
         plan += [("detector", f"detector-{i}", ["serve", "detector"]) for i in range(cfg.detectors)]
         plan += [("embedder", f"embedder-{i}", ["serve", "embedder"]) for i in range(cfg.embedders)]
@@ -128,9 +133,9 @@ class LocalMesh:
             endpoint.target = f"127.0.0.1:{port}"
         self._wait_passing(info.endpoints)
 
-        host, _, port = cfg.gateway_addr.rpartition(":")
+        host, _, gateway_port = cfg.gateway_addr.rpartition(":")
         gateway_port_file = self._ports / "gateway.port"
-        gateway_args = ["gateway", "--host", host, "--port", port, "--port-file", str(gateway_port_file),
+        gateway_args = ["gateway", "--host", host, "--port", gateway_port, "--port-file", str(gateway_port_file),
                         "--check-interval", str(cfg.check_interval_s), *cfg.gateway_args]
         if cfg.gateway_metrics_port is not None:
             gateway_args += ["--metrics-port", str(cfg.gateway_metrics_port)]
@@ -141,7 +146,7 @@ class LocalMesh:
         info.endpoints.append(gateway_endpoint)
         return info
 
-    def _start_registry(self) -> None:
+    def _start_registry(self) -> Child:
         if _leader_answers(self.registry_addr):
             raise RuntimeError(f"something already answers as Consul on {self.registry_addr}; "
                                "stop it, or pass --consul to use it")  # fmt: skip
@@ -158,6 +163,7 @@ class LocalMesh:
                 raise RuntimeError(f"the dev registry did not come up: {self.supervisor.tail(child)}")
             time.sleep(0.05)
         self.say(f"dev registry on {self.registry_addr}")
+        return child
 
     def _train_if_missing(self) -> None:
         from meshserve.training.artifacts import latest
@@ -169,8 +175,10 @@ class LocalMesh:
         import subprocess
 
         kinds = ",".join(missing)
+        # Same process group (a terminal's Ctrl-C reaches it), but it dies with us if we are killed.
         done = subprocess.run([sys.executable, "-m", "meshserve", "train", "--quick", "--only", kinds],
-                              env={**os.environ, "MESHSERVE_HOME": str(self.config.home)})  # fmt: skip
+                              env={**os.environ, "MESHSERVE_HOME": str(self.config.home)},
+                              preexec_fn=functools.partial(die_with_parent, os.getpid()))  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"training failed (exit {done.returncode})")
 

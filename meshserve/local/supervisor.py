@@ -4,6 +4,7 @@ stopped on the way out — also when the supervisor itself is killed (the kernel
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -19,13 +20,19 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM me when my parent dies, however it dies."""
+def die_with_parent(parent_pid: int) -> None:
+    """In the child, before exec: SIGTERM me when my parent (`parent_pid`) dies, however it dies."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:  # not Linux: Ctrl-C and stop_all() still stop children
-        pass
+        return
+    if os.getppid() != parent_pid:  # the parent died between fork and prctl: nobody will signal us
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _supervised_child(parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     os.setpgrp()  # its own group: a terminal's Ctrl-C reaches the supervisor only, which stops children in order
 
 
@@ -63,6 +70,9 @@ class Child:
 
 
 class Supervisor:
+    """Call start() and check() from a thread that lives as long as the supervisor: the kernel sends the
+    parent-death signal when the *thread* that forked a child ends."""
+
     def __init__(self, log_dir: Path, base_env: dict[str, str] | None = None):
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +85,8 @@ class Supervisor:
         log_path = self.log_dir / f"{spec.name}.log"
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(spec.argv(), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                    env={**self.base_env, **dict(spec.env)}, preexec_fn=_die_with_parent)  # fmt: skip
+                                    env={**self.base_env, **dict(spec.env)},
+                                    preexec_fn=functools.partial(_supervised_child, os.getpid()))  # fmt: skip
         child = Child(spec, proc, log_path)
         self.children.append(child)
         return child

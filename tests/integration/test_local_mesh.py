@@ -1,0 +1,304 @@
+"""`meshserve up` and `meshserve demo` as real processes over the tiny trained home: `status` sees every
+service passing, a SIGKILLed replica turns critical within 3 s and is restarted, and nothing they started
+outlives them — after Ctrl-C, after the demo ends, and when `up` itself is SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support import ManagedProcess, free_port, meshserve_argv, wait_until
+
+SMALL_MESH = ("--detectors", "1", "--embedders", "1", "--shards", "2")
+UP_TIMEOUT_S = 300  # eight servers importing torch at once on a shared 2-core box
+STOP_TIMEOUT_S = 120
+
+
+# -- processes and ports, read from /proc and the loopback ------------------------------------
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below `root`, from the parent links in /proc/*/stat."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone while we looked
+        children[int(fields[1])].append(int(stat.parent.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def running_meshserve(pid: int) -> bool:
+    """A live (not zombie) meshserve process with this pid — a reused pid of something else does not count."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and b"meshserve" in cmdline
+
+
+def survivors(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if running_meshserve(pid)}
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def kill_leftovers(pids: set[int]) -> None:
+    """Safety net after a failed test: no process of ours may outlive the module."""
+    for pid in survivors(pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# -- a `meshserve up` process and what it prints ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    role: str
+    name: str
+    port: int
+    pid: int
+
+
+class Up:
+    """`meshserve up` on free ports over a private home; knows every process it started."""
+
+    def __init__(self, home: Path, log_dir: Path, *flags: str):
+        self.registry_port, self.gateway_port = free_port(), free_port()
+        self.registry = f"http://127.0.0.1:{self.registry_port}"
+        argv = meshserve_argv("up", "--registry-addr", f"127.0.0.1:{self.registry_port}",
+                              "--gateway-addr", f"127.0.0.1:{self.gateway_port}", *flags)  # fmt: skip
+        self.proc = ManagedProcess(argv, log_dir / "up.log", env={"MESHSERVE_HOME": str(home)})
+        self.seen: set[int] = set()  # every descendant ever observed
+        self.extra_ports: set[int] = set()  # ports of servers started after the table was printed
+
+    def observe(self) -> set[int]:
+        now = descendants(self.proc.pid)
+        self.seen |= now
+        return now
+
+    def wait_up(self) -> list[Row]:
+        def printed_table() -> bool:
+            self.observe()
+            self.proc.check_alive()
+            return "Ctrl-C stops everything" in self.proc.output()
+
+        wait_until(printed_table, timeout=UP_TIMEOUT_S, interval=0.2, what="`meshserve up` to print its table")
+        return self.rows()
+
+    def rows(self) -> list[Row]:
+        table = self.proc.output().split("meshserve is up:", 1)[1]
+        rows = [Row(m[1], m[3], int(m[2]), int(m[4]))
+                for m in re.finditer(r"^(\w+)\s+127\.0\.0\.1:(\d+)\s+(\S+)\s+pid (\d+)", table, re.M)]  # fmt: skip
+        registry = re.search(r"^registry\s+\S+\s+pid (\d+)", table, re.M)
+        assert registry, table
+        rows.append(Row("registry", "registry", self.registry_port, int(registry[1])))
+        return rows
+
+    def stop(self) -> None:
+        self.observe()
+        try:
+            self.proc.stop(grace=STOP_TIMEOUT_S)
+        finally:
+            kill_leftovers(self.seen)
+
+
+def meshserve_status(registry: str) -> dict:
+    done = subprocess.run([*meshserve_argv("status", "--json", "--consul", registry)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def status_of(status: dict, role: str, port: int) -> str | None:
+    for replica in status["services"][role]:
+        if replica["target"] == f"127.0.0.1:{port}":
+            return str(replica["status"])
+    return None
+
+
+def registry_check_status(registry: str, service: str, port: int) -> str | None:
+    """The aggregated check status of one instance, straight from the registry's HTTP API."""
+    with urllib.request.urlopen(f"{registry}/v1/health/service/{service}", timeout=2) as resp:
+        entries = json.load(resp)
+    for entry in entries:
+        if entry["Service"]["Port"] == port:
+            statuses = {check["Status"] for check in entry["Checks"]}
+            for worst in ("critical", "warning", "passing"):
+                if worst in statuses:
+                    return worst
+    return None
+
+
+# -- one `up` for status, a killed replica, its restart and Ctrl-C ------------------------------
+
+
+@pytest.fixture(scope="module")
+def up(home_copy: Callable[[], Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    mesh = Up(home_copy(), tmp_path_factory.mktemp("up"), *SMALL_MESH)
+    try:
+        mesh.wait_up()
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def test_status_in_another_process_shows_every_service_passing(up: Up) -> None:
+    rows = [r for r in up.rows() if r.role != "registry"]
+    assert {r.role for r in rows} == {"detector", "embedder", "classifier", "shipping", "indexer", "gateway"}
+    assert sum(r.role == "indexer" for r in rows) == 2
+    status = meshserve_status(up.registry)
+    for row in rows:
+        assert status_of(status, row.role, row.port) == "passing", (row, status["services"][row.role])
+    assert [s["coverage"] for s in status["shard_sets"]] == [1.0]
+
+
+def test_sigkilled_replica_is_critical_within_3s_then_restarted(up: Up) -> None:
+    detector = next(r for r in up.rows() if r.name == "detector-0")
+    up.observe()
+    os.kill(detector.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: registry_check_status(up.registry, "meshserve-detector", detector.port) == "critical",
+               timeout=10, interval=0.05, what="the killed detector to turn critical")  # fmt: skip
+    to_critical = time.monotonic() - killed
+    status = meshserve_status(up.registry)
+    status_done = time.monotonic() - killed
+    print(f"killed detector critical in the registry after {to_critical:.2f}s; "
+          f"`meshserve status` (a new process) showed it after {status_done:.2f}s")  # fmt: skip
+    assert to_critical <= 3.0
+    assert status_of(status, "detector", detector.port) == "critical"
+
+    # `up` notices, says so, and starts a new detector that registers and passes.
+    restarted = wait_until(lambda: re.search(r"detector-0 restarted \(pid (\d+)\)", up.proc.output()),
+                           timeout=30, what="`up` to restart detector-0")  # fmt: skip
+    assert restarted is not None
+    new_pid = int(restarted[1])
+    assert new_pid in up.observe() and running_meshserve(new_pid)
+
+    def new_detector_passing() -> list[int]:
+        up.proc.check_alive()
+        found = meshserve_status(up.registry)["services"]["detector"]
+        return [int(r["target"].rsplit(":", 1)[1]) for r in found
+                if r["status"] == "passing" and r["target"] != f"127.0.0.1:{detector.port}"]  # fmt: skip
+
+    ports = wait_until(new_detector_passing, timeout=180, interval=0.5, what="the restarted detector to pass")
+    assert "exited with -9" in up.proc.output()
+    up.extra_ports.update(ports)  # the Ctrl-C test checks these close too
+
+
+def test_ctrl_c_exits_0_and_nothing_it_started_survives(up: Up) -> None:
+    rows = up.rows()
+    ports = {r.port for r in rows} | up.extra_ports
+    started = up.observe() | {r.pid for r in rows}
+    assert len(started) >= len(rows)
+    up.proc.signal(signal.SIGINT)
+    assert up.proc.wait(timeout=STOP_TIMEOUT_S) == 0, up.proc.output()[-3000:]
+    assert survivors(started | up.seen) == set()
+    assert [p for p in sorted(ports) if listening(p)] == []
+    output = up.proc.output()
+    assert output.rstrip().endswith("stopped") and "Traceback" not in output
+
+
+# -- `up` killed outright ------------------------------------------------------------------------
+
+
+def test_sigkill_of_up_takes_every_child_with_it(home_copy: Callable[[], Path], tmp_path: Path) -> None:
+    """Killed while its model servers are still loading (the moment with the most in flight): the
+    kernel's parent-death signal still reaches every child."""
+    mesh = Up(home_copy(), tmp_path, "--detectors", "1", "--embedders", "1", "--shards", "1")
+    try:
+        def servers_spawned() -> bool:
+            mesh.proc.check_alive()
+            planned = re.search(r"starting (\d+) model servers", mesh.proc.output())
+            return planned is not None and len(mesh.observe()) >= int(planned[1]) + 1  # + the registry
+
+        wait_until(servers_spawned, timeout=UP_TIMEOUT_S, interval=0.1, what="`up` to start its model servers")
+        started = mesh.observe()
+        assert len(started) >= 8
+        mesh.proc.kill()
+        wait_until(lambda: not survivors(started), timeout=STOP_TIMEOUT_S, interval=0.2,
+                   what=f"the children of the killed `up` to exit: {survivors(started)}")  # fmt: skip
+        assert not listening(mesh.registry_port)
+    finally:
+        mesh.stop()
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+
+def test_demo_searches_draws_prints_the_waterfall_and_leaves_nothing(
+    home_copy: Callable[[], Path], tmp_path: Path
+) -> None:
+    home, out = home_copy(), tmp_path / "out.png"
+    registry_port, gateway_port = free_port(), free_port()
+    argv = meshserve_argv("demo", "--queries", "2", "-o", str(out), "--min-score", "0.01", *SMALL_MESH,
+                          "--registry-addr", f"127.0.0.1:{registry_port}",
+                          "--gateway-addr", f"127.0.0.1:{gateway_port}")  # fmt: skip
+    demo = ManagedProcess(argv, tmp_path / "demo.log", env={"MESHSERVE_HOME": str(home)})
+    seen: set[int] = set()
+    try:
+        def finished() -> bool:
+            seen.update(descendants(demo.pid))
+            return not demo.alive()
+
+        started = time.monotonic()
+        wait_until(finished, timeout=UP_TIMEOUT_S + STOP_TIMEOUT_S, interval=0.2, what="`meshserve demo` to end")
+        print(f"demo took {time.monotonic() - started:.0f}s")
+        output = demo.output()
+        assert demo.proc.returncode == 0, output[-3000:]
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert re.search(r"coverage 2/2", output), output
+        waterfall = output.split("(one search, every stage and shard):", 1)[1]
+        for stage in ("validate", "detect", "embed", "search", "merge", "enrich"):
+            assert re.search(rf"meshserve-gateway: {stage}\b", waterfall), (stage, waterfall)
+        assert re.search(r"meshserve-gateway: shard base-\d", waterfall), waterfall
+        for server in ("detector", "embedder", "indexer"):
+            assert f"meshserve-{server}: meshserve.v1.PredictionService/Predict" in waterfall, (server, waterfall)
+        assert len(seen) >= 9  # registry + 8 servers + gateway were seen running
+        assert survivors(seen) == set()
+        assert not listening(registry_port) and not listening(gateway_port)
+    finally:
+        demo.stop()
+        kill_leftovers(seen)
+
+
+def test_the_test_helpers_see_a_real_process_tree(tmp_path: Path) -> None:
+    """descendants() and running_meshserve() are what the tests above rely on: check them on a tree."""
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"  # noqa: E501
+    parent = ManagedProcess([sys.executable, "-c", script, "meshserve"], tmp_path / "tree.log")
+    try:
+        below = wait_until(lambda: descendants(parent.pid), timeout=20, what="the grandchild")
+        assert len(below) == 1 and parent.pid not in below
+        assert running_meshserve(parent.pid)  # "meshserve" is in its argv
+        assert not running_meshserve(next(iter(below)))  # no "meshserve" in the grandchild's argv
+    finally:
+        parent.stop()
+    assert not running_meshserve(parent.pid)
