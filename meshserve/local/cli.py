@@ -45,6 +45,10 @@ def add_commands(subparsers: Any) -> None:
                       help="lowest detection score to search with (default: the gateway's own threshold)")
     demo.set_defaults(func=_demo)
 
+    from meshserve.local import bench_cli
+
+    bench_cli.add_commands(subparsers)
+
 
 def _config(args: argparse.Namespace) -> Any:
     from meshserve.local.mesh import MeshConfig
