@@ -77,11 +77,14 @@ def _up(args: argparse.Namespace) -> int:
     # Flushed: `up` usually runs with its output going to a file or a journal, where a crash and
     # restart line that sits in a buffer until exit is no use.
     mesh = LocalMesh(config, say=lambda line: print(line, flush=True))
-    signal.signal(signal.SIGTERM, request_stop)
+    # During bring-up (minutes, with training) SIGTERM abandons it at once, as Ctrl-C does; a flag
+    # would only be read once everything had started.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         info = mesh.start()
-        print(f"\nmeshserve is up:\n{info.table()}\n\nCtrl-C stops everything.", flush=True)
         signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        print(f"\nmeshserve is up:\n{info.table()}\n\nCtrl-C stops everything.", flush=True)
         mesh.watch(lambda: stop["requested"])
     except KeyboardInterrupt:
         pass
@@ -95,7 +98,13 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _demo(args: argparse.Namespace) -> int:
+    import signal
+
     from meshserve.local.demo import run_demo
 
     try:
@@ -109,6 +118,7 @@ def _demo(args: argparse.Namespace) -> int:
         return 2
     out = args.out or config.home / "demo" / "results.png"
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the mesh in order, as on Ctrl-C
     try:
         return run_demo(config, out, queries=args.queries, min_score=args.min_score,
                         say=lambda line: print(line, flush=True))  # fmt: skip

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,4 +261,20 @@ class LocalMesh:
     def stop(self) -> None:
         # The gateway first (no new searches), then the model servers, the registry last so
         # everyone can deregister.
-        self.supervisor.stop_all(grace=15.0, first=("gateway",), last=("registry",))
+        with _signals_ignored():
+            self.supervisor.stop_all(grace=15.0, first=("gateway",), last=("registry",))
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM do nothing while the mesh stops: a second Ctrl-C asks for what is already
+    happening, and raised in the middle of stop_all() it would leave children half-stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; signals are delivered there anyway
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

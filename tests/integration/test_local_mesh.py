@@ -114,6 +114,17 @@ class Up:
         wait_until(printed_table, timeout=UP_TIMEOUT_S, interval=0.2, what="`meshserve up` to print its table")
         return self.rows()
 
+    def wait_servers_spawned(self) -> set[int]:
+        """Wait until `up` has started the registry and every model server (they are still loading)."""
+
+        def spawned() -> bool:
+            self.proc.check_alive()
+            planned = re.search(r"starting (\d+) model servers", self.proc.output())
+            return planned is not None and len(self.observe()) >= int(planned[1]) + 1  # + the registry
+
+        wait_until(spawned, timeout=UP_TIMEOUT_S, interval=0.1, what="`up` to start its model servers")
+        return self.observe()
+
     def rows(self) -> list[Row]:
         table = self.proc.output().split("meshserve is up:", 1)[1]
         rows = [Row(m[1], m[3], int(m[2]), int(m[4]))
@@ -165,7 +176,9 @@ def registry_check_status(registry: str, service: str, port: int) -> str | None:
 def up(home_copy: Callable[[], Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     mesh = Up(home_copy(), tmp_path_factory.mktemp("up"), *SMALL_MESH)
     try:
+        started = time.monotonic()
         mesh.wait_up()
+        print(f"`meshserve up` printed its table after {time.monotonic() - started:.0f}s")
         yield mesh
     finally:
         mesh.stop()
@@ -220,35 +233,46 @@ def test_ctrl_c_exits_0_and_nothing_it_started_survives(up: Up) -> None:
     started = up.observe() | {r.pid for r in rows}
     assert len(started) >= len(rows)
     up.proc.signal(signal.SIGINT)
+    interrupted = time.monotonic()
     assert up.proc.wait(timeout=STOP_TIMEOUT_S) == 0, up.proc.output()[-3000:]
+    print(f"`meshserve up` exited {time.monotonic() - interrupted:.0f}s after SIGINT")
     assert survivors(started | up.seen) == set()
     assert [p for p in sorted(ports) if listening(p)] == []
     output = up.proc.output()
     assert output.rstrip().endswith("stopped") and "Traceback" not in output
 
 
-# -- `up` killed outright ------------------------------------------------------------------------
+# -- `up` stopped or killed while its model servers are still loading ---------------------------
 
 
-def test_sigkill_of_up_takes_every_child_with_it(home_copy: Callable[[], Path], tmp_path: Path) -> None:
-    """Killed while its model servers are still loading (the moment with the most in flight): the
-    kernel's parent-death signal still reaches every child."""
+@pytest.fixture
+def loading_up(home_copy: Callable[[], Path], tmp_path: Path) -> Iterator[Up]:
+    """A one-shard `up` whose registry and model servers have all been started, none ready yet: the
+    moment with the most in flight."""
     mesh = Up(home_copy(), tmp_path, "--detectors", "1", "--embedders", "1", "--shards", "1")
     try:
-        def servers_spawned() -> bool:
-            mesh.proc.check_alive()
-            planned = re.search(r"starting (\d+) model servers", mesh.proc.output())
-            return planned is not None and len(mesh.observe()) >= int(planned[1]) + 1  # + the registry
-
-        wait_until(servers_spawned, timeout=UP_TIMEOUT_S, interval=0.1, what="`up` to start its model servers")
-        started = mesh.observe()
-        assert len(started) >= 8
-        mesh.proc.kill()
-        wait_until(lambda: not survivors(started), timeout=STOP_TIMEOUT_S, interval=0.2,
-                   what=f"the children of the killed `up` to exit: {survivors(started)}")  # fmt: skip
-        assert not listening(mesh.registry_port)
+        assert len(mesh.wait_servers_spawned()) >= 8
+        yield mesh
     finally:
         mesh.stop()
+
+
+def test_sigterm_during_bring_up_stops_everything_without_finishing_it(loading_up: Up) -> None:
+    started = loading_up.observe()
+    loading_up.proc.signal(signal.SIGTERM)
+    assert loading_up.proc.wait(timeout=STOP_TIMEOUT_S) == 0
+    output = loading_up.proc.output()
+    assert "meshserve is up" not in output and output.rstrip().endswith("stopped"), output[-2000:]
+    assert survivors(started | loading_up.seen) == set()
+    assert not listening(loading_up.registry_port) and not listening(loading_up.gateway_port)
+
+
+def test_sigkill_of_up_takes_every_child_with_it(loading_up: Up) -> None:
+    started = loading_up.observe()
+    loading_up.proc.kill()
+    wait_until(lambda: not survivors(started), timeout=STOP_TIMEOUT_S, interval=0.2,
+               what=f"the children of the killed `up` to exit: {survivors(started)}")  # fmt: skip
+    assert not listening(loading_up.registry_port)
 
 
 # -- demo ----------------------------------------------------------------------------------------
