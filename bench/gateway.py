@@ -190,6 +190,48 @@ class ThroughMesh:
         self.channel.close()
 
 
+def empty_rpc(targets: Sequence[str], rounds: int) -> Timings:
+    """Round trips of grpc.health.v1 Check (no work at all) to the mesh's processes: the price of one hop."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channels = [grpc.insecure_channel(t) for t in targets]
+    try:
+        stubs = [health_pb2_grpc.HealthStub(c) for c in channels]
+        for stub in stubs:
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+        out = Timings()
+        for _ in range(rounds):
+            for stub in stubs:
+                started = time.perf_counter()
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+                out.seconds.append(time.perf_counter() - started)
+        return out
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def role_of(name: str) -> str:
+    return name.split("-", 1)[0]
+
+
+def mesh_cpu(children: Sequence[tuple[str, int]]) -> dict[str, float]:
+    """CPU seconds so far per role of the mesh's processes, plus this (client) process."""
+    out: dict[str, float] = {"client (bench)": time.process_time()}
+    for name, pid in children:
+        out[role_of(name)] = out.get(role_of(name), 0.0) + cpu_seconds(pid)
+    return out
+
+
 def timed(fn: Callable[[bytes], int], image: bytes) -> float:
     started = time.perf_counter()
     fn(image)
@@ -258,6 +300,8 @@ class MainFigures:
     latency: dict[str, Timings]
     throughput: dict[str, list[float]]  # side -> one figure per round
     stages: dict[str, float]  # gateway stage -> mean seconds during (a)
+    hop: Timings  # empty gRPC round trips to the gateway and model servers
+    cpu_ms: dict[str, float]  # CPU ms per search during (b): mesh per role, and the in-process loop
 
 
 def run_mesh(cfg: BenchConfig, shards: int, photos: Sequence[bytes], say: Callable[[str], None]
@@ -292,16 +336,31 @@ def run_mesh(cfg: BenchConfig, shards: int, photos: Sequence[bytes], say: Callab
         inproc.threads(2)
         latency["inproc-2"] = interleaved({"inproc-2": inproc.search}, photos, cfg.warmup)["inproc-2"]
         inproc.threads(1)
+        hop_targets = [e.target for e in info.endpoints if e.role in ("gateway", "detector", "embedder", "indexer")]
+        hop = empty_rpc(hop_targets, rounds=max(5, len(photos) // len(hop_targets)))
 
         requests = [photos[i % len(photos)] for i in range(cfg.throughput_requests)]
         say(f"(b) throughput: {len(requests)} searches, {CONCURRENCY} in flight vs the sequential loop, 2 rounds …")
         throughput: dict[str, list[float]] = {"mesh": [], **{f"inproc-{n}": [] for n in BASELINE_THREADS}}
+        children = [(c.spec.name, c.proc.pid) for c in mesh.supervisor.children if c.alive]
+        cpu: dict[str, float] = {}
         for _ in range(2):  # alternate rounds so a burst of outside load does not land on one side only
             for n in BASELINE_THREADS:
+                started_cpu = time.process_time()
                 throughput[f"inproc-{n}"].append(inprocess_throughput(inproc, n, requests))
+                if n == 1:
+                    cpu["in-process loop (1 thread)"] = cpu.get("in-process loop (1 thread)", 0.0) + (
+                        time.process_time() - started_cpu)
+            cpu_before = mesh_cpu(children)
             throughput["mesh"].append(mesh_throughput(info.gateway, requests, cfg.min_score))
+            for role, seconds in mesh_cpu(children).items():
+                cpu[f"mesh {role}"] = cpu.get(f"mesh {role}", 0.0) + seconds - cpu_before[role]
+        # per search: each round runs len(requests) searches plus its warm-up (1 on the loop, 16 on the mesh)
+        cpu_ms = {k: 1000 * v / (2 * (len(requests) + (CONCURRENCY if k.startswith("mesh ") else 1)))
+                  for k, v in cpu.items()}  # fmt: skip
         inproc.threads(1)
-        return ShardRow(shards, latency["mesh"], latency["inproc-1"]), MainFigures(latency, throughput, stages)
+        figures = MainFigures(latency, throughput, stages, hop, cpu_ms)
+        return ShardRow(shards, latency["mesh"], latency["inproc-1"]), figures
     finally:
         if client is not None:
             client.close()
@@ -363,6 +422,9 @@ def report(cfg: BenchConfig, main: MainFigures, rows: list[ShardRow], n_photos: 
         "inside the gateway, mean ms per stage (warm-up included): "
         + ", ".join(f"{stage} {1000 * sec:.1f}" for stage, sec in main.stages.items())
         + f"; total {1000 * sum(main.stages.values()):.1f}",
+        f"an empty gRPC round trip (health Check) to a mesh process right after: p50 {1000 * main.hop.p50:.1f} ms, "
+        f"p99 {1000 * main.hop.p99:.1f} ms; a search makes 4 such hops one after another "
+        "(client→gateway→detector, →embedder, →shards)",
         "",
         f"(b) throughput (searches/s; best of {len(thr['mesh'])} alternating rounds, every round shown)",
     ]
@@ -378,6 +440,11 @@ def report(cfg: BenchConfig, main: MainFigures, rows: list[ShardRow], n_photos: 
     lines += [
         f"ratio mesh / {thr_labels[thr_base]} (the faster loop): {ratio:.2f} (goal ≥ 1.0, {verdict(ratio >= 1.0)}); "
         f"vs the {thr_labels[other].removeprefix('in-process loop, ')} loop: {best['mesh'] / best[other]:.2f}",
+        "CPU ms per search during (b): in-process loop (1 thread) "
+        f"{main.cpu_ms.get('in-process loop (1 thread)', 0.0):.1f}; mesh "
+        f"{sum(v for k, v in main.cpu_ms.items() if k.startswith('mesh ')):.1f} = "
+        + ", ".join(f"{k.removeprefix('mesh ')} {v:.1f}" for k, v in sorted(main.cpu_ms.items(), key=lambda kv: -kv[1])
+                    if k.startswith("mesh ") and v >= 0.05),
         "",
         "(c) latency at concurrency 1 vs shard count (ms; in-process at 1 torch thread over the same shards)",
         f"{'S':>3} {'mesh p50':>9} {'mesh p99':>9} {'inproc p50':>11} {'inproc p99':>11} {'p50 ratio':>10} "
