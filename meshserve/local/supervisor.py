@@ -45,7 +45,7 @@ class ChildSpec:
     port_file: Path | None = None  # written by the child once it listens
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "meshserve", *self.args]
+        return [sys.executable, "-m", "meshserve.local.child", *self.args]  # see child.py: no slow teardown
 
 
 @dataclass
