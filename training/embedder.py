@@ -218,6 +218,8 @@ def train_embedder(cfg: EmbedderConfig, out_dir: Path | str, progress: bool = Tr
     t0 = time.perf_counter()
     metrics = fit_embedder(cfg, out_dir, items, progress=progress)
     training_time = time.perf_counter() - t0
+    if metrics.get("reused_cached_training"):  # the detector stage trained the crop net
+        training_time = float(metrics["prepare_s"]) + float(metrics["train_s"])
     if evaluate:
         photos = eval_photos(items, progress=progress)
         model = Embedder.load(out_dir)
