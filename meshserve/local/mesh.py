@@ -117,6 +117,18 @@ class LocalMesh:
 
         info = MeshInfo(self.registry_addr, cfg.gateway_addr, trace_file=self.trace_file,
                         registry_child=registry_child)
+        # The gateway first: it binds its fixed port before any model server takes a free one
+        # (one of those could otherwise be handed the same port), and it discovers the rest.
+        host, _, gateway_port = cfg.gateway_addr.rpartition(":")
+        gateway_port_file = self._ports / "gateway.port"
+        gateway_args = ["gateway", "--host", host, "--port", gateway_port, "--port-file", str(gateway_port_file),
+                        "--check-interval", str(cfg.check_interval_s), *cfg.gateway_args]
+        if cfg.gateway_metrics_port is not None:
+            gateway_args += ["--metrics-port", str(cfg.gateway_metrics_port)]
+        gateway = self.supervisor.start(ChildSpec("gateway", tuple(gateway_args), port_file=gateway_port_file))
+        self.supervisor.wait_port(gateway, cfg.ready_timeout_s)
+        gateway_endpoint = Endpoint("gateway", "gateway", cfg.gateway_addr, gateway)
+
         plan: list[tuple[str, str, list[str]]] = []
         plan += [("detector", f"detector-{i}", ["serve", "detector"]) for i in range(cfg.detectors)]
         plan += [("embedder", f"embedder-{i}", ["serve", "embedder"]) for i in range(cfg.embedders)]
@@ -136,15 +148,6 @@ class LocalMesh:
             endpoint.target = f"127.0.0.1:{port}"
         self._wait_passing(info.endpoints)
 
-        host, _, gateway_port = cfg.gateway_addr.rpartition(":")
-        gateway_port_file = self._ports / "gateway.port"
-        gateway_args = ["gateway", "--host", host, "--port", gateway_port, "--port-file", str(gateway_port_file),
-                        "--check-interval", str(cfg.check_interval_s), *cfg.gateway_args]
-        if cfg.gateway_metrics_port is not None:
-            gateway_args += ["--metrics-port", str(cfg.gateway_metrics_port)]
-        gateway = self.supervisor.start(ChildSpec("gateway", tuple(gateway_args), port_file=gateway_port_file))
-        self.supervisor.wait_port(gateway, cfg.ready_timeout_s)
-        gateway_endpoint = Endpoint("gateway", "gateway", cfg.gateway_addr, gateway)
         self._wait_passing([gateway_endpoint])
         info.endpoints.append(gateway_endpoint)
         return info

@@ -90,17 +90,23 @@ async def test_no_replica_left_is_unavailable_not_a_hang(spawn: Callable[..., Ma
 
 
 async def test_overloaded_replica_sends_the_call_to_another(spawn: Callable[..., ManagedProcess]) -> None:
-    servers = {"busy": start_identity(spawn, "--max-inflight", "1", "--delay-ms", "300"),
+    servers = {"busy": start_identity(spawn, "--max-inflight", "1", "--delay-ms", "20000"),
                "idle": start_identity(spawn)}  # fmt: skip
     call = caller(servers)
     try:
         busy = next(r for r in call.replicas.replicas if r.id == "busy")
-        hog = asyncio.ensure_future(busy.stub.Predict(request(), timeout=5))
-        await asyncio.sleep(0.1)  # the hog is admitted and holds busy's only slot
+        hog = asyncio.ensure_future(busy.stub.Predict(request(), timeout=30))
+        # wait until the hog holds busy's only slot (its in-flight gauge says so)
+        for _ in range(400):
+            if servers["busy"].metric("meshserve_server_inflight") >= 1:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the hog never filled the busy replica")
         results = [await call.predict(request(), time.monotonic() + 5) for _ in range(10)]
         assert all(stats.replica == "idle" for _, stats in results)
         assert any(stats.retries for _, stats in results)  # some first picked busy and were refused
-        await hog
+        hog.cancel()
     finally:
         await call.replicas.close()
 
