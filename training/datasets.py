@@ -6,6 +6,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,6 +84,13 @@ def _workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def _worker_signals() -> None:
+    """Render workers take the default SIGTERM (the pool ends them with it) and leave Ctrl-C to the
+    parent, whatever handlers the parent process had installed when it forked them."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run(jobs: Sequence[Job], cfg: RenderConfig, crop_size: int | None, pad: float,
          progress: str | None) -> list[tuple]:
     tasks = [(job, cfg, crop_size, pad) for job in jobs]
@@ -95,7 +103,7 @@ def _run(jobs: Sequence[Job], cfg: RenderConfig, crop_size: int | None, pad: flo
             bar.update(1)
     else:
         # fork: workers inherit the imported modules, so start-up costs nothing
-        with mp.get_context("fork").Pool(workers) as pool:
+        with mp.get_context("fork").Pool(workers, initializer=_worker_signals) as pool:
             for res in pool.imap(_render_job, tasks, chunksize=32):
                 out.append(res)
                 bar.update(1)

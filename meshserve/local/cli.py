@@ -84,6 +84,8 @@ def _up(args: argparse.Namespace) -> int:
         info = mesh.start()
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
+        # A library waiting inside bring-up may have swallowed the KeyboardInterrupt: the flag remains.
+        stop["requested"] = stop["requested"] or _INTERRUPTED["seen"]
         print(f"\nmeshserve is up:\n{info.table()}\n\nCtrl-C stops everything.", flush=True)
         mesh.watch(lambda: stop["requested"])
     except KeyboardInterrupt:
@@ -95,10 +97,17 @@ def _up(args: argparse.Namespace) -> int:
         print("stopping …", flush=True)
         mesh.stop()
         print("stopped", flush=True)
-    return 0
+        # Everything is stopped and flushed; skip the interpreter's teardown of torch and grpc
+        # (seconds, and on a busy box it has hung `up` after "stopped").
+        sys.stderr.flush()
+        os._exit(0)
+
+
+_INTERRUPTED = {"seen": False}
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    _INTERRUPTED["seen"] = True
     raise KeyboardInterrupt
 
 
