@@ -95,7 +95,7 @@ def _run(jobs: Sequence[Job], cfg: RenderConfig, crop_size: int | None, pad: flo
          progress: str | None) -> list[tuple]:
     tasks = [(job, cfg, crop_size, pad) for job in jobs]
     workers = _workers()
-    bar = _bar(len(tasks), progress)
+    bar = progress_bar(len(tasks), progress)
     out: list[tuple] = []
     if workers == 1 or len(tasks) < 64:
         for t in tasks:
@@ -115,16 +115,20 @@ class _NoBar:
     def update(self, n: int) -> None:
         pass
 
+    def set_postfix(self, **kw: object) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
-def _bar(total: int, desc: str | None):  # type: ignore[no-untyped-def]
+def progress_bar(total: int, desc: str | None, unit: str = "photo"):  # type: ignore[no-untyped-def]
+    """A tqdm bar, or one that shows nothing when `desc` is None."""
     if not desc:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="photo", leave=False, mininterval=0.5)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=0.5)
 
 
 def _cache_file(kind: str, key: dict) -> Path:

@@ -30,6 +30,7 @@ from meshserve.training.datasets import (
     EVAL_SEEDS,
     TRAIN_SEEDS,
     PhotoSet,
+    progress_bar,
     render_photos,
     resolve_items,
     torch_threads,
@@ -359,7 +360,7 @@ def fit_detector(cfg: DetectorConfig, out_dir: Path, items: Sequence[Item], *,
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
                                                 pct_start=0.15)
     gen = torch.Generator().manual_seed(cfg.seed)
-    bar = _progress(total, "train detector", progress)
+    bar = progress_bar(total, "train detector" if progress else None, unit="step")
     losses: list[float] = []
     net.train()
     for _epoch in range(cfg.epochs):
@@ -414,22 +415,3 @@ def fit_detector(cfg: DetectorConfig, out_dir: Path, items: Sequence[Item], *,
         if cat_losses else None,
     }
     return metrics
-
-
-class _Quiet:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix(self, **kw: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, on: bool):  # type: ignore[no-untyped-def]
-    if not on:
-        return _Quiet()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=0.5)

@@ -28,7 +28,7 @@ from meshserve.training.catalogue import (
     PATTERNS,
     Item,
 )
-from meshserve.training.datasets import CROP_PAD, EVAL_SEEDS, resolve_items, torch_threads
+from meshserve.training.datasets import CROP_PAD, EVAL_SEEDS, progress_bar, resolve_items, torch_threads
 from meshserve.training.evaluate import eval_photos, evaluate_retrieval
 from meshserve.training.render import crop
 from meshserve.training.views import SpriteViews
@@ -285,7 +285,7 @@ def _train(cfg: EmbedderConfig, items: Sequence[Item], net: EmbedNet, heads: nn.
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
                                                 pct_start=0.15)
-    bar = _progress(total, "train embedder", progress)
+    bar = progress_bar(total, "train embedder" if progress else None, unit="step")
     losses: list[float] = []
     net.train()
     for idx, x in _view_batches(views, n, cfg, steps_per_epoch):
@@ -349,22 +349,3 @@ def _view_batches(views: SpriteViews, n: int, cfg: EmbedderConfig, steps_per_epo
 
 def _one_thread(_worker: int) -> None:
     torch.set_num_threads(1)
-
-
-class _Quiet:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix(self, **kw: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, on: bool):  # type: ignore[no-untyped-def]
-    if not on:
-        return _Quiet()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=0.5)
