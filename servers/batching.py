@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,79 @@ class Admission:
         self.count -= 1
 
 
+class ModelThreads:
+    """The threads model calls run on, fed by one queue; each call completes an asyncio future.
+
+    Cheaper than ThreadPoolExecutor + asyncio.wrap_future (two chained futures and their
+    callbacks per call): one queue put to wake a thread, one call_soon_threadsafe to come back.
+    """
+
+    def __init__(self, count: int, name: str = "model"):
+        self._count = count
+        self._name = name
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        future: asyncio.Future[Any],
+        done: Callable[[asyncio.Future[Any], Any, BaseException | None], None],
+    ) -> None:
+        """Run `fn(*args)` on a model thread, then `done(future, result, error)` on the loop.
+        A future already cancelled when its turn comes is not run (done still is)."""
+        if not self._threads:
+            self._start()
+        self._jobs.put((future.get_loop(), fn, args, future, done))
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` on a model thread and wait for it (load, warmup, batches)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.submit(fn, args, future, _settle)
+        return await future
+
+    def shutdown(self) -> None:
+        """Let the threads finish what they run and stop them (blocks until they have)."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+
+    def _start(self) -> None:
+        for i in range(self._count):
+            thread = threading.Thread(target=self._work, name=f"{self._name}_{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _work(self) -> None:
+        jobs = self._jobs
+        while (job := jobs.get()) is not None:
+            loop, fn, args, future, done = job
+            result: Any = None
+            error: BaseException | None = None
+            if not future.cancelled():
+                try:
+                    result = fn(*args)
+                except BaseException as exc:  # handed to the caller, like an executor does
+                    error = exc
+            try:
+                loop.call_soon_threadsafe(done, future, result, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+            del job, future, result, error  # drop references before sleeping on the queue
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class _Item:
     __slots__ = ("inputs", "params", "size", "key", "deadline", "enqueued", "future")
 
@@ -111,9 +185,7 @@ class Batcher:
         self._clock = clock
         self._queue: collections.deque[_Item] = collections.deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(
-            max_workers=config.workers, thread_name_prefix="model"
-        )
+        self._threads = ModelThreads(config.workers)
         self._slots = asyncio.Semaphore(config.workers)
         self._running: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -125,7 +197,7 @@ class Batcher:
 
     async def run_in_executor(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the model thread(s) (load, warmup)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        return await self._threads.run(fn)
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._dispatch_loop(), name="batcher")
@@ -145,7 +217,7 @@ class Batcher:
                 pass
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        self._threads.shutdown()
 
     # -- the request side ------------------------------------------------------------------
 
@@ -239,21 +311,17 @@ class Batcher:
         """One request on an idle model: no queue, no task, one hop to the model thread."""
         self.observer.queued(0.0)
         started = time.perf_counter()
-        work = self._executor.submit(self.model.predict, inputs, params)
-        try:
-            outputs = await asyncio.wrap_future(work)
-        except asyncio.CancelledError:
-            # The caller went away. The slot stays taken until the model thread is done
-            # (a cancel before it started frees it at once).
-            loop = asyncio.get_running_loop()
-            work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._slots.release))
-            raise
-        except BaseException:
-            self._slots.release()
-            raise
-        self._slots.release()
+        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        # If the caller goes away, its slot stays taken until the model thread is done with
+        # the call (or has skipped it, when the cancel came first): _direct_done releases it.
+        self._threads.submit(self.model.predict, (inputs, params), future, self._direct_done)
+        outputs = await future
         self.observer.batch_ran(size, 1, time.perf_counter() - started)
         return outputs
+
+    def _direct_done(self, future: asyncio.Future[Arrays], outputs: Any, error: BaseException | None) -> None:
+        self._slots.release()
+        _settle(future, outputs, error)
 
     async def _run(self, batch: list[_Item]) -> None:
         try:
@@ -263,9 +331,7 @@ class Batcher:
             sizes = [item.size for item in batch]
             started = time.perf_counter()
             try:
-                outputs = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._call_model, batch, sizes
-                )
+                outputs = await self._threads.run(self._call_model, batch, sizes)
             except Exception as exc:  # the model failed: every caller of this batch gets it
                 for item in batch:
                     if not item.future.done():
