@@ -1,5 +1,8 @@
 """The `identity` kind: returns its input unchanged; optional delays make it a stand-in slow model.
 
+Without delays its predict runs on the event loop (Model.runs_inline); `--model-thread` makes it
+hop to a model thread like every real model does.
+
 `--delay-ms` is paid per row (batching cannot hide it), `--batch-cost-ms` once per model call
 whatever the batch size — a real model's fixed overhead, which is what dynamic batching amortises.
 """
@@ -35,11 +38,15 @@ class IdentityModel(Model):
         max_tag_bytes: int = 1024,
         delay_ms: float = 0.0,
         batch_cost_ms: float = 0.0,
+        inline: bool = True,
     ):
         self.name = name
         self.version = version
         self.delay_s = delay_ms / 1000.0
         self.batch_cost_s = batch_cost_ms / 1000.0
+        # Returning the input costs microseconds: no hop to a model thread, unless it sleeps
+        # (or the hop itself is what is being measured).
+        self.runs_inline = inline and delay_ms == 0 and batch_cost_ms == 0
         self.signature = Signature(
             inputs=(
                 TensorSpec("x", dtype, (-1, -1), max_shape=(max_rows, max_cols)),
@@ -94,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="fixed cost of one model call whatever its batch size (what batching amortises)",
     )
+    parser.add_argument(
+        "--model-thread",
+        action="store_true",
+        help="run predict on a model thread like a real model, not on the event loop (without "
+        "--delay-ms / --batch-cost-ms identity runs inline; this measures the hop it saves)",
+    )
 
 
 def build(args: argparse.Namespace) -> Model:
@@ -105,4 +118,5 @@ def build(args: argparse.Namespace) -> Model:
         max_cols=args.max_cols,
         delay_ms=args.delay_ms,
         batch_cost_ms=args.batch_cost_ms,
+        inline=not args.model_thread,
     )

@@ -14,7 +14,8 @@ A model knows nothing of gRPC or protobuf. It sees numpy arrays (numeric inputs)
 
 The runtime validates every request against `signature` before the model sees it, merges
 concurrent requests with `batch()` (compatible requests only, see `batch_key()`), runs
-`predict()` in a worker thread, and splits the result back with `unbatch()`.
+`predict()` in a worker thread (on the event loop only if `runs_inline`), and splits the result
+back with `unbatch()`.
 """
 
 from __future__ import annotations
@@ -141,6 +142,15 @@ class Model(ABC):
     # check() runs on the event loop unless this is True; then it runs in a worker thread (for
     # per-request work that costs milliseconds, such as decoding an image).
     check_off_loop: bool = False
+
+    # True only for a predict() that is trivially cheap (microseconds) and never blocks: no
+    # I/O, no sleep, no lock, no heavy numpy. The batcher then calls it on the event loop when
+    # the model is idle, saving the hop to a model thread and back (~0.1 ms per call, measured
+    # by bench/runtime.py). A wrong True stalls every other call of the server while predict
+    # runs. Batching with a queue delay, and calls arriving while a batch runs, still use the
+    # model threads. Real models leave it False; the identity kind sets it only when it has no
+    # --delay-ms / --batch-cost-ms (those sleep).
+    runs_inline: bool = False
 
     def check(self, inputs: Arrays, params: Params) -> None:  # noqa: B027 - optional hook
         """Refuse one request before it is queued, when the signature cannot say what is wrong

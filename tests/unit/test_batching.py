@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from meshserve.errors import DeadlineExpired, NotReady, Overloaded
-from meshserve.servers.batching import Admission, Batcher, BatchingConfig, BatchObserver
+from meshserve.servers.batching import Admission, Batcher, BatchingConfig, BatchObserver, ModelThreads
 from meshserve.servers.model import Arrays, Model, Params, Signature, TensorSpec
 
 
@@ -170,6 +170,64 @@ async def test_a_cancelled_caller_keeps_its_worker_busy_until_the_model_returns(
     assert first.cancelled()
     assert float(out["y"][0, 0]) == 6.0
     assert model.calls == [1, 1] and model.most_at_once == 1
+
+
+async def test_a_call_cancelled_before_its_turn_is_skipped_but_still_reported_done() -> None:
+    threads = ModelThreads(1)
+    gate = threading.Event()
+    ran: list[str] = []
+    done: list[tuple[str, object]] = []
+    loop = asyncio.get_running_loop()
+
+    def record(name: str):
+        def on_done(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+            done.append((name, result))
+            if not future.cancelled():
+                future.set_result(result)
+
+        return on_done
+
+    def work(name: str) -> str:
+        gate.wait(5)
+        ran.append(name)
+        return name
+
+    busy, skipped = loop.create_future(), loop.create_future()
+    threads.submit(work, ("busy",), busy, record("busy"))
+    threads.submit(work, ("skipped",), skipped, record("skipped"))
+    skipped.cancel()
+    gate.set()
+    assert await busy == "busy"
+    while len(done) < 2:
+        await asyncio.sleep(0.01)
+    threads.shutdown()
+    assert ran == ["busy"] and done == [("busy", "busy"), ("skipped", None)]
+
+
+class Inline(Recording):
+    runs_inline = True
+
+
+async def test_an_inline_model_runs_on_the_loop_when_idle_and_in_threads_when_batching() -> None:
+    model = Inline()
+    counts = Counts()
+    batcher = await _with_batcher(model, BatchingConfig(max_batch_size=8), counts)
+    try:
+        out = await batcher.submit(_x(2), {}, None)
+        with pytest.raises(DeadlineExpired, match="before the request was queued"):
+            await batcher.submit(_x(0), {}, time.monotonic() - 0.001)
+    finally:
+        await batcher.close()
+    assert float(out["y"][0, 0]) == 4.0
+    assert model.threads == {threading.get_ident()} and counts.batches == [(1, 1)]
+
+    model = Inline()
+    batcher = await _with_batcher(model, BatchingConfig(max_batch_size=8, max_queue_delay_ms=20))
+    try:
+        await asyncio.gather(*(batcher.submit(_x(i), {}, None) for i in range(3)))
+    finally:
+        await batcher.close()
+    assert model.calls == [3] and threading.get_ident() not in model.threads
 
 
 async def test_model_failure_reaches_every_caller_of_the_batch() -> None:
