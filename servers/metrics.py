@@ -1,17 +1,26 @@
-"""Prometheus metrics of a model server: requests, latency, batches, in-flight, queue delay, drops."""
+"""Prometheus metrics of a model server: requests, latency, batches, in-flight, queue delay, drops.
+
+Per-request counts are kept as plain numbers written by the event loop thread only (no locks:
+prometheus_client's Counter/Histogram take a lock per bucket, eleven per Predict), and turned
+into metric families when /metrics is scraped.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from itertools import accumulate
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     Gauge,
-    Histogram,
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from meshserve.servers.batching import BatchObserver
 
@@ -21,88 +30,63 @@ _LATENCY_BUCKETS = (
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class ServerMetrics(BatchObserver):
-    """One registry per server (so tests can run several in one process)."""
+class _Histogram:
+    """Counts per bucket (`le` semantics, the last one +Inf) and a sum; one writer thread."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative buckets as the exposition wants them, from one snapshot of the counts."""
+        les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        return list(zip(les, accumulate(list(self.counts)), strict=True))
+
+
+class ServerMetrics(BatchObserver, Collector):
+    """One registry per server (so tests can run several in one process).
+
+    Not thread-safe by design: every method but watch_inflight is called on the event loop."""
 
     def __init__(self, model: str, version: str) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
-        labels = {"model": model, "version": version}
-        self._requests = Counter(
-            "meshserve_server_requests",
-            "gRPC requests by method and status code",
-            ["model", "version", "method", "code"],
-            registry=self.registry,
-        )
-        self._latency = Histogram(
-            "meshserve_server_latency_seconds",
-            "Server-side latency of gRPC requests by method",
-            ["model", "version", "method"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._batch_rows = Histogram(
-            "meshserve_server_batch_size",
-            "Rows per model call after dynamic batching",
-            ["model", "version"],
-            buckets=_BATCH_BUCKETS,
-            registry=self.registry,
-        ).labels(**labels)
-        self._batch_requests = Histogram(
-            "meshserve_server_batch_requests",
-            "Requests merged into one model call",
-            ["model", "version"],
-            buckets=_BATCH_BUCKETS,
-            registry=self.registry,
-        ).labels(**labels)
-        self._inference = Histogram(
-            "meshserve_server_inference_seconds",
-            "Time of one model call (a whole batch)",
-            ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        ).labels(**labels)
-        self._queue_delay = Histogram(
-            "meshserve_server_queue_delay_seconds",
-            "Time a request waited in the batching queue",
-            ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        ).labels(**labels)
+        self._label_values = [model, version]
+        self._created = time.time()
+        self._requests: dict[tuple[str, str], int] = {}
+        self._latency: dict[str, _Histogram] = {}
+        self._batch_rows = _Histogram(_BATCH_BUCKETS)
+        self._batch_requests = _Histogram(_BATCH_BUCKETS)
+        self._inference = _Histogram(_LATENCY_BUCKETS)
+        self._queue_delay = _Histogram(_LATENCY_BUCKETS)
+        self._dropped = 0
         self._inflight = Gauge(
             "meshserve_server_inflight",
             "Requests admitted and not finished (queued + running)",
             ["model", "version"],
             registry=self.registry,
-        ).labels(**labels)
-        self._dropped = Counter(
-            "meshserve_server_dropped_expired",
-            "Requests dropped without computing because their deadline expired or they were "
-            "cancelled",
-            ["model", "version"],
-            registry=self.registry,
-        ).labels(**labels)
-        self._labels = labels
-        self._request_children: dict[tuple[str, str], Counter] = {}
-        self._latency_children: dict[str, Histogram] = {}
+        ).labels(model=model, version=version)
+        self.registry.register(self)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         """Expose /metrics on `port` (a daemon thread)."""
         start_http_server(port, addr=host, registry=self.registry)
 
-    # -- per request (children cached: no label lookups on the hot path) -------------------
+    # -- per request -----------------------------------------------------------------------
 
     def request_done(self, method: str, code: str, seconds: float) -> None:
         key = (method, code)
-        counter = self._request_children.get(key)
-        if counter is None:
-            counter = self._requests.labels(**self._labels, method=method, code=code)
-            self._request_children[key] = counter
-        counter.inc()
-        hist = self._latency_children.get(method)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        hist = self._latency.get(method)
         if hist is None:
-            hist = self._latency.labels(**self._labels, method=method)
-            self._latency_children[method] = hist
+            hist = self._latency[method] = _Histogram(_LATENCY_BUCKETS)
         hist.observe(seconds)
 
     # -- BatchObserver ---------------------------------------------------------------------
@@ -116,8 +100,53 @@ class ServerMetrics(BatchObserver):
         self._queue_delay.observe(seconds)
 
     def dropped_expired(self, count: int) -> None:
-        self._dropped.inc(count)
+        self._dropped += count
 
     def watch_inflight(self, count: Callable[[], float]) -> None:
         """Read the in-flight count when scraped (nothing to do per request)."""
         self._inflight.set_function(count)
+
+    # -- Collector: called by the registry when scraped (another thread) --------------------
+
+    def collect(self) -> Iterator[Metric]:
+        mv = self._label_values
+        requests = CounterMetricFamily(
+            "meshserve_server_requests",
+            "gRPC requests by method and status code",
+            labels=["model", "version", "method", "code"],
+        )
+        for (method, code), n in list(self._requests.items()):
+            requests.add_metric([*mv, method, code], n, created=self._created)
+        yield requests
+        latency = HistogramMetricFamily(
+            "meshserve_server_latency_seconds",
+            "Server-side latency of gRPC requests by method",
+            labels=["model", "version", "method"],
+        )
+        for method, hist in list(self._latency.items()):
+            latency.add_metric([*mv, method], hist.buckets(), hist.sum)
+        yield latency
+        for name, doc, hist in (
+            ("meshserve_server_batch_size", "Rows per model call after dynamic batching",
+             self._batch_rows),
+            ("meshserve_server_batch_requests", "Requests merged into one model call",
+             self._batch_requests),
+            ("meshserve_server_inference_seconds", "Time of one model call (a whole batch)",
+             self._inference),
+            ("meshserve_server_queue_delay_seconds", "Time a request waited in the batching queue",
+             self._queue_delay),
+        ):  # fmt: skip
+            family = HistogramMetricFamily(name, doc, labels=["model", "version"])
+            family.add_metric(mv, hist.buckets(), hist.sum)
+            yield family
+        dropped = CounterMetricFamily(
+            "meshserve_server_dropped_expired",
+            "Requests dropped without computing because their deadline expired or they were "
+            "cancelled",
+            labels=["model", "version"],
+        )
+        dropped.add_metric(mv, self._dropped, created=self._created)
+        yield dropped
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # names are only known once collected; the registry need not check
