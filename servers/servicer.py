@@ -142,7 +142,8 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                 await asyncio.get_running_loop().run_in_executor(None, self.model.check, inputs, params)
             else:
                 self.model.check(inputs, params)
-            wanted = set(request.output_filter)
+            output_filter = request.output_filter
+            wanted = set(output_filter) if output_filter else None
             if wanted:
                 known = {spec.name for spec in signature.outputs}
                 unknown = wanted - known

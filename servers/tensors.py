@@ -67,7 +67,8 @@ def decode_inputs(inputs: Mapping[str, tensor_pb2.Tensor], signature: Signature)
         raise InvalidInput("inputs: empty; expected " + _names(signature.inputs))
     decoded: Arrays = {}
     batch = -1
-    for name, tensor in inputs.items():
+    for name in inputs:  # not .items(): a protobuf map's items() is a pure-Python view
+        tensor = inputs[name]
         spec = signature.input(name)
         if spec is None:
             raise InvalidInput(
@@ -100,17 +101,10 @@ def decode_tensor(tensor: tensor_pb2.Tensor, spec: TensorSpec) -> Array:
             f"{field}.shape: rank {len(shape)} {list(shape)}, expected rank {len(spec.shape)} "
             f"{list(spec.shape)}"
         )
-    for i, (got, want) in enumerate(zip(shape, spec.shape, strict=True)):
-        if got < 0:
-            raise InvalidInput(f"{field}.shape[{i}]: negative dimension {got}")
-        if got == 0:
-            what = "empty batch" if i == 0 else "zero-sized dimension"
-            raise InvalidInput(f"{field}.shape[{i}]: {what}")
-        if want != -1 and got != want:
-            raise InvalidInput(f"{field}.shape[{i}]: got {got}, expected {want}")
-        bound = spec.max_shape[i] if spec.max_shape else 0
-        if bound and got > bound:
-            raise InvalidInput(f"{field}.shape[{i}]: {got} exceeds the maximum {bound}")
+    bounds = spec.max_shape or (0,) * len(shape)
+    for i, (got, want, bound) in enumerate(zip(shape, spec.shape, bounds, strict=True)):
+        if got <= 0 or (want != -1 and got != want) or (bound and got > bound):
+            _bad_dim(field, i, got, want, bound)
     count = math.prod(shape)
     if dtype == BYTES:
         return _decode_bytes(tensor, spec, field, count)
@@ -125,6 +119,17 @@ def decode_tensor(tensor: tensor_pb2.Tensor, spec: TensorSpec) -> Array:
     if tensor.elements:
         raise InvalidInput(f"{field}.elements: only BYTES tensors use elements")
     return np.frombuffer(content, dtype=np_dtype).reshape(shape)
+
+
+def _bad_dim(field: str, i: int, got: int, want: int, bound: int) -> None:
+    if got < 0:
+        raise InvalidInput(f"{field}.shape[{i}]: negative dimension {got}")
+    if got == 0:
+        what = "empty batch" if i == 0 else "zero-sized dimension"
+        raise InvalidInput(f"{field}.shape[{i}]: {what}")
+    if want != -1 and got != want:
+        raise InvalidInput(f"{field}.shape[{i}]: got {got}, expected {want}")
+    raise InvalidInput(f"{field}.shape[{i}]: {got} exceeds the maximum {bound}")
 
 
 def _decode_bytes(tensor: tensor_pb2.Tensor, spec: TensorSpec, field: str, count: int) -> Array:
@@ -154,12 +159,12 @@ def decode_params(
 ) -> dict[str, ParamValue]:
     """Typed, bounded parameters with defaults filled in."""
     out: dict[str, ParamValue] = {}
-    for name, value in params.items():
+    for name in params:  # not .items(): see decode_inputs
         spec = signature.param(name)
         if spec is None:
             known = ", ".join(p.name for p in signature.parameters) or "none"
             raise InvalidInput(f"parameters[{name!r}]: unknown parameter; accepted: {known}")
-        out[name] = _param_value(name, value, spec)
+        out[name] = _param_value(name, params[name], spec)
     for spec in signature.parameters:
         out.setdefault(spec.name, spec.default)
     return out
