@@ -22,6 +22,7 @@ from meshserve.training.render import RenderConfig, crop, render_photo
 TRAIN_SEEDS = 0
 EVAL_SEEDS = 1_000_000_000
 REFERENCE_SEEDS = 2_000_000_000
+REFINE_SEEDS = 3_000_000_000  # more detection photos, for the detector's second stage
 
 PHOTO_CONFIG = RenderConfig()  # the photos a buyer takes: detection and query photos
 # A listing's own photo: one product, close up, less clutter; the index holds one per item.

@@ -1,4 +1,5 @@
-"""Product detector: centre-heatmap box proposals from a small CNN, then a crop categoriser."""
+"""Product detector: centre-heatmap box proposals from a small CNN, then a box refiner that names
+each proposal's category (or background) and tightens its box."""
 
 from __future__ import annotations
 
@@ -14,20 +15,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torchvision.ops import generalized_box_iou_loss, nms
+from torchvision.ops import batched_nms, generalized_box_iou_loss, nms
 from torchvision.ops.misc import Conv2dNormActivation as ConvBN
 
 from meshserve.errors import InvalidInput
 from meshserve.training.artifacts import ModelCard, write_card
 from meshserve.training.catalogue import CATEGORY_NAMES, Item
-from meshserve.training.categoriser import (
-    Categoriser,
-    categoriser_from_crop_net,
-    finetune_on_photos,
-)
 from meshserve.training.datasets import (
-    CROP_PAD,
     EVAL_SEEDS,
+    REFINE_SEEDS,
     TRAIN_SEEDS,
     PhotoSet,
     progress_bar,
@@ -35,9 +31,9 @@ from meshserve.training.datasets import (
     resolve_items,
     torch_threads,
 )
-from meshserve.training.embedder import EmbedderConfig
+from meshserve.training.embedder import EmbedderConfig, train_crop_net
 from meshserve.training.evaluate import eval_photos, evaluate_detector
-from meshserve.training.render import crop
+from meshserve.training.refiner import BoxRefiner, RefinerSchedule, train_refiner, training_samples
 
 WEIGHTS_FILE = "detector.pt"
 CONFIG_FILE = "detector.json"
@@ -61,23 +57,25 @@ class DetectorConfig:
     score_threshold: float = 0.05
     max_detections: int = 8
     nms_iou: float = 0.5
-    # second stage: the category head of the crop network shared with the embedder
+    # second stage: the box refiner starts from the crop network shared with the embedder
     crop_net: str = "full"  # which EmbedderConfig preset trains it: full, quick or tiny
-    cat_finetune_epochs: int = 3  # then a few passes over this detector's own training photos
-    cat_finetune_lr: float = 2e-3
+    refine_epochs: int = 4  # then learns on DetNet's proposals over the training photos
+    refine_photos: int = 9000  # and over this many more photos DetNet never trained on
+    refine_lr: float = 2e-3
     seed: int = 0
     threads: int = 0  # 0: as many as the machine has idle (see datasets.torch_threads)
     n_classes: int = len(CATEGORY_NAMES)
 
     @classmethod
     def quick(cls) -> DetectorConfig:
-        return cls(input_size=96, width=12, photos=2000, epochs=8, crop_net="quick")
+        return cls(input_size=96, width=12, photos=2000, epochs=8, crop_net="quick",
+                   refine_epochs=3, refine_photos=0)
 
     @classmethod
     def tiny(cls) -> DetectorConfig:
         """For tests: seconds, not minutes."""
         return cls(input_size=64, width=8, photos=96, epochs=8, batch_size=16, lr=1e-2,
-                   crop_net="tiny")
+                   crop_net="tiny", refine_epochs=2, refine_photos=32)
 
     def crop_net_config(self) -> EmbedderConfig:
         presets = {"full": EmbedderConfig, "quick": EmbedderConfig.quick,
@@ -91,6 +89,8 @@ class DetectorConfig:
             raise InvalidInput(f"input_size must be a multiple of {2 * STRIDE} and >= 32")
         if self.photos < 1 or self.epochs < 1 or self.width < 4:
             raise InvalidInput("detector config: photos, epochs >= 1; width >= 4")
+        if self.refine_photos < 0 or self.refine_epochs < 0:
+            raise InvalidInput("detector config: refine_photos, refine_epochs >= 0")
 
 
 class DetNet(nn.Module):
@@ -148,14 +148,14 @@ def decode_boxes(box_out: torch.Tensor) -> torch.Tensor:
 class Detector:
     """In-process inference: the exact computation the detector server runs.
 
-    Two stages: DetNet proposes class-agnostic boxes (objectness peaks), the categoriser
-    names each box from its crop; score = objectness × category probability.
+    Two stages: DetNet proposes class-agnostic boxes (objectness peaks); the refiner names each
+    proposal's category from its crop and tightens the box. score = objectness × category
+    probability, then non-maximum suppression per category.
     """
 
-    def __init__(self, net: DetNet, categoriser: Categoriser, cfg: DetectorConfig,
-                 version: str = ""):
+    def __init__(self, net: DetNet, refiner: BoxRefiner, cfg: DetectorConfig, version: str = ""):
         self.net = net.eval().to(memory_format=torch.channels_last)
-        self.categoriser = categoriser.eval().to(memory_format=torch.channels_last)
+        self.refiner = refiner.eval().to(memory_format=torch.channels_last)
         self.cfg = cfg
         self.version = version
         self.classes = CATEGORY_NAMES[: cfg.n_classes]
@@ -163,23 +163,27 @@ class Detector:
     @classmethod
     def untrained(cls, cfg: DetectorConfig) -> Detector:
         ecfg = cfg.crop_net_config()
-        return cls(DetNet(cfg.width), Categoriser(cfg.n_classes, ecfg.width, ecfg.dim), cfg,
+        return cls(DetNet(cfg.width), BoxRefiner(cfg.n_classes, ecfg.width, ecfg.dim), cfg,
                    "untrained")
 
     @classmethod
     def load(cls, model_dir: Path | str) -> Detector:
         model_dir = Path(model_dir)
-        cfg = DetectorConfig(**json.loads((model_dir / CONFIG_FILE).read_text()))
+        saved = json.loads((model_dir / CONFIG_FILE).read_text())
+        if "refine_epochs" not in saved:
+            raise InvalidInput(f"{model_dir} was trained by an older meshserve (a detector without "
+                               "the box refiner); train a new one with `meshserve train`")
+        cfg = DetectorConfig(**saved)
         state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         det = cls.untrained(cfg)
         det.net.load_state_dict(state["net"])
-        det.categoriser.load_state_dict(state["categoriser"])
+        det.refiner.load_state_dict(state["refiner"])
         det.version = model_dir.name
         return det
 
     def save(self, model_dir: Path) -> None:
         model_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"net": self.net.state_dict(), "categoriser": self.categoriser.state_dict()},
+        torch.save({"net": self.net.state_dict(), "refiner": self.refiner.state_dict()},
                    model_dir / WEIGHTS_FILE)
         (model_dir / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2))
 
@@ -217,23 +221,21 @@ class Detector:
         if len(images) == 0:
             return [], [], []
         images = [np.ascontiguousarray(img, dtype=np.uint8) for img in images]
-        boxes, objectness = self.propose(images, thr)
-        size = self.cfg.crop_net_config().crop_size
-        crops = [crop(img, b.tolist(), size, CROP_PAD)
-                 for img, bs in zip(images, boxes, strict=True) for b in bs]
-        probs = self.categoriser.probabilities(np.stack(crops)) if crops else np.zeros((0, 1))
+        proposals, objectness = self.propose(images, thr)
+        probs, refined = self.refiner.refine(images, [b.numpy() for b in proposals],
+                                             self.cfg.crop_net_config().crop_size)
         out_b, out_l, out_s = [], [], []
-        at = 0
-        for b, obj in zip(boxes, objectness, strict=True):
-            p = probs[at:at + len(b)]
-            at += len(b)
-            labels = p.argmax(axis=1).astype(np.int64) if len(b) else np.zeros(0, np.int64)
-            conf = p.max(axis=1) if len(b) else np.zeros(0, np.float32)
-            score = (obj.numpy() * conf).astype(np.float32)
-            order = np.argsort(-score, kind="stable")
-            out_b.append(b.numpy().astype(np.float32)[order])
-            out_l.append(labels[order])
-            out_s.append(score[order])
+        for p, boxes, obj in zip(probs, refined, objectness, strict=True):
+            labels = p[:, :-1].argmax(axis=1).astype(np.int64)
+            score = (obj.numpy() * p[np.arange(len(labels)), labels]).astype(np.float32)
+            keep = np.nonzero(score >= thr)[0]
+            if len(keep):
+                kept = batched_nms(torch.from_numpy(boxes[keep]), torch.from_numpy(score[keep]),
+                                   torch.from_numpy(labels[keep]), self.cfg.nms_iou).numpy()
+                keep = keep[kept]  # best first
+            out_b.append(boxes[keep].astype(np.float32))
+            out_l.append(labels[keep])
+            out_s.append(score[keep])
         return out_b, out_l, out_s
 
 
@@ -391,15 +393,19 @@ def fit_detector(cfg: DetectorConfig, out_dir: Path, items: Sequence[Item], *,
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
-    t_cat = time.perf_counter()
-    categoriser, cat_metrics = categoriser_from_crop_net(cfg.crop_net_config(), items,
-                                                         progress=progress)
-    cat_losses = finetune_on_photos(categoriser, photos, cfg.crop_net_config().crop_size,
-                                    cfg.cat_finetune_epochs, cfg.cat_finetune_lr, cfg.seed)
-    cat_s = time.perf_counter() - t_cat
+    t_crop = time.perf_counter()
+    ecfg = cfg.crop_net_config()
+    crop_net, heads, crop_metrics = train_crop_net(ecfg, items, progress=progress)
+    crop_net_s = time.perf_counter() - t_crop
+    t_refine = time.perf_counter()
+    refiner = BoxRefiner.from_crop_net(crop_net, heads["category"], ecfg.width, ecfg.dim)
+    detector = Detector(net, refiner, cfg)
+    refine_losses, refine_samples = _fit_refiner(detector, items, photos, cfg, progress)
+    refine_s = time.perf_counter() - t_refine
     train_s = time.perf_counter() - t0 - prep_s
-    Detector(net, categoriser, cfg).save(Path(out_dir))
+    detector.save(Path(out_dir))
     k = max(1, min(20, len(losses) // 10))
+    kr = max(1, min(20, len(refine_losses) // 10))
     metrics = {
         "train_photos": n,
         "steps": total,
@@ -407,11 +413,35 @@ def fit_detector(cfg: DetectorConfig, out_dir: Path, items: Sequence[Item], *,
         "loss_last": float(np.mean(losses[-k:])),
         "prepare_s": round(prep_s, 2),
         "train_s": round(train_s, 2),
-        "images_per_s": round(total * cfg.batch_size / max(train_s - cat_s, 1e-6), 1),
-        "crop_net_s": round(cat_s, 2),
-        "crop_net_reused": bool(cat_metrics.get("reused_cached_training", False)),
-        "categoriser_finetune_loss": [round(float(np.mean(cat_losses[:k])), 4),
-                                      round(float(np.mean(cat_losses[-k:])), 4)]
-        if cat_losses else None,
+        "images_per_s": round(total * cfg.batch_size / max(train_s - crop_net_s - refine_s, 1e-6),
+                               1),
+        "crop_net_s": round(crop_net_s, 2),
+        "crop_net_reused": bool(crop_metrics.get("reused_cached_training", False)),
+        "refine_s": round(refine_s, 2),
+        "refine_samples": refine_samples,
+        "refine_loss": [round(float(np.mean(refine_losses[:kr])), 4),
+                        round(float(np.mean(refine_losses[-kr:])), 4)] if refine_losses else None,
     }
     return metrics
+
+
+def _fit_refiner(det: Detector, items: Sequence[Item], photos: PhotoSet, cfg: DetectorConfig,
+                 progress: bool) -> tuple[list[float], int]:
+    """Train the refiner on DetNet's own proposals over its training photos and over
+    `refine_photos` more that DetNet never saw (its proposals there are as loose as at serving)."""
+    if cfg.refine_photos:
+        more = render_photos(items, cfg.refine_photos, REFINE_SEEDS, p_two=cfg.p_two,
+                             seed=cfg.seed, progress="render refiner photos" if progress else None)
+        photos = PhotoSet(np.concatenate([photos.images, more.images]),
+                          photos.boxes + more.boxes, photos.labels + more.labels,
+                          photos.item_ids + more.item_ids)
+    proposals: list[np.ndarray] = []
+    for i in range(0, len(photos.images), 64):
+        boxes, _ = det.propose(list(photos.images[i:i + 64]), cfg.score_threshold)
+        proposals += [b.numpy() for b in boxes]
+    schedule = RefinerSchedule(epochs=cfg.refine_epochs, lr=cfg.refine_lr, seed=cfg.seed)
+    samples = training_samples(photos, proposals, cfg.n_classes,
+                               cfg.crop_net_config().crop_size, schedule)
+    det.refiner.to(memory_format=torch.channels_last)
+    losses = train_refiner(det.refiner, samples, schedule, progress=progress)
+    return losses, len(samples.labels)

@@ -65,7 +65,7 @@ class EmbedderConfig:
     weight_decay: float = 5e-4
     proxy_scale: float = 24.0
     aux_weight: float = 1.0  # shared by the attribute heads
-    category_weight: float = 1.0  # the category head alone: the detector's categoriser uses it
+    category_weight: float = 1.0  # the category head alone: the detector's refiner starts from it
     jitter: float = 0.1  # crop edges move by up to this share of the box, like a detector's
     seed: int = 0
     threads: int = 0  # 0: as many as the machine has idle (see datasets.torch_threads)
@@ -246,7 +246,7 @@ def train_crop_net(cfg: EmbedderConfig, items: Sequence[Item], *, progress: bool
                    ) -> tuple[EmbedNet, nn.ModuleDict, dict]:
     """The crop network and its attribute heads, trained once per (items, cfg) and cached.
 
-    The embedder is this network; the detector's categoriser is this network plus its
+    The embedder is this network; the detector's box refiner starts from this network and its
     category head. Training it once serves both.
     """
     key = hashlib.sha256(repr((asdict(cfg), [(i.item_id, i.look) for i in items])).encode())

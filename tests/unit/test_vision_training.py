@@ -28,6 +28,7 @@ def test_tiny_detector_learns_and_reloads_bit_for_bit(tmp_path: Path) -> None:
     metrics = train_detector(DetectorConfig.tiny(), out, progress=False, items=ITEMS, data_seed=9)
     assert metrics["loss_last"] < 0.75 * metrics["loss_first"]
     assert metrics["ap50_class_agnostic"] > 0.05  # an untrained head finds nothing at IoU 0.5
+    assert metrics["refine_samples"] > 0 and metrics["refine_loss"][1] < metrics["refine_loss"][0]
     card = json.loads((out / "card.json").read_text())
     assert card["kind"] == "detector" and card["data_seed"] == 9
     assert card["metrics"]["ap50"] == metrics["ap50"]

@@ -1,0 +1,213 @@
+"""The detector's second stage: a proposal's crop → its category (or background) and a tighter box.
+
+DetNet proposes class-agnostic boxes from a small, coarse heatmap. The refiner looks at each
+proposal again, at the crop network's resolution, the way the second stage of a two-stage
+detector does. It starts from the crop network shared with the embedder (its category head
+included) and is then trained on DetNet's own proposals over rendered photos, so it learns on
+the boxes it will be given at serving time: loose ones, off-centre ones, and ones on clutter
+that it must call background.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshserve.errors import InvalidInput
+from meshserve.training.datasets import PhotoSet, progress_bar
+from meshserve.training.embedder import EmbedNet, to_tensor
+from meshserve.training.evaluate import box_iou
+from meshserve.training.render import crop
+
+REFINE_PAD = 0.12  # a proposal is grown by this share before cropping, so the true edges are in view
+MATCH_IOU = 0.5  # a proposal at least this close to a product learns its category and box
+BACKGROUND_IOU = 0.3  # one below this with every product learns "background"
+
+
+class BoxRefiner(nn.Module):
+    """Crop features → category logits plus a background logit (last), and four box corrections."""
+
+    def __init__(self, n_classes: int, width: int, dim: int):
+        super().__init__()
+        self.n_classes = n_classes
+        self.features = EmbedNet(dim, width)
+        self.classify = nn.Linear(dim, n_classes + 1)
+        self.deltas = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 4))
+        nn.init.zeros_(self.deltas[2].weight)  # start by trusting the proposal
+        nn.init.zeros_(self.deltas[2].bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)
+        return self.classify(f), self.deltas(f)
+
+    @classmethod
+    def from_crop_net(cls, net: EmbedNet, category_head: nn.Linear, width: int, dim: int
+                      ) -> BoxRefiner:
+        """Features and category weights from the crop network; background starts at zero."""
+        n_classes = category_head.out_features
+        refiner = cls(n_classes, width, dim)
+        refiner.features.load_state_dict(net.state_dict())
+        with torch.no_grad():
+            refiner.classify.weight.zero_()
+            refiner.classify.bias.zero_()
+            refiner.classify.weight[:n_classes] = category_head.weight
+            refiner.classify.bias[:n_classes] = category_head.bias
+        return refiner
+
+    @torch.inference_mode()
+    def refine(self, images: Sequence[np.ndarray], proposals: Sequence[np.ndarray], crop_size: int
+               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Proposals [k, 4] (pixels) of each uint8 image → per image class probabilities
+        [k, classes + 1] (the last column is background) and corrected boxes [k, 4], clipped."""
+        crops = [crop(img, b, crop_size, REFINE_PAD)
+                 for img, boxes in zip(images, proposals, strict=True) for b in boxes]
+        if crops:
+            logits, deltas = self(to_tensor(np.stack(crops)))
+            all_probs, all_deltas = torch.softmax(logits, dim=1).numpy(), deltas.numpy()
+        probs_out, boxes_out = [], []
+        at = 0
+        for img, boxes in zip(images, proposals, strict=True):
+            k = len(boxes)
+            if k == 0:
+                probs_out.append(np.zeros((0, self.n_classes + 1), np.float32))
+                boxes_out.append(np.zeros((0, 4), np.float32))
+                continue
+            h, w = img.shape[:2]
+            probs_out.append(all_probs[at:at + k])
+            boxes_out.append(apply_deltas(boxes, all_deltas[at:at + k], w, h))
+            at += k
+        return probs_out, boxes_out
+
+
+def box_deltas(boxes: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """How far each side of the truth lies from the proposal's, in proposal widths/heights."""
+    size = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]] * 2, 1)
+    return ((truth - boxes) / np.maximum(size, 1e-6)).astype(np.float32)
+
+
+def apply_deltas(boxes: np.ndarray, deltas: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The inverse of box_deltas, clipped to the image; a correction that would leave less than
+    two pixels keeps the proposal."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    size = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]] * 2, 1)
+    moved = boxes + np.clip(deltas, -1.0, 1.0) * size
+    moved[:, 0::2] = moved[:, 0::2].clip(0, width)
+    moved[:, 1::2] = moved[:, 1::2].clip(0, height)
+    ok = ((moved[:, 2] - moved[:, 0]) >= 2) & ((moved[:, 3] - moved[:, 1]) >= 2)
+    return np.where(ok[:, None], moved, boxes).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class RefinerSchedule:
+    """How the refiner is trained on proposals."""
+
+    epochs: int = 3
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    background_per_photo: int = 2  # hardest first: DetNet's best-scoring misses
+    truth_jitter: float = 0.15  # each product also appears as its true box, edges moved this much
+    box_weight: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Training crops for the refiner: uint8 [n, C, C, 3], labels (n_classes = background),
+    box targets [n, 4] and which rows have one."""
+
+    crops: np.ndarray
+    labels: np.ndarray
+    targets: np.ndarray
+    has_box: np.ndarray
+
+
+def training_samples(photos: PhotoSet, proposals: Sequence[np.ndarray], n_classes: int,
+                     crop_size: int, schedule: RefinerSchedule) -> Samples:
+    """Label every proposal by its overlap with the products, keep a few background ones per
+    photo, and add each product's jittered true box."""
+    rng = np.random.default_rng(np.random.SeedSequence([schedule.seed, 0x2EF]))
+    crops, labels, targets, has_box = [], [], [], []
+
+    def add(image: np.ndarray, box: np.ndarray, label: int, truth: np.ndarray | None) -> None:
+        try:
+            crops.append(crop(image, box, crop_size, REFINE_PAD))
+        except InvalidInput:  # moved off the image
+            return
+        labels.append(label)
+        has_box.append(truth is not None)
+        targets.append(box_deltas(box[None], truth[None])[0] if truth is not None
+                       else np.zeros(4, np.float32))
+
+    for image, boxes, truth, truth_labels in zip(photos.images, proposals, photos.boxes,
+                                                 photos.labels, strict=True):
+        h, w = image.shape[:2]
+        iou = box_iou(boxes, truth) if len(truth) else np.zeros((len(boxes), 0))
+        best = iou.max(axis=1) if iou.shape[1] else np.zeros(len(boxes))
+        background = 0
+        for j, box in enumerate(boxes):  # proposals come best-scoring first
+            if best[j] >= MATCH_IOU:
+                g = int(iou[j].argmax())
+                add(image, box, int(truth_labels[g]), truth[g])
+            elif best[j] < BACKGROUND_IOU and background < schedule.background_per_photo:
+                add(image, box, n_classes, None)
+                background += 1
+        for g, box in enumerate(truth):
+            bw, bh = box[2] - box[0], box[3] - box[1]
+            moved = box + rng.uniform(-1, 1, 4) * schedule.truth_jitter * np.array([bw, bh, bw, bh])
+            moved = np.clip(moved, 0, [w, h, w, h]).astype(np.float32)
+            if moved[2] - moved[0] >= 4 and moved[3] - moved[1] >= 4:
+                add(image, moved, int(truth_labels[g]), box)
+    return Samples(np.stack(crops), np.asarray(labels, np.int64), np.stack(targets),
+                   np.asarray(has_box, bool))
+
+
+def train_refiner(refiner: BoxRefiner, samples: Samples, schedule: RefinerSchedule, *,
+                  progress: bool = True) -> list[float]:
+    """Cross-entropy over categories + background, smooth L1 on the box corrections of
+    proposals that match a product; half of each batch is mirrored."""
+    if schedule.epochs == 0:
+        return []
+    rng = np.random.default_rng(np.random.SeedSequence([schedule.seed, 0x2F1]))
+    n = len(samples.labels)
+    steps = schedule.epochs * math.ceil(n / schedule.batch_size)
+    opt = torch.optim.AdamW(refiner.parameters(), lr=schedule.lr,
+                            weight_decay=schedule.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=schedule.lr, total_steps=steps,
+                                                pct_start=0.2)
+    labels = torch.from_numpy(samples.labels)
+    targets = torch.from_numpy(samples.targets)
+    has_box = torch.from_numpy(samples.has_box)
+    bar = progress_bar(steps, "train box refiner" if progress else None, unit="step")
+    losses: list[float] = []
+    refiner.train()
+    for _ in range(schedule.epochs):
+        order = rng.permutation(n)
+        for s in range(0, n, schedule.batch_size):
+            idx = order[s:s + schedule.batch_size]
+            x, t = to_tensor(samples.crops[idx]), targets[idx]
+            if rng.random() < 0.5:  # mirrored: left and right sides swap and change sign
+                x = x.flip(3)
+                t = torch.stack([-t[:, 2], t[:, 1], -t[:, 0], t[:, 3]], 1)
+            logits, deltas = refiner(x)
+            loss = F.cross_entropy(logits, labels[idx])
+            boxed = has_box[idx]
+            if boxed.any():
+                loss = loss + schedule.box_weight * F.smooth_l1_loss(deltas[boxed], t[boxed],
+                                                                     beta=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    refiner.eval()
+    return losses
