@@ -30,7 +30,6 @@ from meshserve.servers.batching import Admission, Batcher, BatchingConfig
 from meshserve.servers.metrics import ServerMetrics
 from meshserve.servers.model import Model
 from meshserve.servers.servicer import SERVICE_NAME, PredictionServicer
-from meshserve.v1 import prediction_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ class ModelServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        prediction_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
+        servicer.add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

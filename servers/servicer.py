@@ -60,6 +60,24 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         self._metadata = self._build_metadata(self._max_batch_size)
         self.ready = True
 
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Like the generated add_PredictionServiceServicer_to_server, but Predict may reply
+        with a tensors.Reply (large outputs serialised straight from their arrays)."""
+        handlers = {
+            "Predict": grpc.unary_unary_rpc_method_handler(
+                self.Predict,
+                request_deserializer=prediction_pb2.PredictRequest.FromString,
+                response_serializer=tensors.serialize_reply,
+            ),
+            "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
+                self.GetModelMetadata,
+                request_deserializer=prediction_pb2.GetModelMetadataRequest.FromString,
+                response_serializer=prediction_pb2.ModelMetadata.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
     # -- the one error/metrics/tracing wrapper ---------------------------------------------
 
     async def handle(
@@ -116,7 +134,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
 
     async def Predict(
         self, request: prediction_pb2.PredictRequest, context: grpc.aio.ServicerContext
-    ) -> prediction_pb2.PredictResponse:
+    ) -> tensors.Reply | prediction_pb2.PredictResponse:
         return await self.handle("Predict", self._predict, request, context)
 
     async def GetModelMetadata(
@@ -126,7 +144,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
 
     async def _predict(
         self, request: prediction_pb2.PredictRequest, context: grpc.aio.ServicerContext
-    ) -> prediction_pb2.PredictResponse:
+    ) -> tensors.Reply | prediction_pb2.PredictResponse:
         # Admission first: refusing must stay cheap, so nothing is decoded before it.
         self.admission.acquire()
         try:
@@ -152,15 +170,14 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                         f"output_filter: unknown outputs {sorted(unknown)}; known {sorted(known)}"
                     )
             outputs = await self.batcher.submit(inputs, params, deadline)
-            response = prediction_pb2.PredictResponse(
+            if wanted:
+                outputs = {name: value for name, value in outputs.items() if name in wanted}
+            header = prediction_pb2.PredictResponse(
                 model_name=self.model.name,
                 model_version=self.model.version,
                 request_id=request.request_id,
             )
-            for name, value in outputs.items():
-                if not wanted or name in wanted:
-                    tensors.encode_tensor(value, response.outputs[name])
-            return response
+            return tensors.reply(header, outputs)
         finally:
             self.admission.release()
 

@@ -223,6 +223,99 @@ def encode_tensor(value: Array, out: tensor_pb2.Tensor) -> None:
         out.content = value.tobytes(order="C")
 
 
+class Reply:
+    """A PredictResponse ready to send: its bytes in parts, each output's content one part taken
+    straight from the array, so serialising copies it once (a message field would be copied
+    into the message, encoded, then copied again into a bytes object)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[bytes | memoryview]):
+        self.parts = parts
+
+    def serialize(self) -> bytes:
+        return b"".join(self.parts)
+
+    def message(self) -> prediction_pb2.PredictResponse:
+        """The same reply as a protobuf message (tests, in-process callers)."""
+        return prediction_pb2.PredictResponse.FromString(self.serialize())
+
+
+# Below this many content bytes the message is built as usual: copies cost less than the
+# Python that avoids them (measured: +10 us per 1 KB reply, -1.5 ms per 600 KB reply).
+REPLY_PARTS_FROM = 64 * 1024
+
+
+def reply(
+    header: prediction_pb2.PredictResponse, outputs: Mapping[str, Array]
+) -> Reply | prediction_pb2.PredictResponse:
+    """`header` (names, request id; no outputs) plus `outputs`: small ones filled into the
+    message, large ones as a Reply whose map entries of field 3 are written here (protobuf
+    parsers accept fields in any order, so each Tensor's content comes last)."""
+    content_bytes = sum(0 if isinstance(v, list) else v.nbytes for v in outputs.values())
+    if content_bytes < REPLY_PARTS_FROM:
+        for name, value in outputs.items():
+            encode_tensor(value, header.outputs[name])
+        return header
+    parts: list[bytes | memoryview] = [header.SerializeToString()]
+    for name, value in outputs.items():
+        tensor = tensor_pb2.Tensor()
+        content: bytes | memoryview = b""
+        if isinstance(value, list):
+            encode_tensor(value, tensor)
+        else:
+            content = _content(value, tensor)
+        head = tensor.SerializeToString()
+        if content:
+            head += _TENSOR_CONTENT + _varint(len(content))
+        key = name.encode()
+        entry = _ENTRY_KEY + _varint(len(key)) + key + _ENTRY_VALUE + _varint(len(head) + len(content))
+        parts.append(_OUTPUTS + _varint(len(entry) + len(head) + len(content)) + entry + head)
+        if content:
+            parts.append(content)
+    return Reply(parts)
+
+
+def serialize_reply(response: Reply | prediction_pb2.PredictResponse) -> bytes:
+    """The gRPC response serializer of Predict."""
+    if isinstance(response, Reply):
+        return response.serialize()
+    return response.SerializeToString()
+
+
+# wire tags: PredictResponse.outputs (3, length-delimited), its map entry's key (1) and value
+# (2), Tensor.content (3)
+_OUTPUTS = b"\x1a"
+_ENTRY_KEY = b"\x0a"
+_ENTRY_VALUE = b"\x12"
+_TENSOR_CONTENT = b"\x1a"
+
+
+def _content(value: np.ndarray, out: tensor_pb2.Tensor) -> memoryview | bytes:
+    """Set dtype and shape of `out`; the little-endian C-order bytes of `value`, uncopied when
+    it already is."""
+    name = _WIRE_NAMES.get(value.dtype)
+    if name is None:
+        name = value.dtype.name
+        if name not in _NUMPY:
+            raise TypeError(f"cannot send dtype {value.dtype} on the wire")
+        value = value.astype(_NUMPY[name])
+    out.dtype = _NAME_TO_ENUM[name]
+    out.shape.extend(value.shape)
+    if value.nbytes == 0:
+        return b""
+    return memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def tensor_from(value: Array) -> tensor_pb2.Tensor:
     """A new Tensor message for an array or byte list (clients, tests, the gateway)."""
     msg = tensor_pb2.Tensor()

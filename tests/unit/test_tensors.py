@@ -116,3 +116,36 @@ def test_metadata_messages_describe_the_signature() -> None:
     assert (k.name, k.kind, k.min, k.max, k.default.int_value) == (
         "k", prediction_pb2.ParameterSpec.KIND_INT, 1, 100, 10
     )  # fmt: skip
+
+
+def test_a_reply_serialises_to_the_same_message_as_encode_tensor() -> None:
+    decoded = tensors.decode_tensor(
+        tensors.tensor_from(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        TensorSpec("x", "float32", (-1, 3)),
+    )
+    big = np.random.default_rng(0).standard_normal((3, 70_000)).astype(np.float32)  # 3-byte varints
+    cases: list[dict[str, tensors.Array]] = [
+        {},
+        {"y": decoded},  # a read-only view of request bytes, passed through
+        {"y": big, "tag": [b"a", b"bc", b"\x00" * 300]},
+        {"y": big, "t": np.arange(12, dtype=np.int64).reshape(3, 4).T, "b": np.arange(4, dtype=">i4")},
+        {"t": np.arange(12, dtype=np.int64).reshape(3, 4).T},  # not C-contiguous
+        {"b": np.arange(4, dtype=">i4")},  # big-endian: converted to little-endian
+        {"m": np.array([True, False]), "h": np.ones((1, 2), np.float16), "s": np.array(2.5)},
+        {"e": np.zeros((1, 0), np.float32)},  # no bytes at all
+    ]
+    for outputs in cases:
+        header = prediction_pb2.PredictResponse(model_name="m", model_version="7", request_id="r-1")
+        expected = prediction_pb2.PredictResponse()
+        expected.CopyFrom(header)
+        for name, value in outputs.items():
+            tensors.encode_tensor(value, expected.outputs[name])
+        got = tensors.reply(header, outputs)
+        message = got.message() if isinstance(got, tensors.Reply) else got
+        assert message == expected
+        assert prediction_pb2.PredictResponse.FromString(tensors.serialize_reply(got)) == expected
+        assert isinstance(got, tensors.Reply) == (outputs.get("y") is big)  # only large replies
+    with pytest.raises(TypeError, match="complex64"):
+        tensors.reply(header, {"c": np.zeros(2, np.complex64)})
+    with pytest.raises(TypeError, match="complex64"):
+        tensors.reply(header, {"y": big, "c": np.zeros(2, np.complex64)})
