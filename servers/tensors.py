@@ -304,7 +304,7 @@ def _content(value: np.ndarray, out: tensor_pb2.Tensor) -> memoryview | bytes:
     out.shape.extend(value.shape)
     if value.nbytes == 0:
         return b""
-    return memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+    return np.ascontiguousarray(value).reshape(-1).view(np.uint8).data
 
 
 def _varint(n: int) -> bytes:
