@@ -46,7 +46,7 @@ PAD_VALUE = 114
 class DetectorConfig:
     """Detector size and training schedule; `quick()` fits the 3-minute pipeline."""
 
-    input_size: int = 96
+    input_size: int = 128
     width: int = 16
     photos: int = 3000  # rendered training photos (cached under MESHSERVE_HOME)
     epochs: int = 12
@@ -59,7 +59,7 @@ class DetectorConfig:
     nms_iou: float = 0.5
     # second stage: the box refiner starts from the crop network shared with the embedder
     crop_net: str = "full"  # which EmbedderConfig preset trains it: full, quick or tiny
-    refine_epochs: int = 4  # then learns on DetNet's proposals over the training photos
+    refine_epochs: int = 5  # then learns on DetNet's proposals over the training photos
     refine_photos: int = 9000  # and over this many more photos DetNet never trained on
     refine_lr: float = 2e-3
     seed: int = 0
@@ -69,7 +69,7 @@ class DetectorConfig:
     @classmethod
     def quick(cls) -> DetectorConfig:
         return cls(input_size=96, width=12, photos=2000, epochs=8, crop_net="quick",
-                   refine_epochs=3, refine_photos=0)
+                   refine_epochs=2, refine_photos=0)
 
     @classmethod
     def tiny(cls) -> DetectorConfig:
@@ -116,6 +116,11 @@ class DetNet(nn.Module):
         f16 = self.s16(f8)
         p = self.fuse(self.lateral(f8) + F.interpolate(f16, scale_factor=2.0, mode="nearest"))
         return self.obj(p), self.box(p)
+
+
+def predates_refiner(model_dir: Path | str) -> bool:
+    """True for a detector artifact written before the box refiner: this code cannot load it."""
+    return "refine_epochs" not in json.loads((Path(model_dir) / CONFIG_FILE).read_text())
 
 
 def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
@@ -169,11 +174,10 @@ class Detector:
     @classmethod
     def load(cls, model_dir: Path | str) -> Detector:
         model_dir = Path(model_dir)
-        saved = json.loads((model_dir / CONFIG_FILE).read_text())
-        if "refine_epochs" not in saved:
+        if predates_refiner(model_dir):
             raise InvalidInput(f"{model_dir} was trained by an older meshserve (a detector without "
                                "the box refiner); train a new one with `meshserve train`")
-        cfg = DetectorConfig(**saved)
+        cfg = DetectorConfig(**json.loads((model_dir / CONFIG_FILE).read_text()))
         state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         det = cls.untrained(cfg)
         det.net.load_state_dict(state["net"])

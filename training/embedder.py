@@ -59,7 +59,7 @@ class EmbedderConfig:
     crop_size: int = 48
     dim: int = 128
     width: int = 16
-    epochs: int = 48  # passes over the items, a fresh random view of each per pass
+    epochs: int = 56  # passes over the items, a fresh random view of each per pass
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 5e-4
@@ -72,7 +72,7 @@ class EmbedderConfig:
 
     @classmethod
     def quick(cls) -> EmbedderConfig:
-        return cls(epochs=16)
+        return cls(epochs=22)
 
     @classmethod
     def tiny(cls) -> EmbedderConfig:

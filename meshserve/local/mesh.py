@@ -173,11 +173,18 @@ class LocalMesh:
 
     def _train_if_missing(self) -> None:
         from meshserve.training.artifacts import latest
+        from meshserve.training.detector import predates_refiner
 
         missing = [k for k in ("detector", "embedder", "classifier", "shipping") if latest(k, self.config.home) is None]
+        if missing:
+            self.say(f"no trained {', '.join(missing)} yet")
+        detector = latest("detector", self.config.home)
+        if detector is not None and predates_refiner(detector):
+            self.say(f"the newest detector ({detector.name}) predates the box refiner")
+            missing.insert(0, "detector")
         if not missing:
             return
-        self.say(f"no trained {', '.join(missing)} yet: running `meshserve train --quick` (about 3 minutes) …")
+        self.say("running `meshserve train --quick` (about 3 minutes) …")
         import subprocess
 
         kinds = ",".join(missing)

@@ -20,6 +20,7 @@ from meshserve.training.refiner import (
     apply_deltas,
     box_deltas,
     training_samples,
+    unmirror,
 )
 
 
@@ -35,6 +36,18 @@ def test_deltas_round_trip_and_stay_inside_the_image() -> None:
     # a correction that collapses the box keeps the proposal
     collapsed = apply_deltas(proposals[:1], np.array([[0.6, 0, -0.6, 0]], np.float32), 100, 100)
     assert np.array_equal(collapsed, proposals[:1])
+
+
+def test_corrections_of_a_mirrored_crop_map_back_to_the_crop() -> None:
+    width = 100
+    proposal = np.array([[10, 10, 50, 70]], np.float32)
+    truth = np.array([[14, 6, 58, 66]], np.float32)
+
+    def mirror(b: np.ndarray) -> np.ndarray:
+        return np.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], 1)
+
+    seen_mirrored = torch.from_numpy(box_deltas(mirror(proposal), mirror(truth)))
+    assert np.allclose(unmirror(seen_mirrored).numpy(), box_deltas(proposal, truth))
 
 
 def test_proposals_are_labelled_by_overlap_and_background_is_capped() -> None:
