@@ -66,16 +66,14 @@ def _render_job(args: tuple[Job, RenderConfig, int | None, float]) -> tuple:
 
 
 def torch_threads(requested: int) -> int:
-    """`requested` threads, or with 0 as many as the cores left idle (at least 1): on a busy
-    shared box, two threads contending for one free core run slower than one."""
+    """`requested` threads, or with 0 what this process already has (`meshserve train --threads`,
+    default 2). Not the cores the load average calls idle: that average counts this very
+    training's last minute, so on a quiet machine it halved the threads between stages."""
     if requested > 0:
         return requested
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, 2, int(cores - busy + 0.5)))
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _workers() -> int:

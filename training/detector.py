@@ -63,12 +63,12 @@ class DetectorConfig:
     refine_photos: int = 9000  # and over this many more photos DetNet never trained on
     refine_lr: float = 2e-3
     seed: int = 0
-    threads: int = 0  # 0: as many as the machine has idle (see datasets.torch_threads)
+    threads: int = 0  # 0: as many as the process has (see datasets.torch_threads)
     n_classes: int = len(CATEGORY_NAMES)
 
     @classmethod
     def quick(cls) -> DetectorConfig:
-        return cls(input_size=96, width=12, photos=2000, epochs=8, crop_net="quick",
+        return cls(input_size=96, width=12, photos=2000, epochs=6, crop_net="quick",
                    refine_epochs=2, refine_photos=0)
 
     @classmethod
