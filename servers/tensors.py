@@ -206,14 +206,7 @@ def encode_tensor(value: Array, out: tensor_pb2.Tensor) -> None:
         out.shape.append(len(value))
         out.elements.extend(value)
         return
-    name = _WIRE_NAMES.get(value.dtype)  # fast path: already a little-endian wire dtype
-    if name is None:
-        name = value.dtype.name
-        if name not in _NUMPY:
-            raise TypeError(f"cannot send dtype {value.dtype} on the wire")
-        value = value.astype(_NUMPY[name])
-    out.dtype = _NAME_TO_ENUM[name]
-    out.shape.extend(value.shape)
+    value = _describe(value, out)
     base = value.base
     while isinstance(base, np.ndarray):
         base = base.base
@@ -294,14 +287,7 @@ _TENSOR_CONTENT = b"\x1a"
 def _content(value: np.ndarray, out: tensor_pb2.Tensor) -> memoryview | bytes:
     """Set dtype and shape of `out`; the little-endian C-order bytes of `value`, uncopied when
     it already is."""
-    name = _WIRE_NAMES.get(value.dtype)
-    if name is None:
-        name = value.dtype.name
-        if name not in _NUMPY:
-            raise TypeError(f"cannot send dtype {value.dtype} on the wire")
-        value = value.astype(_NUMPY[name])
-    out.dtype = _NAME_TO_ENUM[name]
-    out.shape.extend(value.shape)
+    value = _describe(value, out)
     if value.nbytes == 0:
         return b""
     return np.ascontiguousarray(value).reshape(-1).view(np.uint8).data
@@ -314,6 +300,19 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+def _describe(value: np.ndarray, out: tensor_pb2.Tensor) -> np.ndarray:
+    """Set dtype and shape of `out`; `value` in its wire dtype (itself when it already is one)."""
+    name = _WIRE_NAMES.get(value.dtype)  # fast path: already a little-endian wire dtype
+    if name is None:
+        name = value.dtype.name
+        if name not in _NUMPY:
+            raise TypeError(f"cannot send dtype {value.dtype} on the wire")
+        value = value.astype(_NUMPY[name])
+    out.dtype = _NAME_TO_ENUM[name]
+    out.shape.extend(value.shape)
+    return value
 
 
 def tensor_from(value: Array) -> tensor_pb2.Tensor:

@@ -130,6 +130,17 @@ def progress_bar(total: int, desc: str | None, unit: str = "photo"):  # type: ig
     return tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=0.5)
 
 
+def optimiser_step(loss, opt, sched, losses: list[float], bar) -> None:  # type: ignore[no-untyped-def]
+    """Backpropagate `loss`, step the optimiser and its schedule, record the loss on `bar`."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    losses.append(float(loss.detach()))
+    bar.update(1)
+    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+
+
 def _cache_file(kind: str, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return meshserve_home() / "cache" / "renders" / f"{kind}-{digest[:20]}.npz"

@@ -26,6 +26,7 @@ from meshserve.training.datasets import (
     REFINE_SEEDS,
     TRAIN_SEEDS,
     PhotoSet,
+    optimiser_step,
     progress_bar,
     render_photos,
     resolve_items,
@@ -389,13 +390,7 @@ def fit_detector(cfg: DetectorConfig, out_dir: Path, items: Sequence[Item], *,
             tgt = batch["tbox"].permute(0, 2, 3, 1)[sel]
             loss_box = (generalized_box_iou_loss(pred, tgt, reduction="none") * w[sel]).sum() / norm
             loss = loss_hm + 2.0 * loss_box
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            optimiser_step(loss, opt, sched, losses, bar)
     bar.close()
     t_crop = time.perf_counter()
     ecfg = cfg.crop_net_config()

@@ -28,7 +28,14 @@ from meshserve.training.catalogue import (
     PATTERNS,
     Item,
 )
-from meshserve.training.datasets import CROP_PAD, EVAL_SEEDS, progress_bar, resolve_items, torch_threads
+from meshserve.training.datasets import (
+    CROP_PAD,
+    EVAL_SEEDS,
+    optimiser_step,
+    progress_bar,
+    resolve_items,
+    torch_threads,
+)
 from meshserve.training.evaluate import eval_photos, evaluate_retrieval
 from meshserve.training.render import crop
 from meshserve.training.views import SpriteViews
@@ -295,13 +302,7 @@ def _train(cfg: EmbedderConfig, items: Sequence[Item], net: EmbedNet, heads: nn.
         for k, head in heads.items():
             weight = cfg.category_weight if k == "category" else cfg.aux_weight / len(heads)
             loss = loss + weight * F.cross_entropy(head(emb), attrs[k][idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        optimiser_step(loss, opt, sched, losses, bar)
     bar.close()
     net.eval()
     train_s = time.perf_counter() - t0 - prep_s

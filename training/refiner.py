@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshserve.errors import InvalidInput
-from meshserve.training.datasets import PhotoSet, progress_bar
+from meshserve.training.datasets import PhotoSet, optimiser_step, progress_bar
 from meshserve.training.embedder import EmbedNet, to_tensor
 from meshserve.training.evaluate import box_iou
 from meshserve.training.render import crop
@@ -211,13 +211,7 @@ def train_refiner(refiner: BoxRefiner, samples: Samples, schedule: RefinerSchedu
             if boxed.any():
                 loss = loss + schedule.box_weight * F.smooth_l1_loss(deltas[boxed], t[boxed],
                                                                      beta=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            optimiser_step(loss, opt, sched, losses, bar)
     bar.close()
     refiner.eval()
     return losses
