@@ -13,12 +13,15 @@ class SearchFailed(Exception):
     """The gateway refused or failed the search; the message names the status and why."""
 
 
-def search_photo(target: str, image: bytes, top_k: int = 10, timeout: float = 10.0) -> photo_search_pb2.SearchResponse:
-    """One Search call with a deadline; raises SearchFailed with the gateway's status and message."""
+def search_photo(target: str, image: bytes, top_k: int = 10, timeout: float = 10.0,
+                 min_score: float = 0.0) -> photo_search_pb2.SearchResponse:
+    """One Search call with a deadline; raises SearchFailed with the gateway's status and message.
+    `min_score` 0 means the gateway's default detection threshold."""
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 16 * 1024 * 1024)]) as channel:
         stub = photo_search_pb2_grpc.PhotoSearchStub(channel)
         try:
-            return stub.Search(photo_search_pb2.SearchRequest(image=image, top_k=top_k), timeout=timeout)
+            request = photo_search_pb2.SearchRequest(image=image, top_k=top_k, min_detection_score=min_score)
+            return stub.Search(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise SearchFailed(f"{exc.code().name}: {exc.details()}") from None
 

@@ -88,24 +88,9 @@ def _title(match: Any) -> str:
     return str(match.attributes.get("title") or f"item {match.item_id}")
 
 
-def _search(target: str, jpeg: bytes, min_score: float) -> Any:
-    """One Search call (top 10, 10 s deadline); raises SearchFailed with the gateway's status and message."""
-    import grpc
-
-    from meshserve.gateway.client import SearchFailed
-    from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
-
-    request = photo_search_pb2.SearchRequest(image=jpeg, top_k=10, min_detection_score=min_score)
-    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 16 * 1024 * 1024)]) as channel:
-        try:
-            return photo_search_pb2_grpc.PhotoSearchStub(channel).Search(request, timeout=10)
-        except grpc.RpcError as exc:
-            raise SearchFailed(f"{exc.code().name}: {exc.details()}") from None
-
-
 def run_demo(config: MeshConfig, out: Path, queries: int = 6, min_score: float = 0.0, say: Say = print) -> int:
     """`min_score` 0 means the gateway's default detection threshold."""
-    from meshserve.gateway.client import SearchFailed
+    from meshserve.gateway.client import SearchFailed, search_photo
     from meshserve.gateway.picture import draw_results
 
     mesh = LocalMesh(config, say)
@@ -118,7 +103,7 @@ def run_demo(config: MeshConfig, out: Path, queries: int = 6, min_score: float =
         for n, photo in enumerate(photos, 1):
             t = time.perf_counter()
             try:
-                response = _search(config.gateway_addr, photo.jpeg, min_score)
+                response = search_photo(config.gateway_addr, photo.jpeg, top_k=10, timeout=10, min_score=min_score)
             except SearchFailed as exc:
                 say(f"query {n}: items {list(photo.item_ids)}  search failed: {exc}")
                 continue
