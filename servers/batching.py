@@ -196,7 +196,7 @@ class Batcher:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def run_in_executor(self, fn: Callable[[], Any]) -> Any:
+    async def run_on_model_thread(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the model thread(s) (load, warmup)."""
         return await self._threads.run(fn)
 

@@ -153,7 +153,7 @@ class ModelServer:
 
     async def _load(self, batcher: Batcher) -> None:
         started = time.perf_counter()
-        load = asyncio.ensure_future(batcher.run_in_executor(self.model.load))
+        load = asyncio.ensure_future(batcher.run_on_model_thread(self.model.load))
         stop = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait((load, stop), return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
@@ -162,7 +162,7 @@ class ModelServer:
             await load
             return
         load.result()
-        await batcher.run_in_executor(self.model.warmup)
+        await batcher.run_on_model_thread(self.model.warmup)
         log.info("model loaded and warm in %.2fs", time.perf_counter() - started)
 
     def _instance(self) -> ServiceInstance:

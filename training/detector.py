@@ -121,7 +121,11 @@ class DetNet(nn.Module):
 
 def predates_refiner(model_dir: Path | str) -> bool:
     """True for a detector artifact written before the box refiner: this code cannot load it."""
-    return "refine_epochs" not in json.loads((Path(model_dir) / CONFIG_FILE).read_text())
+    return _predates_refiner(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
+
+
+def _predates_refiner(saved_config: dict) -> bool:
+    return "refine_epochs" not in saved_config
 
 
 def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
@@ -163,6 +167,7 @@ class Detector:
         self.net = net.eval().to(memory_format=torch.channels_last)
         self.refiner = refiner.eval().to(memory_format=torch.channels_last)
         self.cfg = cfg
+        self.crop_size = cfg.crop_net_config().crop_size
         self.version = version
         self.classes = CATEGORY_NAMES[: cfg.n_classes]
 
@@ -175,10 +180,11 @@ class Detector:
     @classmethod
     def load(cls, model_dir: Path | str) -> Detector:
         model_dir = Path(model_dir)
-        if predates_refiner(model_dir):
+        saved = json.loads((model_dir / CONFIG_FILE).read_text())
+        if _predates_refiner(saved):
             raise InvalidInput(f"{model_dir} was trained by an older meshserve (a detector without "
                                "the box refiner); train a new one with `meshserve train`")
-        cfg = DetectorConfig(**json.loads((model_dir / CONFIG_FILE).read_text()))
+        cfg = DetectorConfig(**saved)
         state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         det = cls.untrained(cfg)
         det.net.load_state_dict(state["net"])
@@ -228,7 +234,7 @@ class Detector:
         images = [np.ascontiguousarray(img, dtype=np.uint8) for img in images]
         proposals, objectness = self.propose(images, thr)
         probs, refined = self.refiner.refine(images, [b.numpy() for b in proposals],
-                                             self.cfg.crop_net_config().crop_size)
+                                             self.crop_size)
         out_b, out_l, out_s = [], [], []
         for p, boxes, obj in zip(probs, refined, objectness, strict=True):
             labels = p[:, :-1].argmax(axis=1).astype(np.int64)
