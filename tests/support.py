@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,11 +16,42 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+# Ports handed to child servers come from below the kernel's ephemeral range
+# (net.ipv4.ip_local_port_range, 32768-60999 by default): a port taken from that
+# range by binding port 0 can be handed out again as the local end of any outgoing
+# connection before the child binds it, which made servers fail with "Address
+# already in use". Each port is handed out once per test session.
+_PORT_FLOOR, _PORT_CEILING = 20000, 32000
+_next_port = _PORT_FLOOR + random.Random(os.getpid()).randrange(_PORT_CEILING - _PORT_FLOOR)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on, outside the ephemeral range."""
+    global _next_port
+    low, high = _ephemeral_range()
+    for _ in range(_PORT_CEILING - _PORT_FLOOR):
+        port = _next_port
+        _next_port = _PORT_FLOOR + (_next_port + 1 - _PORT_FLOOR) % (_PORT_CEILING - _PORT_FLOOR)
+        if not low <= port <= high and _bindable(port):
+            return port
+    raise RuntimeError(f"no free port in {_PORT_FLOOR}-{_PORT_CEILING} outside the ephemeral range")
 
 
 class ProcessDied(AssertionError):
