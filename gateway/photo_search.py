@@ -101,10 +101,31 @@ class _ShardAnswer:
     reason: str = ""
 
 
+SAME_OBJECT_IOU = 0.9
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
 def select_detections(found: list[Detected], min_score: float, labels: tuple[str, ...], limit: int) -> list[Detected]:
-    """The detections a search goes on with: confident enough, of the wanted labels, best first."""
-    kept = [d for d in found if d.score >= min_score and (not labels or d.label in labels)]
-    return sorted(kept, key=lambda d: -d.score)[:limit]
+    """The detections a search goes on with: confident enough, of the wanted labels, best first,
+    one per object. The detector reports a box whose category is in doubt once per likely
+    category; the search keeps the best-scoring of them, so each object is searched once."""
+    wanted = sorted((d for d in found if d.score >= min_score and (not labels or d.label in labels)),
+                    key=lambda d: -d.score)  # fmt: skip
+    kept: list[Detected] = []
+    for d in wanted:
+        if len(kept) == limit:
+            break
+        if all(_iou(d.box, k.box) < SAME_OBJECT_IOU for k in kept):
+            kept.append(d)
+    return kept
 
 
 def merge_top_k(n_queries: int, answers: list[tuple[str, np.ndarray, np.ndarray]], top_k: int) -> list[list[Match]]:

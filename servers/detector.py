@@ -2,14 +2,17 @@
 
 Predict(image bytes [N]; min_score) → boxes f32 [N, K, 4] (pixels x_min, y_min, x_max, y_max of
 the upright image), scores f32 [N, K], labels i64 [N, K], label_names bytes [C]. K is the
-model's max detections; rows past an image's detections are padding with score 0. Undecodable
-images, decompression bombs and the like are INVALID_ARGUMENT naming the problem.
+model's max detections times the categories it may report per box (a box whose category is
+in doubt comes once per likely category); rows past an image's detections are padding with
+score 0. Undecodable images, decompression bombs and the like are INVALID_ARGUMENT naming the
+problem.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -28,6 +31,14 @@ def _detector_config(model_dir: str) -> dict:
     from meshserve.training.detector import CONFIG_FILE
 
     return dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
+
+
+def max_outputs(cfg: dict) -> int:
+    """Rows per image in a reply: every box the detector keeps, under each category it reports."""
+    from meshserve.training.detector import DetectorConfig
+
+    per_box = int(cfg.get("labels_per_box", DetectorConfig.labels_per_box))
+    return int(cfg["max_detections"]) * per_box
 
 
 def pad_detections(
@@ -58,7 +69,7 @@ class DetectorModel(Model):
         self.name = card.name or "detector"
         self.version = card.version
         cfg = _detector_config(model_dir)
-        self.max_detections = int(cfg["max_detections"])
+        self.max_detections = max_outputs(cfg)
         self.default_score = float(cfg["score_threshold"])
         self.label_names = [name.encode() for name in CATEGORY_NAMES[: int(cfg["n_classes"])]]
         self.detector: Any = None
@@ -118,7 +129,7 @@ def detect_in_process(detector, image: bytes, min_score: float) -> tuple[np.ndar
     from meshserve.servers.images import decode_image
 
     boxes, labels, scores = detector.detect([decode_image(image)], min_score)
-    b, lab, s = pad_detections(boxes, labels, scores, detector.cfg.max_detections)
+    b, lab, s = pad_detections(boxes, labels, scores, max_outputs(asdict(detector.cfg)))
     return b[0], lab[0], s[0]
 
 

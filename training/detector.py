@@ -63,6 +63,14 @@ class DetectorConfig:
     refine_epochs: int = 5  # then learns on DetNet's proposals over the training photos
     refine_photos: int = 9000  # and over this many more photos DetNet never trained on
     refine_lr: float = 2e-3
+    # at inference: the refiner looks again at a doubtful proposal moved by this share of its size
+    view_shift: float = 0.08
+    # and a box is reported once per category whose probability is at least label_ratio of the
+    # best one's, up to labels_per_box, the way torchvision's detectors report every class
+    # above their score threshold (AP@0.5 of the full model on its 2,000 held-out photos: 0.929
+    # with neither, 0.953 with both; quick 0.636 -> 0.716)
+    labels_per_box: int = 3
+    label_ratio: float = 0.1
     seed: int = 0
     threads: int = 0  # 0: as many as the process has (see datasets.torch_threads)
     n_classes: int = len(CATEGORY_NAMES)
@@ -92,6 +100,9 @@ class DetectorConfig:
             raise InvalidInput("detector config: photos, epochs >= 1; width >= 4")
         if self.refine_photos < 0 or self.refine_epochs < 0:
             raise InvalidInput("detector config: refine_photos, refine_epochs >= 0")
+        if not 0 <= self.view_shift < 0.5 or self.labels_per_box < 1 or not 0 <= self.label_ratio <= 1:
+            raise InvalidInput("detector config: view_shift in [0, 0.5), labels_per_box >= 1, "
+                               "label_ratio in [0, 1]")
 
 
 class DetNet(nn.Module):
@@ -159,8 +170,9 @@ class Detector:
     """In-process inference: the exact computation the detector server runs.
 
     Two stages: DetNet proposes class-agnostic boxes (objectness peaks); the refiner names each
-    proposal's category from its crop and tightens the box. score = objectness × category
-    probability, then non-maximum suppression per category.
+    proposal's category from its crop and tightens the box. A box whose category is in doubt
+    is reported under each likely category, scored √objectness × category probability (see
+    _labelled), then non-maximum suppression runs per category.
     """
 
     def __init__(self, net: DetNet, refiner: BoxRefiner, cfg: DetectorConfig, version: str = ""):
@@ -234,20 +246,32 @@ class Detector:
         images = [np.ascontiguousarray(img, dtype=np.uint8) for img in images]
         proposals, objectness = self.propose(images, thr)
         probs, refined = self.refiner.refine(images, [b.numpy() for b in proposals],
-                                             self.crop_size)
+                                             self.crop_size, self.cfg.view_shift)
         out_b, out_l, out_s = [], [], []
         for p, boxes, obj in zip(probs, refined, objectness, strict=True):
-            labels = p[:, :-1].argmax(axis=1).astype(np.int64)
-            score = (obj.numpy() * p[np.arange(len(labels)), labels]).astype(np.float32)
-            keep = np.nonzero(score >= thr)[0]
-            if len(keep):
-                kept = batched_nms(torch.from_numpy(boxes[keep]), torch.from_numpy(score[keep]),
-                                   torch.from_numpy(labels[keep]), self.cfg.nms_iou).numpy()
-                keep = keep[kept]  # best first
-            out_b.append(boxes[keep].astype(np.float32))
-            out_l.append(labels[keep])
-            out_s.append(score[keep])
+            box_of, labels, score = self._labelled(p[:, :-1], obj.numpy(), thr)
+            if len(labels):
+                kept = batched_nms(torch.from_numpy(boxes[box_of]), torch.from_numpy(score),
+                                   torch.from_numpy(labels), self.cfg.nms_iou).numpy()
+                box_of, labels, score = box_of[kept], labels[kept], score[kept]  # best first
+            out_b.append(boxes[box_of].astype(np.float32))
+            out_l.append(labels)
+            out_s.append(score)
         return out_b, out_l, out_s
+
+    def _labelled(self, category_probs: np.ndarray, objectness: np.ndarray, threshold: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(box index, category, score) of every labelling a box gets: its best categories,
+        each at least label_ratio as likely as the first; score = √objectness × probability
+        (DetNet's objectness at half weight ranks the refiner's answers better: +0.002 AP)."""
+        top = np.argsort(-category_probs, axis=1)[:, :self.cfg.labels_per_box]
+        box_of = np.repeat(np.arange(len(top)), top.shape[1])
+        labels = top.ravel().astype(np.int64)
+        prob = category_probs[box_of, labels]
+        best = category_probs[box_of, top[box_of, 0]]
+        score = (np.sqrt(objectness[box_of]) * prob).astype(np.float32)
+        keep = (score >= threshold) & (prob >= self.cfg.label_ratio * best)
+        return box_of[keep], labels[keep], score[keep]
 
 
 # --------------------------------------------------------------------------- training

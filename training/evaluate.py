@@ -110,13 +110,26 @@ def evaluate_detector(detect: Callable, photos: PhotoSet, batch_size: int = 32) 
         pl += list(lab)
         ps += list(s)
     aware = average_precision(pb, pl, ps, photos.boxes, photos.labels)
-    agnostic = average_precision(pb, pl, ps, photos.boxes, photos.labels, class_aware=False)
+    # class-agnostic: a box reported under several categories counts once, at its best score
+    once = [_best_per_box(b, s) for b, s in zip(pb, ps, strict=True)]
+    agnostic = average_precision([b for b, _ in once], [np.zeros(len(s), np.int64) for _, s in once],
+                                 [s for _, s in once], photos.boxes, photos.labels,
+                                 class_aware=False)
     return {
         "ap50": round(aware["map"], 4),
         "ap50_class_agnostic": round(agnostic["map"], 4),
         "eval_photos": len(photos.images),
         "eval_objects": int(sum(len(b) for b in photos.boxes)),
     }
+
+
+def _best_per_box(boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    scores = np.asarray(scores, np.float32)
+    order = np.argsort(-scores, kind="stable")
+    _, first = np.unique(boxes[order], axis=0, return_index=True)
+    keep = order[np.sort(first)]
+    return boxes[keep], scores[keep]
 
 
 # --------------------------------------------------------------------------- retrieval

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from meshserve.training.evaluate import average_precision, box_iou, color_histograms, recall_at_k
+from meshserve.training.datasets import PhotoSet
+from meshserve.training.evaluate import (
+    average_precision,
+    box_iou,
+    color_histograms,
+    evaluate_detector,
+    recall_at_k,
+)
 
 
 def _b(*rows: tuple[float, float, float, float]) -> np.ndarray:
@@ -51,6 +58,21 @@ def test_wrong_class_counts_only_when_class_aware() -> None:
     agnostic = average_precision(preds, [np.array([3])], [np.array([0.9])], truth,
                                  [np.array([1])], class_aware=False)
     assert aware["map"] == 0.0 and agnostic["map"] == 1.0
+
+
+def test_a_box_under_two_categories_is_one_box_to_the_class_agnostic_figure() -> None:
+    first, second = (0, 0, 10, 10), (20, 20, 30, 30)
+    photos = PhotoSet(np.zeros((1, 40, 40, 3), np.uint8), [_b(first, second)], [np.array([1, 1])],
+                      [np.array([7, 8])])
+
+    def detect(images: np.ndarray) -> tuple[list, list, list]:
+        # the first box as class 2 and then as class 1; the second box scores below both
+        return ([_b(first, first, second)], [np.array([2, 1, 1])], [np.array([0.8, 0.6, 0.5])])
+
+    result = evaluate_detector(detect, photos)
+    assert result["ap50"] == pytest.approx(1.0)  # class 1: two detections, two hits
+    # counted twice, the repeat would be a false positive ranked above the second hit (5/6)
+    assert result["ap50_class_agnostic"] == pytest.approx(1.0)
 
 
 def test_recall_at_k_known_ranking() -> None:

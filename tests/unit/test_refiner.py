@@ -15,6 +15,7 @@ from meshserve.training.datasets import PhotoSet
 from meshserve.training.detector import CONFIG_FILE, Detector, DetectorConfig
 from meshserve.training.embedder import EmbedNet
 from meshserve.training.refiner import (
+    SURE,
     BoxRefiner,
     RefinerSchedule,
     apply_deltas,
@@ -89,3 +90,64 @@ def test_a_detector_from_before_the_refiner_is_refused_with_the_fix(tmp_path: Pa
     (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
     with pytest.raises(InvalidInput, match="meshserve train"):
         Detector.load(tmp_path)
+
+
+def _refiner(seed: int = 0) -> BoxRefiner:
+    torch.manual_seed(seed)
+    refiner = BoxRefiner(16, 8, 32).eval()
+    with torch.no_grad():  # a box correction that is not zero, so the views could disagree on it
+        refiner.deltas[2].bias.copy_(torch.tensor([0.05, -0.02, 0.03, 0.01]))
+    return refiner
+
+
+def test_moved_views_average_the_category_of_a_doubtful_proposal_and_keep_its_box() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    proposals = [np.array([[20, 30, 80, 100], [100, 10, 150, 60]], np.float32)]
+    refiner = _refiner()  # untrained: every answer is in doubt
+    one_probs, one_boxes = refiner.refine([image], proposals, 24)
+    five_probs, five_boxes = refiner.refine([image], proposals, 24, view_shift=0.08)
+    assert one_probs[0].max() < SURE
+    assert five_probs[0].shape == one_probs[0].shape == (2, 17)
+    assert np.allclose(five_probs[0].sum(1), 1, atol=1e-5)
+    assert not np.allclose(five_probs[0], one_probs[0])  # the moved crops were looked at
+    assert np.allclose(five_boxes[0], one_boxes[0], atol=1e-5)
+
+    # the same average computed view by view
+    def moved(dx: float, dy: float) -> np.ndarray:
+        b = proposals[0]
+        w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+        return b + np.stack([dx * w, dy * h, dx * w, dy * h], 1)
+
+    views = [refiner.refine([image], [moved(dx, dy)], 24)[0][0]
+             for dx, dy in ((0, 0), (0.08, 0), (-0.08, 0), (0, 0.08), (0, -0.08))]
+    assert np.allclose(np.mean(views, 0), five_probs[0], atol=1e-5)
+
+    # a refiner sure of its answer is not asked again
+    with torch.no_grad():
+        refiner.classify.bias[3] = 30.0
+    sure_once, _ = refiner.refine([image], proposals, 24)
+    sure_moved, _ = refiner.refine([image], proposals, 24, view_shift=0.08)
+    assert sure_once[0].max(1).min() > SURE
+    assert np.array_equal(sure_once[0], sure_moved[0])
+
+
+def test_a_sliver_at_the_image_edge_survives_the_moved_views() -> None:
+    image = np.full((50, 50, 3), 90, np.uint8)
+    sliver = [np.array([[49, 0, 50, 50], [0, 49, 50, 50]], np.float32)]
+    probs, boxes = _refiner().refine([image], sliver, 24, view_shift=0.4)
+    assert probs[0].shape == (2, 17) and np.isfinite(probs[0]).all()
+    assert boxes[0].min() >= 0 and boxes[0][:, 2:].max() <= 50
+
+
+def test_a_box_in_doubt_is_reported_under_each_likely_category() -> None:
+    det = Detector.untrained(DetectorConfig.tiny())  # labels_per_box 3, label_ratio 0.1
+    probs = np.zeros((3, 16), np.float32)
+    probs[0, [4, 7, 9, 2]] = [0.55, 0.3, 0.1, 0.05]  # 7 and 9 are likely enough, 2 is not
+    probs[1, 3] = 0.97  # sure of itself: one label
+    probs[2, 5] = 0.9  # but too faint to report at all
+    objectness = np.array([0.81, 0.64, 0.0004], np.float32)
+    box_of, labels, scores = det._labelled(probs, objectness, threshold=0.05)
+    assert box_of.tolist() == [0, 0, 0, 1]
+    assert labels.tolist() == [4, 7, 9, 3]
+    assert np.allclose(scores, [0.9 * 0.55, 0.9 * 0.3, 0.9 * 0.1, 0.8 * 0.97])
