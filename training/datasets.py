@@ -141,6 +141,12 @@ def optimiser_step(loss, opt, sched, losses: list[float], bar) -> None:  # type:
     bar.set_postfix(loss=f"{losses[-1]:.3f}")
 
 
+def loss_ends(losses: Sequence[float]) -> tuple[float, float]:
+    """Mean loss over the first and over the last tenth of the steps (at most 20 steps each)."""
+    k = max(1, min(20, len(losses) // 10))
+    return float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+
+
 def _cache_file(kind: str, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return meshserve_home() / "cache" / "renders" / f"{kind}-{digest[:20]}.npz"

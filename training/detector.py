@@ -26,6 +26,7 @@ from meshserve.training.datasets import (
     REFINE_SEEDS,
     TRAIN_SEEDS,
     PhotoSet,
+    loss_ends,
     optimiser_step,
     progress_bar,
     render_photos,
@@ -277,17 +278,14 @@ class Detector:
 # --------------------------------------------------------------------------- training
 
 
-def _targets(boxes: np.ndarray, labels: np.ndarray, grid: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Gaussian centre heatmap [G, G], box targets [4, G, G], their weights [G, G] and the
-    category of each weighted cell [G, G]."""
+def _targets(boxes: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gaussian centre heatmap [G, G], box targets [4, G, G] and their weights [G, G]."""
     heat = np.zeros((grid, grid), dtype=np.float32)
-    tcls = np.zeros((grid, grid), dtype=np.int64)
     tbox = np.zeros((4, grid, grid), dtype=np.float32)
     weight = np.zeros((grid, grid), dtype=np.float32)
     owner_area = np.full((grid, grid), np.inf, dtype=np.float32)
     cs = (np.arange(grid, dtype=np.float32) + 0.5) * STRIDE
-    for box, label in zip(boxes, labels, strict=True):
+    for box in boxes:
         x0, y0, x1, y1 = box
         bw, bh = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -302,8 +300,7 @@ def _targets(boxes: np.ndarray, labels: np.ndarray, grid: int
         owner_area[mine] = area
         tbox[:, mine] = np.asarray(box, dtype=np.float32)[:, None]
         weight[mine] = g[mine]
-        tcls[mine] = label
-    return heat, tbox, weight, tcls
+    return heat, tbox, weight
 
 
 def _focal(pred_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -319,21 +316,19 @@ def _focal(pred_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def prepare(photos: PhotoSet, cfg: DetectorConfig) -> dict[str, torch.Tensor]:
     """Letterboxed images and their targets as tensors, once per training run."""
     grid = cfg.input_size // STRIDE
-    imgs, heats, tboxes, weights, tclss = [], [], [], [], []
-    for img, boxes, labels in zip(photos.images, photos.boxes, photos.labels, strict=True):
+    imgs, heats, tboxes, weights = [], [], [], []
+    for img, boxes in zip(photos.images, photos.boxes, strict=True):
         small, scale = letterbox(img, cfg.input_size)
-        h, t, w, c = _targets(boxes * scale, labels, grid)
+        h, t, w = _targets(boxes * scale, grid)
         imgs.append(small)
         heats.append(h)
         tboxes.append(t)
         weights.append(w)
-        tclss.append(c)
     return {
         "images": torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(),
         "heat": torch.from_numpy(np.stack(heats)),
         "tbox": torch.from_numpy(np.stack(tboxes)),
         "weight": torch.from_numpy(np.stack(weights)),
-        "tcls": torch.from_numpy(np.stack(tclss)),
     }
 
 
@@ -341,7 +336,7 @@ def _flip(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
     t = batch["tbox"].flip(3)
     t = torch.stack([size - t[:, 2], t[:, 1], size - t[:, 0], t[:, 3]], 1)
     return {"images": batch["images"].flip(3), "heat": batch["heat"].flip(2), "tbox": t,
-            "weight": batch["weight"].flip(2), "tcls": batch["tcls"].flip(2)}
+            "weight": batch["weight"].flip(2)}
 
 
 SIGNATURE = {
@@ -433,13 +428,12 @@ def fit_detector(cfg: DetectorConfig, out_dir: Path, items: Sequence[Item], *,
     refine_s = time.perf_counter() - t_refine
     train_s = time.perf_counter() - t0 - prep_s
     detector.save(Path(out_dir))
-    k = max(1, min(20, len(losses) // 10))
-    kr = max(1, min(20, len(refine_losses) // 10))
+    loss_first, loss_last = loss_ends(losses)
     metrics = {
         "train_photos": n,
         "steps": total,
-        "loss_first": float(np.mean(losses[:k])),
-        "loss_last": float(np.mean(losses[-k:])),
+        "loss_first": loss_first,
+        "loss_last": loss_last,
         "prepare_s": round(prep_s, 2),
         "train_s": round(train_s, 2),
         "images_per_s": round(total * cfg.batch_size / max(train_s - crop_net_s - refine_s, 1e-6),
@@ -448,8 +442,7 @@ def fit_detector(cfg: DetectorConfig, out_dir: Path, items: Sequence[Item], *,
         "crop_net_reused": bool(crop_metrics.get("reused_cached_training", False)),
         "refine_s": round(refine_s, 2),
         "refine_samples": refine_samples,
-        "refine_loss": [round(float(np.mean(refine_losses[:kr])), 4),
-                        round(float(np.mean(refine_losses[-kr:])), 4)] if refine_losses else None,
+        "refine_loss": [round(x, 4) for x in loss_ends(refine_losses)] if refine_losses else None,
     }
     return metrics
 
@@ -469,8 +462,6 @@ def _fit_refiner(det: Detector, items: Sequence[Item], photos: PhotoSet, cfg: De
         boxes, _ = det.propose(list(photos.images[i:i + 64]), cfg.score_threshold)
         proposals += [b.numpy() for b in boxes]
     schedule = RefinerSchedule(epochs=cfg.refine_epochs, lr=cfg.refine_lr, seed=cfg.seed)
-    samples = training_samples(photos, proposals, cfg.n_classes,
-                               cfg.crop_net_config().crop_size, schedule)
-    det.refiner.to(memory_format=torch.channels_last)
+    samples = training_samples(photos, proposals, cfg.n_classes, det.crop_size, schedule)
     losses = train_refiner(det.refiner, samples, schedule, progress=progress)
     return losses, len(samples.labels)

@@ -31,6 +31,7 @@ from meshserve.training.catalogue import (
 from meshserve.training.datasets import (
     CROP_PAD,
     EVAL_SEEDS,
+    loss_ends,
     optimiser_step,
     progress_bar,
     resolve_items,
@@ -306,12 +307,12 @@ def _train(cfg: EmbedderConfig, items: Sequence[Item], net: EmbedNet, heads: nn.
     bar.close()
     net.eval()
     train_s = time.perf_counter() - t0 - prep_s
-    k = max(1, min(20, len(losses) // 10))
+    loss_first, loss_last = loss_ends(losses)
     return {
         "train_items": n,
         "steps": total,
-        "loss_first": float(np.mean(losses[:k])),
-        "loss_last": float(np.mean(losses[-k:])),
+        "loss_first": loss_first,
+        "loss_last": loss_last,
         "prepare_s": round(prep_s, 2),
         "train_s": round(train_s, 2),
         "samples_per_s": round(total * cfg.batch_size / max(train_s, 1e-6), 1),

@@ -175,10 +175,11 @@ class LocalMesh:
         from meshserve.training.artifacts import latest
         from meshserve.training.detector import predates_refiner
 
-        missing = [k for k in ("detector", "embedder", "classifier", "shipping") if latest(k, self.config.home) is None]
+        newest = {k: latest(k, self.config.home) for k in ("detector", "embedder", "classifier", "shipping")}
+        missing = [k for k, path in newest.items() if path is None]
         if missing:
             self.say(f"no trained {', '.join(missing)} yet")
-        detector = latest("detector", self.config.home)
+        detector = newest["detector"]
         if detector is not None and predates_refiner(detector):
             self.say(f"the newest detector ({detector.name}) predates the box refiner")
             missing.insert(0, "detector")
