@@ -7,7 +7,8 @@ import json
 import multiprocessing as mp
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -91,10 +92,12 @@ def _worker_signals() -> None:
 
 
 def _run(jobs: Sequence[Job], cfg: RenderConfig, crop_size: int | None, pad: float,
-         progress: str | None) -> list[tuple]:
+         progress: str | None, bar=None) -> list[tuple]:  # type: ignore[no-untyped-def]
+    """Render jobs on the render workers; `bar` (left open) instead of a new one for `progress`."""
     tasks = [(job, cfg, crop_size, pad) for job in jobs]
     workers = _workers()
-    bar = progress_bar(len(tasks), progress)
+    own_bar = bar is None
+    bar = progress_bar(len(tasks), progress) if own_bar else bar
     out: list[tuple] = []
     if workers == 1 or len(tasks) < 64:
         for t in tasks:
@@ -106,7 +109,8 @@ def _run(jobs: Sequence[Job], cfg: RenderConfig, crop_size: int | None, pad: flo
             for res in pool.imap(_render_job, tasks, chunksize=32):
                 out.append(res)
                 bar.update(1)
-    bar.close()
+    if own_bar:
+        bar.close()
     return out
 
 
@@ -173,28 +177,93 @@ def photo_jobs(items: Sequence[Item], n_photos: int, seed_base: int, p_two: floa
     return jobs
 
 
+PHOTO_CHUNK = 500  # photos per cache file: a rendering cut short keeps the chunks it finished
+
+
 def render_photos(items: Sequence[Item], n_photos: int, seed_base: int, *, p_two: float = 0.25,
                   cfg: RenderConfig = PHOTO_CONFIG, seed: int = 0, cache: bool = True,
                   progress: str | None = None) -> PhotoSet:
-    """Full photos for detection (training or evaluation)."""
-    key = dict(items=_items_key(items), n=n_photos, base=seed_base, p_two=p_two,
-               cfg=asdict(cfg), seed=seed, v=1)
-    path = _cache_file("photos", key)
-    if cache and path.is_file():
-        with np.load(path) as z:
-            counts = z["counts"]
-            splits = np.cumsum(counts)[:-1]
-            return PhotoSet(z["images"], list(np.split(z["boxes"], splits)),
-                            list(np.split(z["labels"], splits)),
-                            list(np.split(z["item_ids"], splits)))
-    results = _run(photo_jobs(items, n_photos, seed_base, p_two, seed), cfg, None, 0.0, progress)
-    ps = PhotoSet(np.stack([r[0] for r in results]), [r[1] for r in results],
-                  [r[2] for r in results], [r[3] for r in results])
-    if cache:
-        _save(path, images=ps.images, boxes=np.concatenate(ps.boxes),
-              labels=np.concatenate(ps.labels), item_ids=np.concatenate(ps.item_ids),
-              counts=np.asarray([len(b) for b in ps.boxes]))
-    return ps
+    """Full photos for detection (training or evaluation). Photo k is the same in every set
+    of more than k photos, so a shorter set reads the chunks of a longer one."""
+    key = dict(items=_items_key(items), base=seed_base, p_two=p_two, cfg=asdict(cfg), seed=seed,
+               chunk=PHOTO_CHUNK, v=3)
+    jobs = photo_jobs(items, n_photos, seed_base, p_two, seed)
+    bar = progress_bar(len(jobs), progress)
+    chunks = []
+    for start in range(0, len(jobs), PHOTO_CHUNK):
+        part = jobs[start:start + PHOTO_CHUNK]
+        path = _cache_file("photos", {**key, "from": start, "count": len(part)})
+        if cache and path.is_file():
+            chunk = _load_photos(path)
+            bar.update(len(chunk.images))
+        else:
+            results = _run(part, cfg, None, 0.0, progress, bar)
+            chunk = PhotoSet(np.stack([r[0] for r in results]), [r[1] for r in results],
+                             [r[2] for r in results], [r[3] for r in results])
+            if cache:
+                _save(path, images=chunk.images, boxes=np.concatenate(chunk.boxes),
+                      labels=np.concatenate(chunk.labels), item_ids=np.concatenate(chunk.item_ids),
+                      counts=np.asarray([len(b) for b in chunk.boxes]))
+        chunks.append(chunk)
+    bar.close()
+    if len(chunks) == 1:
+        return chunks[0]
+    return PhotoSet(np.concatenate([c.images for c in chunks]),
+                    [b for c in chunks for b in c.boxes], [lab for c in chunks for lab in c.labels],
+                    [i for c in chunks for i in c.item_ids])
+
+
+def _load_photos(path: Path) -> PhotoSet:
+    with np.load(path) as z:
+        splits = np.cumsum(z["counts"])[:-1]
+        return PhotoSet(z["images"], list(np.split(z["boxes"], splits)),
+                        list(np.split(z["labels"], splits)), list(np.split(z["item_ids"], splits)))
+
+
+@dataclass(frozen=True)
+class PhotoRequest:
+    """The arguments of one render_photos call, so that it can be made ahead of time."""
+
+    items: Sequence[Item]
+    n_photos: int
+    seed_base: int
+    p_two: float = 0.25
+    seed: int = 0
+
+    def render(self, progress: str | None = None) -> PhotoSet:
+        return render_photos(self.items, self.n_photos, self.seed_base, p_two=self.p_two,
+                             seed=self.seed, progress=progress)
+
+
+@contextmanager
+def rendered_meanwhile(requests: Sequence[PhotoRequest]) -> Iterator[None]:
+    """Render `requests` into the photo cache in a low-priority process while the body runs.
+
+    Meant for a body that leaves part of a core idle: the crop network's training waits for
+    its view worker, and the worker for it, on about a third of each core. A request still
+    unfinished when the body ends is abandoned; its caller renders it then, at full speed.
+    """
+    child = mp.get_context("fork").Process(target=_render_ahead, args=(requests,), daemon=True)
+    child.start()
+    try:
+        yield
+    finally:
+        if child.is_alive():
+            child.terminate()
+        child.join()
+        for leftover in (meshserve_home() / "cache" / "renders").glob(f".*.{child.pid}.tmp.npz"):
+            leftover.unlink(missing_ok=True)
+
+
+def _render_ahead(requests: Sequence[PhotoRequest]) -> None:
+    _worker_signals()
+    try:  # run only when a core would otherwise idle
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
+    os.environ["MESHSERVE_RENDER_WORKERS"] = "1"  # one process, in the gaps the body leaves
+    for request in requests:
+        request.render()
 
 
 def render_crops(jobs: Sequence[Job], crop_size: int, cfg: RenderConfig, *, pad: float = CROP_PAD,

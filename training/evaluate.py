@@ -11,10 +11,10 @@ from meshserve.training.datasets import (
     CROP_PAD,
     EVAL_SEEDS,
     LISTING_CONFIG,
+    PhotoRequest,
     PhotoSet,
     reference_jobs,
     render_crops,
-    render_photos,
 )
 from meshserve.training.render import crop
 
@@ -24,8 +24,11 @@ EVAL_P_TWO = 0.25  # a quarter of the evaluation photos show two products
 def eval_photos(items: Sequence[Item], n_photos: int | None = None, *,
                 progress: bool = False) -> PhotoSet:
     """Photos with seeds no training run uses; photo k shows items[k % n] (+ maybe another)."""
-    return render_photos(items, n_photos or len(items), EVAL_SEEDS, p_two=EVAL_P_TWO,
-                         progress="render eval photos" if progress else None)
+    return eval_request(items, n_photos).render("render eval photos" if progress else None)
+
+
+def eval_request(items: Sequence[Item], n_photos: int | None = None) -> PhotoRequest:
+    return PhotoRequest(items, n_photos or len(items), EVAL_SEEDS, p_two=EVAL_P_TWO)
 
 
 # --------------------------------------------------------------------------- detection
