@@ -89,7 +89,8 @@ def main() -> int:
     rows.append(("mobilenet_v3_small 224px (yardstick)", yard1, yard16))
     d1 = per_image_ms(lambda: det.detect(images[:1]), 1, r)
     d16 = per_image_ms(lambda: det.detect(images), 16, max(3, r // 4))
-    rows.append((f"detector {det.cfg.input_size}px w{det.cfg.width} ({det.version})", d1, d16))
+    rows.append((f"detector {det.cfg.input_size}px w{det.cfg.crop_net_config().width} "
+                 f"({det.version})", d1, d16))
     e1 = per_image_ms(lambda: emb.embed(images[:1], boxes[:1]), 1, r)
     e16 = per_image_ms(lambda: emb.embed(images, boxes), 16, max(3, r // 4))
     rows.append((f"embedder {emb.cfg.crop_size}px d{emb.dim} ({emb.version})", e1, e16))

@@ -92,22 +92,29 @@ class EmbedderConfig:
             raise InvalidInput("embedder config: dim, crop_size >= 16; epochs >= 1")
 
 
+def stage_channels(width: int) -> tuple[int, int, int, int]:
+    """Channels of the crop network's four conv stages (strides 2, 4, 8 and 16)."""
+    return width, 2 * width, 4 * width, 6 * width
+
+
+def conv_stages(width: int) -> nn.Sequential:
+    """The crop network's convolutions: per stage a strided conv and a plain one, eight layers;
+    the stride-8 stage ends at layer 6 (see detector.DetNet, which starts from them)."""
+    layers: list[nn.Module] = []
+    prev = 3
+    for c in stage_channels(width):
+        layers += [Conv2dNormActivation(prev, c, 3, stride=2), Conv2dNormActivation(c, c, 3)]
+        prev = c
+    return nn.Sequential(*layers)
+
+
 class EmbedNet(nn.Module):
     """Four strided conv stages, average + max pooling, a linear projection to `dim`."""
 
     def __init__(self, dim: int = 128, width: int = 32):
         super().__init__()
-        w = width
-        chans = [w, 2 * w, 4 * w, 6 * w]
-        layers: list[nn.Module] = [Conv2dNormActivation(3, chans[0], 3, stride=2)]
-        prev = chans[0]
-        for i, c in enumerate(chans):
-            if i:
-                layers.append(Conv2dNormActivation(prev, c, 3, stride=2))
-            layers.append(Conv2dNormActivation(c, c, 3))
-            prev = c
-        self.features = nn.Sequential(*layers)
-        self.project = nn.Linear(2 * prev, dim)
+        self.features = conv_stages(width)
+        self.project = nn.Linear(2 * stage_channels(width)[-1], dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
@@ -287,7 +294,7 @@ def _train(cfg: EmbedderConfig, items: Sequence[Item], net: EmbedNet, heads: nn.
     net.to(memory_format=torch.channels_last)
     proxies = ItemProxies(attrs, cfg.dim)
     params = [*net.parameters(), *proxies.parameters(), *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     n = len(items)
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total = steps_per_epoch * cfg.epochs

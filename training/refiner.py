@@ -63,7 +63,8 @@ class BoxRefiner(nn.Module):
 
     @torch.inference_mode()
     def refine(self, images: Sequence[np.ndarray], proposals: Sequence[np.ndarray], crop_size: int,
-               view_shift: float = 0.0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+               view_shift: float = 0.0, look_closer: Sequence[np.ndarray] | None = None
+               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Proposals [k, 4] (pixels) of each uint8 image → per image class probabilities
         [k, classes + 1] (the last column is background) and corrected boxes [k, 4], clipped.
 
@@ -71,18 +72,20 @@ class BoxRefiner(nn.Module):
         answer is below SURE is also looked at moved by that share of its width or height left,
         right, up and down, and the probabilities are averaged over all its views: the category
         read from a loose proposal depends on where its crop happens to sit (AP@0.5 +0.01 full,
-        +0.02 quick). The box correction is always the unmoved crop's.
+        +0.02 quick). `look_closer` (per image, a bool per proposal) limits the mirrored and
+        moved views to the proposals it marks. The box correction is never the moved crops'.
         """
         flat = [(img, b) for img, boxes in zip(images, proposals, strict=True) for b in boxes]
         if flat:
-            all_probs, deltas = self._views([crop(img, b, crop_size, REFINE_PAD) for img, b in flat])
-            k = len(flat)
-            all_deltas = ((deltas[:k] + unmirror(deltas[k:])) / 2).numpy()
-            doubtful = np.nonzero(all_probs.max(axis=1) < SURE)[0] if view_shift > 0 else []
+            closer = (np.ones(len(flat), bool) if look_closer is None
+                      else np.concatenate([np.asarray(m, bool) for m in look_closer]))
+            all_probs, all_deltas = self._first_look(
+                [crop(img, b, crop_size, REFINE_PAD) for img, b in flat], closer)
+            doubtful = np.nonzero(closer & (all_probs.max(axis=1) < SURE))[0] if view_shift > 0 else []
             if len(doubtful):
                 moves = ((view_shift, 0.0), (-view_shift, 0.0), (0.0, view_shift), (0.0, -view_shift))
-                moved, _ = self._views([view_crop(*flat[i], dx, dy, crop_size)
-                                        for dx, dy in moves for i in doubtful], len(moves))
+                moved = self._views([view_crop(*flat[i], dx, dy, crop_size)
+                                     for dx, dy in moves for i in doubtful], len(moves))
                 all_probs[doubtful] = (all_probs[doubtful] + len(moves) * moved) / (1 + len(moves))
         probs_out, boxes_out = [], []
         at = 0
@@ -98,14 +101,27 @@ class BoxRefiner(nn.Module):
             at += k
         return probs_out, boxes_out
 
-    def _views(self, crops: list[np.ndarray], groups: int = 1) -> tuple[np.ndarray, torch.Tensor]:
-        """Crops in `groups` equal groups, each group one view of the same proposals → class
-        probabilities [k, classes + 1] averaged over the groups and their mirror images, and the
-        box corrections of every crop followed by those of every mirrored crop."""
+    def _first_look(self, crops: list[np.ndarray], mirrored: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities and box corrections of each crop, averaged with those of its
+        mirror image where `mirrored` says so."""
         x = to_tensor(np.stack(crops))
-        logits, deltas = self(torch.cat([x, x.flip(3)]))
+        both = torch.from_numpy(np.nonzero(mirrored)[0])
+        logits, deltas = self(torch.cat([x, x[both].flip(3)]))
         probs = torch.softmax(logits, dim=1)
-        return probs.reshape(2 * groups, -1, probs.shape[1]).mean(0).numpy(), deltas
+        k = len(crops)
+        probs, mirror_probs = probs[:k].clone(), probs[k:]
+        deltas, mirror_deltas = deltas[:k].clone(), unmirror(deltas[k:])
+        probs[both] = (probs[both] + mirror_probs) / 2
+        deltas[both] = (deltas[both] + mirror_deltas) / 2
+        return probs.numpy(), deltas.numpy()
+
+    def _views(self, crops: list[np.ndarray], groups: int) -> np.ndarray:
+        """Crops in `groups` equal groups, each group one view of the same proposals → class
+        probabilities [k, classes + 1] averaged over the groups and their mirror images."""
+        x = to_tensor(np.stack(crops))
+        probs = torch.softmax(self(torch.cat([x, x.flip(3)]))[0], dim=1)
+        return probs.reshape(2 * groups, -1, probs.shape[1]).mean(0).numpy()
 
 
 def view_crop(image: np.ndarray, box: np.ndarray, dx: float, dy: float, crop_size: int
@@ -218,7 +234,7 @@ def train_refiner(refiner: BoxRefiner, samples: Samples, schedule: RefinerSchedu
     n = len(samples.labels)
     steps = schedule.epochs * math.ceil(n / schedule.batch_size)
     opt = torch.optim.AdamW(refiner.parameters(), lr=schedule.lr,
-                            weight_decay=schedule.weight_decay)
+                            weight_decay=schedule.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=schedule.lr, total_steps=steps,
                                                 pct_start=0.2)
     labels = torch.from_numpy(samples.labels)

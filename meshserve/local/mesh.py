@@ -173,15 +173,16 @@ class LocalMesh:
 
     def _train_if_missing(self) -> None:
         from meshserve.training.artifacts import latest
-        from meshserve.training.detector import predates_refiner
+        from meshserve.training.detector import outdated
 
         newest = {k: latest(k, self.config.home) for k in ("detector", "embedder", "classifier", "shipping")}
         missing = [k for k, path in newest.items() if path is None]
         if missing:
             self.say(f"no trained {', '.join(missing)} yet")
         detector = newest["detector"]
-        if detector is not None and predates_refiner(detector):
-            self.say(f"the newest detector ({detector.name}) predates the box refiner")
+        reason = outdated(detector) if detector is not None else None
+        if detector is not None and reason:
+            self.say(f"the newest detector ({detector.name}) is of an older kind: {reason}")
             missing.insert(0, "detector")
         if not missing:
             return

@@ -13,8 +13,9 @@ from torch import nn
 from meshserve.errors import InvalidInput
 from meshserve.training.datasets import PhotoSet
 from meshserve.training.detector import CONFIG_FILE, Detector, DetectorConfig
-from meshserve.training.embedder import EmbedNet
+from meshserve.training.embedder import EmbedNet, to_tensor
 from meshserve.training.refiner import (
+    REFINE_PAD,
     SURE,
     BoxRefiner,
     RefinerSchedule,
@@ -23,6 +24,7 @@ from meshserve.training.refiner import (
     training_samples,
     unmirror,
 )
+from meshserve.training.render import crop
 
 
 def test_deltas_round_trip_and_stay_inside_the_image() -> None:
@@ -122,6 +124,17 @@ def test_moved_views_average_the_category_of_a_doubtful_proposal_and_keep_its_bo
     views = [refiner.refine([image], [moved(dx, dy)], 24)[0][0]
              for dx, dy in ((0, 0), (0.08, 0), (-0.08, 0), (0, 0.08), (0, -0.08))]
     assert np.allclose(np.mean(views, 0), five_probs[0], atol=1e-5)
+
+    # only the proposals marked for a closer look are seen mirrored and moved
+    marked, marked_boxes = refiner.refine([image], proposals, 24, view_shift=0.08,
+                                          look_closer=[np.array([False, True])])
+    with torch.no_grad():
+        logits, deltas = refiner(to_tensor(np.stack([crop(image, proposals[0][0], 24, REFINE_PAD)])))
+    assert np.allclose(marked[0][0], torch.softmax(logits, 1)[0].numpy(), atol=1e-6)
+    assert np.allclose(marked_boxes[0][0], apply_deltas(proposals[0][:1], deltas.numpy(), 160, 120),
+                       atol=1e-4)
+    assert np.allclose(marked[0][1], five_probs[0][1], atol=1e-6)
+    assert np.allclose(marked_boxes[0][1], five_boxes[0][1], atol=1e-5)
 
     # a refiner sure of its answer is not asked again
     with torch.no_grad():

@@ -76,3 +76,42 @@ def test_tiny_embedder_learns_same_item_retrieval(tmp_path: Path) -> None:
     assert emb.embed([photos[0].image], [np.zeros((0, 4))]).shape == (0, cfg.dim)
     one = emb.embed([np.zeros((1, 1, 3), np.uint8)], [np.array([[0, 0, 1, 1]], np.float32)])
     assert one.shape == (1, cfg.dim) and np.isfinite(one).all()
+
+
+def test_detnet_starts_from_the_crop_network() -> None:
+    import torch
+
+    from meshserve.training.detector import DetNet
+    from meshserve.training.embedder import EmbedNet
+
+    crop_net = EmbedNet(32, 8)
+    det = DetNet.from_crop_net(crop_net, 8)
+    trained = crop_net.features.state_dict()
+    copied = {**{f"{i}.{k}": v for i, layer in enumerate(det.s8) for k, v in layer.state_dict().items()},
+              **{f"{i + len(det.s8)}.{k}": v for i, layer in enumerate(det.s16)
+                 for k, v in layer.state_dict().items()}}
+    assert copied.keys() == trained.keys()
+    assert all(torch.equal(copied[k], trained[k]) for k in trained)
+    obj, box = det(torch.zeros(2, 3, 64, 64))
+    assert obj.shape == (2, 1, 8, 8) and box.shape == (2, 4, 8, 8)  # stride 8
+
+
+def test_a_detector_of_an_older_layout_is_refused_with_the_reason(tmp_path: Path) -> None:
+    from meshserve.errors import InvalidInput
+    from meshserve.training.detector import CONFIG_FILE, outdated
+
+    out = tmp_path / "det"
+    Detector.untrained(DetectorConfig.tiny()).save(out)
+    assert outdated(out) is None
+    Detector.load(out)
+    saved = json.loads((out / CONFIG_FILE).read_text())
+
+    del saved["weights_layout"]  # written before DetNet ran on the crop network's stages
+    (out / CONFIG_FILE).write_text(json.dumps(saved))
+    assert outdated(out) == "its DetNet predates the crop-network backbone"
+    with pytest.raises(InvalidInput, match="older meshserve .its DetNet predates"):
+        Detector.load(out)
+
+    del saved["refine_epochs"]
+    (out / CONFIG_FILE).write_text(json.dumps(saved))
+    assert outdated(out) == "it predates the box refiner"
