@@ -164,3 +164,19 @@ def test_a_box_in_doubt_is_reported_under_each_likely_category() -> None:
     assert box_of.tolist() == [0, 0, 0, 1]
     assert labels.tolist() == [4, 7, 9, 3]
     assert np.allclose(scores, [0.9 * 0.55, 0.9 * 0.3, 0.9 * 0.1, 0.8 * 0.97])
+
+
+def test_detnet_category_is_mixed_into_the_refiners_and_background_stays() -> None:
+    det = Detector.untrained(DetectorConfig.tiny())
+    w = det.cfg.detnet_category_weight
+    assert 0 < w < 1
+    refiner = np.zeros((2, 17), np.float32)
+    refiner[0, [3, 5, 16]] = [0.6, 0.2, 0.2]  # 0.8 product, 0.2 background
+    refiner[1, 16] = 1.0  # background: DetNet cannot make a product of it
+    detnet = np.zeros((2, 16), np.float32)
+    detnet[:, 5] = 1.0
+    mixed = det._category_probs(refiner, detnet)
+    assert mixed.shape == (2, 16)
+    assert np.allclose(mixed[0, 3], (1 - w) * 0.75 * 0.8)
+    assert np.allclose(mixed[0, 5], ((1 - w) * 0.25 + w) * 0.8)
+    assert np.isclose(mixed[0].sum(), 0.8) and np.allclose(mixed[1], 0, atol=1e-5)

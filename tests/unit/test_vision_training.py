@@ -85,15 +85,16 @@ def test_detnet_starts_from_the_crop_network() -> None:
     from meshserve.training.embedder import EmbedNet
 
     crop_net = EmbedNet(32, 8)
-    det = DetNet.from_crop_net(crop_net, 8)
+    det = DetNet.from_crop_net(crop_net, 8, n_classes=16)
     trained = crop_net.features.state_dict()
     copied = {**{f"{i}.{k}": v for i, layer in enumerate(det.s8) for k, v in layer.state_dict().items()},
               **{f"{i + len(det.s8)}.{k}": v for i, layer in enumerate(det.s16)
                  for k, v in layer.state_dict().items()}}
     assert copied.keys() == trained.keys()
     assert all(torch.equal(copied[k], trained[k]) for k in trained)
-    obj, box = det(torch.zeros(2, 3, 64, 64))
+    obj, box, category = det(torch.zeros(2, 3, 64, 64))
     assert obj.shape == (2, 1, 8, 8) and box.shape == (2, 4, 8, 8)  # stride 8
+    assert category.shape == (2, 16, 8, 8)
 
 
 def test_a_detector_of_an_older_layout_is_refused_with_the_reason(tmp_path: Path) -> None:
