@@ -16,6 +16,11 @@ import traceback
 
 
 def run(argv: list[str]) -> int:
+    from meshserve.local.supervisor import PARENT_ENV, die_with_parent
+
+    parent = os.environ.pop(PARENT_ENV, "")  # popped: not for processes this one starts
+    if parent:
+        die_with_parent(int(parent))
     from meshserve.cli import main
 
     try:

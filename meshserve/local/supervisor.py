@@ -4,7 +4,6 @@ stopped on the way out — also when the supervisor itself is killed (the kernel
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
 import signal
@@ -21,7 +20,8 @@ _PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """In the child, before exec: SIGTERM me when my parent (`parent_pid`) dies, however it dies."""
+    """In the child (before exec, or first thing after it): SIGTERM me when my parent (`parent_pid`)
+    dies, however it dies."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -31,9 +31,7 @@ def die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _supervised_child(parent_pid: int) -> None:
-    die_with_parent(parent_pid)
-    os.setpgrp()  # its own group: a terminal's Ctrl-C reaches the supervisor only, which stops children in order
+PARENT_ENV = "MESHSERVE_SUPERVISOR_PID"  # child.py dies with this process (see die_with_parent)
 
 
 @dataclass(frozen=True)
@@ -84,9 +82,13 @@ class Supervisor:
             spec.port_file.unlink(missing_ok=True)
         log_path = self.log_dir / f"{spec.name}.log"
         with open(log_path, "ab") as log_file:
+            # No preexec_fn: Python code run between fork and exec can crash the child when other threads
+            # (gRPC's, a load test's) hold locks at the fork; child.py sets the parent-death signal itself.
+            # Its own process group: a terminal's Ctrl-C reaches the supervisor only, which stops children
+            # in order.
             proc = subprocess.Popen(spec.argv(), stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                    env={**self.base_env, **dict(spec.env)},
-                                    preexec_fn=functools.partial(_supervised_child, os.getpid()))  # fmt: skip
+                                    env={**self.base_env, **dict(spec.env), PARENT_ENV: str(os.getpid())},
+                                    process_group=0)  # fmt: skip
         child = Child(spec, proc, log_path)
         self.children.append(child)
         return child
