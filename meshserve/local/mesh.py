@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import shutil
@@ -17,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meshserve.local.supervisor import Child, ChildSpec, Supervisor, die_with_parent
+from meshserve.local.supervisor import PARENT_ENV, Child, ChildSpec, Supervisor
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
 
 log = logging.getLogger(__name__)
@@ -190,10 +189,11 @@ class LocalMesh:
         import subprocess
 
         kinds = ",".join(missing)
-        # Same process group (a terminal's Ctrl-C reaches it), but it dies with us if we are killed.
-        done = subprocess.run([sys.executable, "-m", "meshserve", "train", "--quick", "--only", kinds],
-                              env={**os.environ, "MESHSERVE_HOME": str(self.config.home)},
-                              preexec_fn=functools.partial(die_with_parent, os.getpid()))  # fmt: skip
+        # Same process group (a terminal's Ctrl-C reaches it), but it dies with us if we are killed
+        # (child.py sets that up; see Supervisor.start for why not in a preexec_fn).
+        done = subprocess.run([sys.executable, "-m", "meshserve.local.child", "train", "--quick", "--only", kinds],
+                              env={**os.environ, "MESHSERVE_HOME": str(self.config.home),
+                                   PARENT_ENV: str(os.getpid())})  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"training failed (exit {done.returncode})")
 
