@@ -153,7 +153,11 @@ def loss_ends(losses: Sequence[float]) -> tuple[float, float]:
 
 def _cache_file(kind: str, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    return meshserve_home() / "cache" / "renders" / f"{kind}-{digest[:20]}.npz"
+    return _renders_dir() / f"{kind}-{digest[:20]}.npz"
+
+
+def _renders_dir() -> Path:
+    return meshserve_home() / "cache" / "renders"
 
 
 def _items_key(items: Sequence[Item]) -> str:
@@ -252,7 +256,7 @@ def rendered_meanwhile(requests: Sequence[PhotoRequest]) -> Iterator[None]:
         if child.is_alive():
             child.terminate()
         child.join()
-        for leftover in (meshserve_home() / "cache" / "renders").glob(f".*.{child.pid}.tmp.npz"):
+        for leftover in _renders_dir().glob(f".*.{child.pid}.tmp.npz"):  # see _save
             leftover.unlink(missing_ok=True)
 
 
