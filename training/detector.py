@@ -44,8 +44,9 @@ CONFIG_FILE = "detector.json"
 # Written beside the config; raised whenever the saved weights change shape, so that an artifact
 # of an older layout is refused with a message instead of a state-dict error. 1: DetNet with its
 # own backbone (no number saved); 2: DetNet on the crop network's conv stages, with a category
-# head.
-WEIGHTS_LAYOUT = 2
+# head; 3: the refiner's category head reads the pooled features and the box's shape, its box
+# corrections the last stage's map.
+WEIGHTS_LAYOUT = 3
 STRIDE = 8
 EVAL_MIN_SCORE = 0.01
 PAD_VALUE = 114
@@ -173,8 +174,13 @@ def outdated(model_dir: Path | str) -> str | None:
 def _outdated(saved: dict) -> str | None:
     if "refine_epochs" not in saved:
         return "it predates the box refiner"
-    if saved.get("weights_layout", 1) != WEIGHTS_LAYOUT:
+    layout = saved.get("weights_layout", 1)
+    if layout == 1:
         return "its DetNet predates the crop-network backbone"
+    if layout == 2:
+        return "its box refiner has the older heads"
+    if layout != WEIGHTS_LAYOUT:
+        return f"its weights layout {layout} is unknown to this meshserve"
     return None
 
 

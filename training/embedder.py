@@ -43,9 +43,17 @@ from meshserve.training.views import SpriteViews
 
 WEIGHTS_FILE = "embedder.pt"
 CONFIG_FILE = "embedder.json"
+# Part of the crop-network cache key: raised whenever its training or heads change, so that a
+# cached network from older code is trained again instead of reused. 2: category head on the
+# pooled features.
+CROP_NET_FORMAT = 2
 
 # Auxiliary heads: each predicts one attribute of the look from the embedding. They teach the
-# net what a product is made of (shared by many items) faster than item ids alone can.
+# net what a product is made of (shared by many items) faster than item ids alone can. The
+# category head reads the pooled features before the projection instead, so the item-retrieval
+# loss that shapes the embedding does not pull against it; the box refiner starts from it (quick,
+# same held-out photos: the refiner's category accuracy on true boxes after 2 epochs 0.920 ->
+# 0.941, the card's recall@10 0.916 -> 0.926).
 ATTRIBUTES: dict[str, Sequence[str]] = {
     "category": CATEGORY_NAMES,
     "body_color": tuple(PALETTE),
@@ -108,18 +116,29 @@ def conv_stages(width: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def pooled_dim(width: int) -> int:
+    """Length of EmbedNet.pool's output: average and max of the last stage's channels."""
+    return 2 * stage_channels(width)[-1]
+
+
+def pool_map(f: torch.Tensor) -> torch.Tensor:
+    """The last stage's map [n, c, h, w] → its average and max per channel [n, 2c]."""
+    return torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+
+
 class EmbedNet(nn.Module):
     """Four strided conv stages, average + max pooling, a linear projection to `dim`."""
 
     def __init__(self, dim: int = 128, width: int = 32):
         super().__init__()
         self.features = conv_stages(width)
-        self.project = nn.Linear(2 * stage_channels(width)[-1], dim)
+        self.project = nn.Linear(pooled_dim(width), dim)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return pool_map(self.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)
-        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
-        return self.project(pooled)
+        return self.project(self.pool(x))
 
 
 def to_tensor(crops: np.ndarray) -> torch.Tensor:
@@ -257,6 +276,13 @@ def fit_embedder(cfg: EmbedderConfig, out_dir: Path, items: Sequence[Item], *,
     return metrics
 
 
+def attribute_heads(cfg: EmbedderConfig) -> nn.ModuleDict:
+    """One linear head per attribute: the category's on EmbedNet.pool, the others on the
+    embedding (see ATTRIBUTES)."""
+    return nn.ModuleDict({k: nn.Linear(pooled_dim(cfg.width) if k == "category" else cfg.dim,
+                                       len(v)) for k, v in ATTRIBUTES.items()})
+
+
 def train_crop_net(cfg: EmbedderConfig, items: Sequence[Item], *, progress: bool = True
                    ) -> tuple[EmbedNet, nn.ModuleDict, dict]:
     """The crop network and its attribute heads, trained once per (items, cfg) and cached.
@@ -264,10 +290,11 @@ def train_crop_net(cfg: EmbedderConfig, items: Sequence[Item], *, progress: bool
     The embedder is this network; the detector's box refiner starts from this network and its
     category head. Training it once serves both.
     """
-    key = hashlib.sha256(repr((asdict(cfg), [(i.item_id, i.look) for i in items])).encode())
+    key = hashlib.sha256(repr((CROP_NET_FORMAT, asdict(cfg),
+                               [(i.item_id, i.look) for i in items])).encode())
     path = meshserve_home() / "cache" / "cropnet" / f"{key.hexdigest()[:24]}.pt"
     net = EmbedNet(cfg.dim, cfg.width)
-    heads = nn.ModuleDict({k: nn.Linear(cfg.dim, len(v)) for k, v in ATTRIBUTES.items()})
+    heads = attribute_heads(cfg)
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(saved["net"])
@@ -304,12 +331,15 @@ def _train(cfg: EmbedderConfig, items: Sequence[Item], net: EmbedNet, heads: nn.
     losses: list[float] = []
     net.train()
     for idx, x in _view_batches(views, n, cfg, steps_per_epoch):
-        emb = net(x)
+        pooled = net.pool(x)
+        emb = net.project(pooled)
         cos = F.normalize(emb, dim=1) @ F.normalize(proxies(), dim=1).t()
         loss = F.cross_entropy(cos * cfg.proxy_scale, idx)
         for k, head in heads.items():
-            weight = cfg.category_weight if k == "category" else cfg.aux_weight / len(heads)
-            loss = loss + weight * F.cross_entropy(head(emb), attrs[k][idx])
+            if k == "category":
+                loss = loss + cfg.category_weight * F.cross_entropy(head(pooled), attrs[k][idx])
+            else:
+                loss = loss + cfg.aux_weight / len(heads) * F.cross_entropy(head(emb), attrs[k][idx])
         optimiser_step(loss, opt, sched, losses, bar)
     bar.close()
     net.eval()

@@ -21,36 +21,58 @@ from torch import nn
 
 from meshserve.errors import InvalidInput
 from meshserve.training.datasets import PhotoSet, optimiser_step, progress_bar
-from meshserve.training.embedder import EmbedNet, to_tensor
+from meshserve.training.embedder import EmbedNet, pool_map, pooled_dim, stage_channels, to_tensor
 from meshserve.training.evaluate import box_iou
 from meshserve.training.render import crop
 
 REFINE_PAD = 0.12  # a proposal is grown by this share before cropping, so the true edges are in view
 MATCH_IOU = 0.5  # a proposal at least this close to a product learns its category and box
 BACKGROUND_IOU = 0.3  # one below this with every product learns "background"
+BOX_GRID = 3  # the box corrections read the last stage's map pooled to this many cells a side
+ASPECT_SPREAD = 0.15  # about how far one category's boxes spread in ln(width / height)
 SURE = 0.95  # at inference, a proposal whose likeliest answer is below this is looked at again
 
 
 class BoxRefiner(nn.Module):
-    """Crop features → category logits plus a background logit (last), and four box corrections."""
+    """Crop features → category logits plus a background logit (last), from the pooled
+    features as in the crop network's category head, and four box corrections from the last
+    stage's map.
+
+    A crop is its box stretched to a square, which hides the box's shape, and that shape tells
+    categories apart (a phone is narrower than a book): `shape_prior` adds to each logit a
+    quadratic in the box's log aspect ratio (see box_shape), a Gaussian prior per category
+    (quick, same DetNet, two trainings each: category accuracy on the true boxes of 1,000
+    held-out photos 0.949 and 0.949 without it, 0.958 and 0.962 with it; AP@0.5 0.874 and 0.873,
+    0.879 and 0.878). The box corrections read that map at BOX_GRID² cells rather than the
+    pooled features, which keep little of where things are (quick: DetNet's proposals that
+    match a product have mean IoU 0.767; corrected from the pooled features 0.773, from the
+    map 0.791).
+    """
 
     def __init__(self, n_classes: int, width: int, dim: int):
         super().__init__()
         self.n_classes = n_classes
         self.features = EmbedNet(dim, width)
-        self.classify = nn.Linear(dim, n_classes + 1)
-        self.deltas = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 4))
-        nn.init.zeros_(self.deltas[2].weight)  # start by trusting the proposal
-        nn.init.zeros_(self.deltas[2].bias)
+        self.classify = nn.Linear(pooled_dim(width), n_classes + 1)
+        self.shape_prior = nn.Linear(2, n_classes + 1)
+        nn.init.zeros_(self.shape_prior.weight)  # start as the crop network's head
+        nn.init.zeros_(self.shape_prior.bias)
+        self.deltas = nn.Sequential(nn.Flatten(), nn.Linear(stage_channels(width)[-1] * BOX_GRID**2, dim),
+                                    nn.ReLU(), nn.Linear(dim, 4))
+        nn.init.zeros_(self.deltas[3].weight)  # start by trusting the proposal
+        nn.init.zeros_(self.deltas[3].bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.features(x)
-        return self.classify(f), self.deltas(f)
+    def forward(self, x: torch.Tensor, shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crops [n, 3, C, C] and their boxes' box_shape [n, 2] → logits, box corrections."""
+        f = self.features.features(x)
+        return (self.classify(pool_map(f)) + self.shape_prior(shape),
+                self.deltas(F.adaptive_avg_pool2d(f, BOX_GRID)))
 
     @classmethod
     def from_crop_net(cls, net: EmbedNet, category_head: nn.Linear, width: int, dim: int
                       ) -> BoxRefiner:
-        """Features and category weights from the crop network; background starts at zero."""
+        """Features and category weights from the crop network (its category head reads
+        EmbedNet.pool); background starts at zero."""
         n_classes = category_head.out_features
         refiner = cls(n_classes, width, dim)
         refiner.features.load_state_dict(net.state_dict())
@@ -79,13 +101,15 @@ class BoxRefiner(nn.Module):
         if flat:
             closer = (np.ones(len(flat), bool) if look_closer is None
                       else np.concatenate([np.asarray(m, bool) for m in look_closer]))
+            shapes = box_shape(np.stack([b for _, b in flat]))
             all_probs, all_deltas = self._first_look(
-                [crop(img, b, crop_size, REFINE_PAD) for img, b in flat], closer)
+                [crop(img, b, crop_size, REFINE_PAD) for img, b in flat], shapes, closer)
             doubtful = np.nonzero(closer & (all_probs.max(axis=1) < SURE))[0] if view_shift > 0 else []
             if len(doubtful):
                 moves = ((view_shift, 0.0), (-view_shift, 0.0), (0.0, view_shift), (0.0, -view_shift))
                 moved = self._views([view_crop(*flat[i], dx, dy, crop_size)
-                                     for dx, dy in moves for i in doubtful], len(moves))
+                                     for dx, dy in moves for i in doubtful],
+                                    np.tile(shapes[doubtful], (len(moves), 1)), len(moves))
                 all_probs[doubtful] = (all_probs[doubtful] + len(moves) * moved) / (1 + len(moves))
         probs_out, boxes_out = [], []
         at = 0
@@ -101,13 +125,13 @@ class BoxRefiner(nn.Module):
             at += k
         return probs_out, boxes_out
 
-    def _first_look(self, crops: list[np.ndarray], mirrored: np.ndarray
+    def _first_look(self, crops: list[np.ndarray], shapes: np.ndarray, mirrored: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities and box corrections of each crop, averaged with those of its
         mirror image where `mirrored` says so."""
-        x = to_tensor(np.stack(crops))
+        x, s = to_tensor(np.stack(crops)), torch.from_numpy(shapes)
         both = torch.from_numpy(np.nonzero(mirrored)[0])
-        logits, deltas = self(torch.cat([x, x[both].flip(3)]))
+        logits, deltas = self(torch.cat([x, x[both].flip(3)]), torch.cat([s, s[both]]))
         probs = torch.softmax(logits, dim=1)
         k = len(crops)
         probs, mirror_probs = probs[:k].clone(), probs[k:]
@@ -116,11 +140,11 @@ class BoxRefiner(nn.Module):
         deltas[both] = (deltas[both] + mirror_deltas) / 2
         return probs.numpy(), deltas.numpy()
 
-    def _views(self, crops: list[np.ndarray], groups: int) -> np.ndarray:
+    def _views(self, crops: list[np.ndarray], shapes: np.ndarray, groups: int) -> np.ndarray:
         """Crops in `groups` equal groups, each group one view of the same proposals → class
         probabilities [k, classes + 1] averaged over the groups and their mirror images."""
-        x = to_tensor(np.stack(crops))
-        probs = torch.softmax(self(torch.cat([x, x.flip(3)]))[0], dim=1)
+        x, s = to_tensor(np.stack(crops)), torch.from_numpy(shapes)
+        probs = torch.softmax(self(torch.cat([x, x.flip(3)]), torch.cat([s, s]))[0], dim=1)
         return probs.reshape(2 * groups, -1, probs.shape[1]).mean(0).numpy()
 
 
@@ -134,6 +158,16 @@ def view_crop(image: np.ndarray, box: np.ndarray, dx: float, dy: float, crop_siz
         return crop(image, moved, crop_size, REFINE_PAD)
     except InvalidInput:
         return crop(image, box, crop_size, REFINE_PAD)
+
+
+def box_shape(boxes: np.ndarray) -> np.ndarray:
+    """The refiner's view of each box's shape [k, 2]: its log aspect ratio ln(w / h) in units of
+    ASPECT_SPREAD, a, and a². In those units the prior's weights are of order one, which a few
+    epochs at the refiner's learning rate can reach (in plain ln(w / h) they stayed below 0.3)."""
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    a = np.log(np.maximum(b[:, 2] - b[:, 0], 1e-3) / np.maximum(b[:, 3] - b[:, 1], 1e-3))
+    a = a / ASPECT_SPREAD
+    return np.stack([a, a * a], 1).astype(np.float32)
 
 
 def unmirror(deltas: torch.Tensor) -> torch.Tensor:
@@ -175,10 +209,11 @@ class RefinerSchedule:
 
 @dataclass(frozen=True)
 class Samples:
-    """Training crops for the refiner: uint8 [n, C, C, 3], labels (n_classes = background),
-    box targets [n, 4] and which rows have one."""
+    """Training crops for the refiner: uint8 [n, C, C, 3], their boxes' box_shape [n, 2],
+    labels (n_classes = background), box targets [n, 4] and which rows have one."""
 
     crops: np.ndarray
+    shapes: np.ndarray
     labels: np.ndarray
     targets: np.ndarray
     has_box: np.ndarray
@@ -189,13 +224,14 @@ def training_samples(photos: PhotoSet, proposals: Sequence[np.ndarray], n_classe
     """Label every proposal by its overlap with the products, keep a few background ones per
     photo, and add each product's jittered true box."""
     rng = np.random.default_rng(np.random.SeedSequence([schedule.seed, 0x2EF]))
-    crops, labels, targets, has_box = [], [], [], []
+    crops, boxes_seen, labels, targets, has_box = [], [], [], [], []
 
     def add(image: np.ndarray, box: np.ndarray, label: int, truth: np.ndarray | None) -> None:
         try:
             crops.append(crop(image, box, crop_size, REFINE_PAD))
         except InvalidInput:  # moved off the image
             return
+        boxes_seen.append(box)
         labels.append(label)
         has_box.append(truth is not None)
         targets.append(box_deltas(box[None], truth[None])[0] if truth is not None
@@ -220,8 +256,8 @@ def training_samples(photos: PhotoSet, proposals: Sequence[np.ndarray], n_classe
             moved = np.clip(moved, 0, [w, h, w, h]).astype(np.float32)
             if moved[2] - moved[0] >= 4 and moved[3] - moved[1] >= 4:
                 add(image, moved, int(truth_labels[g]), box)
-    return Samples(np.stack(crops), np.asarray(labels, np.int64), np.stack(targets),
-                   np.asarray(has_box, bool))
+    return Samples(np.stack(crops), box_shape(np.stack(boxes_seen)), np.asarray(labels, np.int64),
+                   np.stack(targets), np.asarray(has_box, bool))
 
 
 def train_refiner(refiner: BoxRefiner, samples: Samples, schedule: RefinerSchedule, *,
@@ -240,6 +276,7 @@ def train_refiner(refiner: BoxRefiner, samples: Samples, schedule: RefinerSchedu
     labels = torch.from_numpy(samples.labels)
     targets = torch.from_numpy(samples.targets)
     has_box = torch.from_numpy(samples.has_box)
+    shapes = torch.from_numpy(samples.shapes)
     bar = progress_bar(steps, "train box refiner" if progress else None, unit="step")
     losses: list[float] = []
     refiner.train()
@@ -250,7 +287,7 @@ def train_refiner(refiner: BoxRefiner, samples: Samples, schedule: RefinerSchedu
             x, t = to_tensor(samples.crops[idx]), targets[idx]
             if rng.random() < 0.5:
                 x, t = x.flip(3), unmirror(t)
-            logits, deltas = refiner(x)
+            logits, deltas = refiner(x, shapes[idx])  # a mirrored box keeps its shape
             loss = F.cross_entropy(logits, labels[idx])
             boxed = has_box[idx]
             if boxed.any():

@@ -13,14 +13,16 @@ from torch import nn
 from meshserve.errors import InvalidInput
 from meshserve.training.datasets import PhotoSet
 from meshserve.training.detector import CONFIG_FILE, Detector, DetectorConfig
-from meshserve.training.embedder import EmbedNet, to_tensor
+from meshserve.training.embedder import EmbedNet, pooled_dim, to_tensor
 from meshserve.training.refiner import (
+    ASPECT_SPREAD,
     REFINE_PAD,
     SURE,
     BoxRefiner,
     RefinerSchedule,
     apply_deltas,
     box_deltas,
+    box_shape,
     training_samples,
     unmirror,
 )
@@ -69,17 +71,20 @@ def test_proposals_are_labelled_by_overlap_and_background_is_capped() -> None:
     assert samples.labels.tolist() == [5, 16, 5]
     assert samples.has_box.tolist() == [True, False, True]
     assert samples.crops.shape == (3, 24, 24, 3) and samples.crops.dtype == np.uint8
+    assert samples.shapes.shape == (3, 2)
+    assert np.allclose(samples.shapes[:2], box_shape(proposals[[0, 2]]))
     assert np.allclose(samples.targets[0], box_deltas(proposals[:1], truth)[0])
     assert np.array_equal(samples.targets[1], np.zeros(4, np.float32))
 
 
 def test_refiner_starts_from_the_crop_net_category_head() -> None:
-    net, head = EmbedNet(32, 8), nn.Linear(32, 16)
+    net, head = EmbedNet(32, 8), nn.Linear(pooled_dim(8), 16)
     refiner = BoxRefiner.from_crop_net(net, head, width=8, dim=32).eval()
     x = torch.randn(3, 3, 24, 24)
-    logits, deltas = refiner(x)
+    logits, deltas = refiner(x, torch.from_numpy(box_shape(np.array([[0, 0, 10, 20], [0, 0, 20, 10],
+                                                                      [0, 0, 5, 5]]))))
     with torch.no_grad():
-        expected = head(net.eval()(x))
+        expected = head(net.eval().pool(x))
     assert torch.allclose(logits[:, :16], expected, atol=1e-5)
     assert torch.all(logits[:, 16] == 0) and torch.all(deltas == 0)  # trusts the proposal
 
@@ -98,8 +103,24 @@ def _refiner(seed: int = 0) -> BoxRefiner:
     torch.manual_seed(seed)
     refiner = BoxRefiner(16, 8, 32).eval()
     with torch.no_grad():  # a box correction that is not zero, so the views could disagree on it
-        refiner.deltas[2].bias.copy_(torch.tensor([0.05, -0.02, 0.03, 0.01]))
+        refiner.deltas[3].bias.copy_(torch.tensor([0.05, -0.02, 0.03, 0.01]))
+        refiner.shape_prior.weight.normal_()  # and every view must be given its box's shape
     return refiner
+
+
+def test_the_box_shape_that_the_square_crop_hides_reaches_the_category() -> None:
+    a = np.log(2) / ASPECT_SPREAD
+    assert np.allclose(box_shape(np.array([[0, 0, 20, 10], [5, 5, 10, 10]])), [[a, a * a], [0, 0]])
+    refiner = BoxRefiner(16, 8, 32).eval()
+    with torch.no_grad():  # the crops say nothing; wide boxes are category 3, tall ones 4
+        refiner.classify.weight.zero_()
+        refiner.classify.bias.zero_()
+        refiner.shape_prior.weight[3, 0] = 5.0
+        refiner.shape_prior.weight[4, 0] = -5.0
+    image = np.full((100, 100, 3), 128, np.uint8)
+    wide_and_tall = [np.array([[10, 40, 90, 60], [40, 10, 60, 90]], np.float32)]
+    probs, _ = refiner.refine([image], wide_and_tall, 24, view_shift=0.08)
+    assert probs[0].argmax(1).tolist() == [3, 4]
 
 
 def test_moved_views_average_the_category_of_a_doubtful_proposal_and_keep_its_box() -> None:
@@ -129,7 +150,8 @@ def test_moved_views_average_the_category_of_a_doubtful_proposal_and_keep_its_bo
     marked, marked_boxes = refiner.refine([image], proposals, 24, view_shift=0.08,
                                           look_closer=[np.array([False, True])])
     with torch.no_grad():
-        logits, deltas = refiner(to_tensor(np.stack([crop(image, proposals[0][0], 24, REFINE_PAD)])))
+        logits, deltas = refiner(to_tensor(np.stack([crop(image, proposals[0][0], 24, REFINE_PAD)])),
+                                 torch.from_numpy(box_shape(proposals[0][:1])))
     assert np.allclose(marked[0][0], torch.softmax(logits, 1)[0].numpy(), atol=1e-6)
     assert np.allclose(marked_boxes[0][0], apply_deltas(proposals[0][:1], deltas.numpy(), 160, 120),
                        atol=1e-4)

@@ -107,6 +107,10 @@ def test_a_detector_of_an_older_layout_is_refused_with_the_reason(tmp_path: Path
     Detector.load(out)
     saved = json.loads((out / CONFIG_FILE).read_text())
 
+    saved["weights_layout"] = 2  # written before the refiner's category head read the pooled features
+    (out / CONFIG_FILE).write_text(json.dumps(saved))
+    assert outdated(out) == "its box refiner has the older heads"
+
     del saved["weights_layout"]  # written before DetNet ran on the crop network's stages
     (out / CONFIG_FILE).write_text(json.dumps(saved))
     assert outdated(out) == "its DetNet predates the crop-network backbone"
