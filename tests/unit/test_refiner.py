@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +177,7 @@ def test_a_sliver_at_the_image_edge_survives_the_moved_views() -> None:
 
 
 def test_a_box_in_doubt_is_reported_under_each_likely_category() -> None:
-    det = Detector.untrained(DetectorConfig.tiny())  # labels_per_box 3, label_ratio 0.1
+    det = Detector.untrained(replace(DetectorConfig.tiny(), labels_per_box=3, label_ratio=0.1))
     probs = np.zeros((3, 16), np.float32)
     probs[0, [4, 7, 9, 2]] = [0.55, 0.3, 0.1, 0.05]  # 7 and 9 are likely enough, 2 is not
     probs[1, 3] = 0.97  # sure of itself: one label
