@@ -72,7 +72,11 @@ class DetectorConfig:
     refine_photos: int = 9000  # and over this many more photos DetNet never trained on
     refine_lr: float = 2e-3
     refine_background: int = 2  # background crops per photo the refiner learns from
-    # at inference: the refiner looks again at a doubtful proposal moved by this share of its size
+    # at inference DetNet also looks at the mirrored photo, and the two maps are averaged (quick,
+    # one model, 1,000 held-out photos: AP@0.5 0.879 -> 0.887, class-agnostic 0.937 -> 0.945;
+    # full, 2,000: 0.975 -> 0.976)
+    mirrored_detnet: bool = True
+    # and the refiner looks again at a doubtful proposal moved by this share of its size
     view_shift: float = 0.08
     # mirrored and moved views only for a proposal DetNet is at least this sure of: three in four
     # are below 0.1 (quick, same model, 2,000 photos: no moved views for those took evaluation
@@ -262,13 +266,28 @@ class Detector:
         saved = {"weights_layout": WEIGHTS_LAYOUT, **asdict(self.cfg)}
         (model_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2))
 
+    def _maps(self, x: torch.Tensor, mirrored: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DetNet's maps of the letterboxed batch, averaged with those of its mirror image if
+        `mirrored`: the mirror's maps are flipped back, its left and right box distances
+        swapped."""
+        if not mirrored:
+            return self.net(x)
+        n = len(x)
+        obj, box, category = self.net(torch.cat([x, x.flip(3)]))
+        return ((obj[:n] + obj[n:].flip(3)) / 2,
+                (box[:n] + box[n:].flip(3)[:, [2, 1, 0, 3]]) / 2,
+                (category[:n] + category[n:].flip(3)) / 2)
+
     @torch.inference_mode()
-    def propose(self, images: Sequence[np.ndarray], threshold: float
+    def propose(self, images: Sequence[np.ndarray], threshold: float, mirrored: bool | None = None
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Per image: class-agnostic boxes (image pixels, clipped, NMS'd), their objectness and
-        DetNet's category probabilities [k, classes] at their centre cells."""
+        DetNet's category probabilities [k, classes] at their centre cells. `mirrored`
+        overrides cfg.mirrored_detnet."""
         boxed = [letterbox(img, self.cfg.input_size) for img in images]
-        obj_out, box_out, category_out = self.net(to_tensor(np.stack([b[0] for b in boxed])))
+        obj_out, box_out, category_out = self._maps(
+            to_tensor(np.stack([b[0] for b in boxed])),
+            self.cfg.mirrored_detnet if mirrored is None else mirrored)
         category_probs = torch.softmax(category_out, dim=1)
         heat = torch.sigmoid(obj_out)[:, 0]
         peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
@@ -549,7 +568,10 @@ def _fit_refiner(det: Detector, photos: PhotoSet, more_photos: PhotoRequest, cfg
                           photos.item_ids + more.item_ids)
     proposals: list[np.ndarray] = []
     for i in range(0, len(photos.images), 64):
-        boxes, _, _ = det.propose(list(photos.images[i:i + 64]), cfg.score_threshold)
+        # DetNet's one-view proposals, a little looser than the mirrored ones served: as good
+        # (quick, same DetNet, two trainings each: AP@0.5 0.885 and 0.885, against 0.885 and
+        # 0.883 with mirrored ones) and 2-3 s cheaper
+        boxes, _, _ = det.propose(list(photos.images[i:i + 64]), cfg.score_threshold, mirrored=False)
         proposals += [b.numpy() for b in boxes]
     schedule = RefinerSchedule(epochs=cfg.refine_epochs, lr=cfg.refine_lr,
                                background_per_photo=cfg.refine_background, seed=cfg.seed)

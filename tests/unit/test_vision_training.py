@@ -120,3 +120,28 @@ def test_a_detector_of_an_older_layout_is_refused_with_the_reason(tmp_path: Path
     del saved["refine_epochs"]
     (out / CONFIG_FILE).write_text(json.dumps(saved))
     assert outdated(out) == "it predates the box refiner"
+
+
+def test_detnet_with_its_mirror_view_proposes_mirrored_boxes_for_a_mirrored_photo() -> None:
+    import torch
+
+    torch.manual_seed(3)
+    det = Detector.untrained(DetectorConfig.tiny())  # random weights: DetNet alone is not symmetric
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mirrored = np.ascontiguousarray(image[:, ::-1])
+
+    def proposals(d: Detector, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        boxes, objectness, _ = d.propose([img], threshold=0.0)
+        order = np.argsort(-objectness[0].numpy(), kind="stable")
+        return boxes[0].numpy()[order], objectness[0].numpy()[order]
+
+    boxes, scores = proposals(det, image)
+    m_boxes, m_scores = proposals(det, mirrored)
+    assert len(boxes) > 0
+    assert np.allclose(scores, m_scores, atol=1e-5)
+    assert np.allclose(np.stack([64 - m_boxes[:, 2], m_boxes[:, 1], 64 - m_boxes[:, 0], m_boxes[:, 3]], 1),
+                       boxes, atol=1e-3)
+
+    one_view = Detector(det.net, det.refiner, replace(det.cfg, mirrored_detnet=False))
+    plain, plain_mirrored = proposals(one_view, image)[1], proposals(one_view, mirrored)[1]
+    assert plain.shape != plain_mirrored.shape or not np.allclose(plain, plain_mirrored, atol=1e-5)
