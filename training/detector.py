@@ -220,11 +220,12 @@ def decode_boxes(box_out: torch.Tensor) -> torch.Tensor:
 class Detector:
     """In-process inference: the exact computation the detector server runs.
 
-    Two stages: DetNet proposes class-agnostic boxes (objectness peaks) and guesses each one's
-    category from its centre cell; the refiner names each proposal's category (or background)
-    from its crop and tightens the box, and the two guesses are mixed (_category_probs). A box
-    whose category is in doubt is reported under each likely category, scored √objectness ×
-    category probability (see _labelled), then non-maximum suppression runs per category.
+    Two stages: DetNet proposes class-agnostic boxes (objectness peaks of its maps of the photo
+    and of its mirror image, averaged) and guesses each one's category from its centre cell;
+    the refiner names each proposal's category (or background) from its crop and the box's
+    shape and tightens the box, and the two guesses are mixed (_category_probs). A box whose
+    category is in doubt is reported under each likely category, scored √objectness × category
+    probability (see _labelled), then non-maximum suppression runs per category.
     """
 
     def __init__(self, net: DetNet, refiner: BoxRefiner, cfg: DetectorConfig, version: str = ""):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from meshserve.training.catalogue import generate_items
 from meshserve.training.detector import Detector, DetectorConfig, train_detector
@@ -123,8 +124,6 @@ def test_a_detector_of_an_older_layout_is_refused_with_the_reason(tmp_path: Path
 
 
 def test_detnet_with_its_mirror_view_proposes_mirrored_boxes_for_a_mirrored_photo() -> None:
-    import torch
-
     torch.manual_seed(3)
     det = Detector.untrained(DetectorConfig.tiny())  # random weights: DetNet alone is not symmetric
     image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
