@@ -449,6 +449,8 @@ def train_detector(cfg: DetectorConfig, out_dir: Path | str, progress: bool = Tr
     out_dir = Path(out_dir)
     items, data_seed = resolve_items(items, data_seed)
     t0 = time.perf_counter()
+    # every evaluation photo, not only the card's eval_photos: the embedder's evaluation reads
+    # the same set from the cache
     metrics = fit_detector(cfg, out_dir, items, progress=progress,
                            render_ahead=[eval_request(items)] if evaluate else [])
     training_time = time.perf_counter() - t0
@@ -522,12 +524,11 @@ def _fit_detnet(net: DetNet, photos: PhotoSet, cfg: DetectorConfig, progress: bo
                             fused=True)
     n = len(data["images"])
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr,
-                                                total_steps=steps_per_epoch * cfg.epochs,
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
                                                 pct_start=0.15)
     gen = torch.Generator().manual_seed(cfg.seed)
-    bar = progress_bar(steps_per_epoch * cfg.epochs, "train detector" if progress else None,
-                       unit="step")
+    bar = progress_bar(total, "train detector" if progress else None, unit="step")
     losses: list[float] = []
     net.train()
     for _epoch in range(cfg.epochs):

@@ -179,8 +179,7 @@ class LocalMesh:
         if missing:
             self.say(f"no trained {', '.join(missing)} yet")
         detector = newest["detector"]
-        reason = outdated(detector) if detector is not None else None
-        if detector is not None and reason:
+        if detector is not None and (reason := outdated(detector)):
             self.say(f"the newest detector ({detector.name}) is of an older kind: {reason}")
             missing.insert(0, "detector")
         if not missing:

@@ -80,8 +80,6 @@ def test_tiny_embedder_learns_same_item_retrieval(tmp_path: Path) -> None:
 
 
 def test_detnet_starts_from_the_crop_network() -> None:
-    import torch
-
     from meshserve.training.detector import DetNet
     from meshserve.training.embedder import EmbedNet
 
