@@ -36,7 +36,7 @@ from meshserve.training.datasets import (
     torch_threads,
 )
 from meshserve.training.embedder import EmbedderConfig, EmbedNet, conv_stages, stage_channels, train_crop_net
-from meshserve.training.evaluate import eval_photos, eval_request, evaluate_detector
+from meshserve.training.evaluate import eval_request, evaluate_detector
 from meshserve.training.refiner import BoxRefiner, RefinerSchedule, train_refiner, training_samples
 
 WEIGHTS_FILE = "detector.pt"
@@ -102,7 +102,7 @@ class DetectorConfig:
     @classmethod
     def quick(cls) -> DetectorConfig:
         return cls(input_size=96, photos=2000, epochs=5, crop_net="quick",
-                   refine_epochs=4, refine_photos=0, refine_background=1, eval_photos=1000)
+                   refine_epochs=5, refine_photos=0, refine_background=1, eval_photos=1000)
 
     @classmethod
     def tiny(cls) -> DetectorConfig:
@@ -449,13 +449,13 @@ def train_detector(cfg: DetectorConfig, out_dir: Path | str, progress: bool = Tr
     out_dir = Path(out_dir)
     items, data_seed = resolve_items(items, data_seed)
     t0 = time.perf_counter()
-    # every evaluation photo, not only the card's eval_photos: the embedder's evaluation reads
-    # the same set from the cache
+    # the embedder's evaluation reads the same photos from the cache
+    card_photos = eval_request(items, cfg.eval_photos or None)
     metrics = fit_detector(cfg, out_dir, items, progress=progress,
-                           render_ahead=[eval_request(items)] if evaluate else [])
+                           render_ahead=[card_photos] if evaluate else [])
     training_time = time.perf_counter() - t0
     if evaluate:
-        photos = eval_photos(items, cfg.eval_photos or None, progress=progress)
+        photos = card_photos.render("render eval photos" if progress else None)
         det = Detector.load(out_dir)
         # AP integrates over every score, so evaluation keeps low-scoring boxes too
         metrics.update(evaluate_detector(lambda ims: det.detect(ims, EVAL_MIN_SCORE), photos))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from meshserve.errors import InvalidInput
@@ -97,7 +98,9 @@ class BoxRefiner(nn.Module):
         +0.02 quick). `look_closer` (per image, a bool per proposal) limits the mirrored and
         moved views to the proposals it marks. The box correction is never the moved crops'.
         """
-        flat = [(img, b) for img, boxes in zip(images, proposals, strict=True) for b in boxes]
+        photos = [Image.fromarray(img) if len(boxes) else None
+                  for img, boxes in zip(images, proposals, strict=True)]
+        flat = [(photo, b) for photo, boxes in zip(photos, proposals, strict=True) for b in boxes]
         if flat:
             closer = (np.ones(len(flat), bool) if look_closer is None
                       else np.concatenate([np.asarray(m, bool) for m in look_closer]))
@@ -148,8 +151,8 @@ class BoxRefiner(nn.Module):
         return probs.reshape(2 * groups, -1, probs.shape[1]).mean(0).numpy()
 
 
-def view_crop(image: np.ndarray, box: np.ndarray, dx: float, dy: float, crop_size: int
-              ) -> np.ndarray:
+def view_crop(image: np.ndarray | Image.Image, box: np.ndarray, dx: float, dy: float,
+              crop_size: int) -> np.ndarray:
     """The refiner's crop of the box moved by dx of its width and dy of its height; the unmoved
     crop when the move would take a sliver of a box off the image."""
     w, h = box[2] - box[0], box[3] - box[1]
@@ -226,7 +229,7 @@ def training_samples(photos: PhotoSet, proposals: Sequence[np.ndarray], n_classe
     rng = np.random.default_rng(np.random.SeedSequence([schedule.seed, 0x2EF]))
     crops, boxes_seen, labels, targets, has_box = [], [], [], [], []
 
-    def add(image: np.ndarray, box: np.ndarray, label: int, truth: np.ndarray | None) -> None:
+    def add(image: Image.Image, box: np.ndarray, label: int, truth: np.ndarray | None) -> None:
         try:
             crops.append(crop(image, box, crop_size, REFINE_PAD))
         except InvalidInput:  # moved off the image
@@ -240,6 +243,7 @@ def training_samples(photos: PhotoSet, proposals: Sequence[np.ndarray], n_classe
     for image, boxes, truth, truth_labels in zip(photos.images, proposals, photos.boxes,
                                                  photos.labels, strict=True):
         h, w = image.shape[:2]
+        image = Image.fromarray(image)
         iou = box_iou(boxes, truth) if len(truth) else np.zeros((len(boxes), 0))
         best = iou.max(axis=1) if iou.shape[1] else np.zeros(len(boxes))
         background = 0

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from meshserve.errors import InvalidInput
 from meshserve.training.catalogue import generate_items
@@ -69,3 +70,12 @@ def test_crop_resizes_and_rejects_empty_boxes() -> None:
     assert crop(img, (-10, -10, 100, 100), 8).shape == (8, 8, 3)  # clipped to the image
     with pytest.raises(InvalidInput):
         crop(img, (70, 70, 90, 90), 8)
+
+
+def test_a_photo_cropped_as_a_pil_image_gives_the_same_crop() -> None:
+    img = np.random.default_rng(1).integers(0, 255, (50, 60, 3), dtype=np.uint8)
+    photo = Image.fromarray(img)
+    for box in [(10, 10, 30, 20), (-5, 3, 70, 41.5), (0.5, 0.5, 2.5, 2)]:
+        assert np.array_equal(crop(photo, box, 16, 0.12), crop(img, box, 16, 0.12))
+    with pytest.raises(InvalidInput):
+        crop(photo, (70, 70, 90, 90), 8)

@@ -142,3 +142,24 @@ def test_detnet_with_its_mirror_view_proposes_mirrored_boxes_for_a_mirrored_phot
     one_view = Detector(det.net, det.refiner, replace(det.cfg, mirrored_detnet=False))
     plain, plain_mirrored = proposals(one_view, image)[1], proposals(one_view, mirrored)[1]
     assert plain.shape != plain_mirrored.shape or not np.allclose(plain, plain_mirrored, atol=1e-5)
+
+
+def test_the_crop_network_cache_is_keyed_by_training_not_by_evaluation(tmp_path: Path) -> None:
+    from meshserve.training.embedder import train_crop_net
+
+    cfg = replace(EmbedderConfig.tiny(), epochs=1)
+    net, _, first = train_crop_net(cfg, ITEMS[:8], progress=False)
+    assert not first.get("reused_cached_training")
+    again, _, metrics = train_crop_net(replace(cfg, eval_photos=5), ITEMS[:8], progress=False)
+    assert metrics["reused_cached_training"]
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values(),
+                                                  strict=True))
+    _, _, other = train_crop_net(replace(cfg, category_weight=2.0), ITEMS[:8], progress=False)
+    assert not other.get("reused_cached_training")
+
+
+def test_the_embedder_card_counts_its_evaluation_photos(tmp_path: Path) -> None:
+    cfg = replace(EmbedderConfig.tiny(), epochs=1, eval_photos=6)
+    metrics = train_embedder(cfg, tmp_path / "emb", progress=False, items=ITEMS, data_seed=9)
+    assert 6 <= metrics["queries"] <= 12  # one or two products per photo
+    assert metrics["references"] == len(ITEMS)
