@@ -226,9 +226,10 @@ class Embedder:
         if len(images) != len(boxes):
             raise InvalidInput(f"{len(images)} images but {len(boxes)} box lists")
         s = self.cfg.crop_size
-        crops = [crop(photo, b, s, CROP_PAD) for img, bs in zip(images, boxes, strict=True)
-                 for photo in [Image.fromarray(img)]
-                 for b in np.asarray(bs, dtype=np.float32).reshape(-1, 4)]
+        crops: list[np.ndarray] = []
+        for img, bs in zip(images, boxes, strict=True):
+            photo = Image.fromarray(img)  # once per photo, not per box
+            crops += [crop(photo, b, s, CROP_PAD) for b in np.asarray(bs, dtype=np.float32).reshape(-1, 4)]
         if not crops:
             return np.zeros((0, s, s, 3), dtype=np.uint8)
         return np.stack(crops)
