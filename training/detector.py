@@ -153,6 +153,7 @@ class DetNet(nn.Module):
         self.obj = nn.Conv2d(c16, 1, 1)
         self.box = nn.Conv2d(c16, 4, 1)
         self.category = nn.Conv2d(c16, n_classes, 1)
+        assert self.obj.bias is not None and self.box.bias is not None  # Conv2d's default
         nn.init.constant_(self.obj.bias, -2.19)  # start near p = 0.1: the heatmap is mostly empty
         nn.init.zeros_(self.box.bias)
 

@@ -58,10 +58,11 @@ class BoxRefiner(nn.Module):
         self.shape_prior = nn.Linear(2, n_classes + 1)
         nn.init.zeros_(self.shape_prior.weight)  # start as the crop network's head
         nn.init.zeros_(self.shape_prior.bias)
-        self.deltas = nn.Sequential(nn.Flatten(), nn.Linear(stage_channels(width)[-1] * BOX_GRID**2, dim),
-                                    nn.ReLU(), nn.Linear(dim, 4))
-        nn.init.zeros_(self.deltas[3].weight)  # start by trusting the proposal
-        nn.init.zeros_(self.deltas[3].bias)
+        hidden = nn.Linear(stage_channels(width)[-1] * BOX_GRID**2, dim)
+        last = nn.Linear(dim, 4)
+        nn.init.zeros_(last.weight)  # start by trusting the proposal
+        nn.init.zeros_(last.bias)
+        self.deltas = nn.Sequential(nn.Flatten(), hidden, nn.ReLU(), last)
 
     def forward(self, x: torch.Tensor, shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Crops [n, 3, C, C] and their boxes' box_shape [n, 2] → logits, box corrections."""
@@ -98,16 +99,17 @@ class BoxRefiner(nn.Module):
         +0.02 quick). `look_closer` (per image, a bool per proposal) limits the mirrored and
         moved views to the proposals it marks. The box correction is never the moved crops'.
         """
-        photos = [Image.fromarray(img) if len(boxes) else None
-                  for img, boxes in zip(images, proposals, strict=True)]
-        flat = [(photo, b) for photo, boxes in zip(photos, proposals, strict=True) for b in boxes]
+        photos = {i: Image.fromarray(img)
+                  for i, (img, boxes) in enumerate(zip(images, proposals, strict=True)) if len(boxes)}
+        flat = [(photos[i], b) for i, boxes in enumerate(proposals) for b in boxes]
         if flat:
             closer = (np.ones(len(flat), bool) if look_closer is None
                       else np.concatenate([np.asarray(m, bool) for m in look_closer]))
             shapes = box_shape(np.stack([b for _, b in flat]))
             all_probs, all_deltas = self._first_look(
                 [crop(img, b, crop_size, REFINE_PAD) for img, b in flat], shapes, closer)
-            doubtful = np.nonzero(closer & (all_probs.max(axis=1) < SURE))[0] if view_shift > 0 else []
+            doubtful = (np.nonzero(closer & (all_probs.max(axis=1) < SURE))[0] if view_shift > 0
+                        else np.zeros(0, np.int64))
             if len(doubtful):
                 moves = ((view_shift, 0.0), (-view_shift, 0.0), (0.0, view_shift), (0.0, -view_shift))
                 moved = self._views([view_crop(*flat[i], dx, dy, crop_size)
