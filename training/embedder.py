@@ -347,10 +347,9 @@ def _train(cfg: EmbedderConfig, items: Sequence[Item], net: EmbedNet, heads: nn.
         cos = F.normalize(emb, dim=1) @ F.normalize(proxies(), dim=1).t()
         loss = F.cross_entropy(cos * cfg.proxy_scale, idx)
         for k, head in heads.items():
-            if k == "category":
-                loss = loss + cfg.category_weight * F.cross_entropy(head(pooled), attrs[k][idx])
-            else:
-                loss = loss + cfg.aux_weight / len(heads) * F.cross_entropy(head(emb), attrs[k][idx])
+            reads, weight = ((pooled, cfg.category_weight) if k == "category"
+                             else (emb, cfg.aux_weight / len(heads)))
+            loss = loss + weight * F.cross_entropy(head(reads), attrs[k][idx])
         optimiser_step(loss, opt, sched, losses, bar)
     bar.close()
     net.eval()

@@ -231,9 +231,9 @@ def training_samples(photos: PhotoSet, proposals: Sequence[np.ndarray], n_classe
     rng = np.random.default_rng(np.random.SeedSequence([schedule.seed, 0x2EF]))
     crops, boxes_seen, labels, targets, has_box = [], [], [], [], []
 
-    def add(image: Image.Image, box: np.ndarray, label: int, truth: np.ndarray | None) -> None:
+    def add(photo: Image.Image, box: np.ndarray, label: int, truth: np.ndarray | None) -> None:
         try:
-            crops.append(crop(image, box, crop_size, REFINE_PAD))
+            crops.append(crop(photo, box, crop_size, REFINE_PAD))
         except InvalidInput:  # moved off the image
             return
         boxes_seen.append(box)
@@ -245,23 +245,23 @@ def training_samples(photos: PhotoSet, proposals: Sequence[np.ndarray], n_classe
     for image, boxes, truth, truth_labels in zip(photos.images, proposals, photos.boxes,
                                                  photos.labels, strict=True):
         h, w = image.shape[:2]
-        image = Image.fromarray(image)
+        photo = Image.fromarray(image)  # once per photo, not per crop
         iou = box_iou(boxes, truth) if len(truth) else np.zeros((len(boxes), 0))
         best = iou.max(axis=1) if iou.shape[1] else np.zeros(len(boxes))
         background = 0
         for j, box in enumerate(boxes):  # proposals come best-scoring first
             if best[j] >= MATCH_IOU:
                 g = int(iou[j].argmax())
-                add(image, box, int(truth_labels[g]), truth[g])
+                add(photo, box, int(truth_labels[g]), truth[g])
             elif best[j] < BACKGROUND_IOU and background < schedule.background_per_photo:
-                add(image, box, n_classes, None)
+                add(photo, box, n_classes, None)
                 background += 1
         for g, box in enumerate(truth):
             bw, bh = box[2] - box[0], box[3] - box[1]
             moved = box + rng.uniform(-1, 1, 4) * schedule.truth_jitter * np.array([bw, bh, bw, bh])
             moved = np.clip(moved, 0, [w, h, w, h]).astype(np.float32)
             if moved[2] - moved[0] >= 4 and moved[3] - moved[1] >= 4:
-                add(image, moved, int(truth_labels[g]), box)
+                add(photo, moved, int(truth_labels[g]), box)
     return Samples(np.stack(crops), box_shape(np.stack(boxes_seen)), np.asarray(labels, np.int64),
                    np.stack(targets), np.asarray(has_box, bool))
 

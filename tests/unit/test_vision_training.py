@@ -144,7 +144,7 @@ def test_detnet_with_its_mirror_view_proposes_mirrored_boxes_for_a_mirrored_phot
     assert plain.shape != plain_mirrored.shape or not np.allclose(plain, plain_mirrored, atol=1e-5)
 
 
-def test_the_crop_network_cache_is_keyed_by_training_not_by_evaluation(tmp_path: Path) -> None:
+def test_the_crop_network_cache_is_keyed_by_training_not_by_evaluation() -> None:
     from meshserve.training.embedder import train_crop_net
 
     cfg = replace(EmbedderConfig.tiny(), epochs=1)
