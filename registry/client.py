@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# (contract) meta every meshserve server carries, and what indexers add (ARCHITECTURE.md).
+# (contract) meta every meshserve server carries, and what indexers add (docs/architecture.md).
 REQUIRED_META = ("model", "version", "role")
 INDEXER_META = ("index", "shard", "embedder_version", "dim", "count", "metric", "generation")
 MAX_CHECK_INTERVAL_S = 2.0

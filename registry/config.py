@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 DEFAULT_CONSUL_HTTP_ADDR = "http://127.0.0.1:8500"
 
-# (contract) service names from ARCHITECTURE.md
+# (contract) service names, listed in docs/architecture.md
 SERVICE_NAMES = {
     "detector": "meshserve-detector",
     "embedder": "meshserve-embedder",

@@ -9,9 +9,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshserve.registry.dev_checks import CheckRunner
-from meshserve.registry.dev_schema import parse_service
-from meshserve.registry.dev_state import DevState, NodeInfo
+from meshserve.registry.dev.checks import CheckRunner
+from meshserve.registry.dev.schema import parse_service
+from meshserve.registry.dev.state import DevState, NodeInfo
 from tests.support import free_port
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from meshserve.registry.dev_filter import compile_filter
-from meshserve.registry.dev_schema import BadRequest
+from meshserve.registry.dev.filter import compile_filter
+from meshserve.registry.dev.schema import BadRequest
 
 ITEM = {
     "Service": {"ID": "e-1", "Service": "embedder", "Tags": ["v7", "canary"], "Port": 50051,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshserve.registry.dev_schema import (
+from meshserve.registry.dev.schema import (
     BadRequest,
     format_go_duration,
     parse_go_duration,

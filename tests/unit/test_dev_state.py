@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from meshserve.registry.dev_notify import block_until_changed, blocking_timeout
-from meshserve.registry.dev_schema import CheckDef, ServiceDef, parse_service
-from meshserve.registry.dev_state import INDEX_RESERVE, DevState, NodeInfo, NotFoundError
+from meshserve.registry.dev.notify import block_until_changed, blocking_timeout
+from meshserve.registry.dev.schema import CheckDef, ServiceDef, parse_service
+from meshserve.registry.dev.state import INDEX_RESERVE, DevState, NodeInfo, NotFoundError
 
 
 def new_state(**kwargs: float) -> DevState:
@@ -165,7 +165,7 @@ def test_reregistering_keeps_a_known_check_status() -> None:
 
 
 def test_tombstones_are_bounded_without_indexes_going_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    from meshserve.registry import dev_state
+    from meshserve.registry.dev import state as dev_state
 
     monkeypatch.setattr(dev_state, "MAX_TOMBSTONES", 10)
     state = new_state()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from meshserve.registry.dev_schema import format_go_duration
-from meshserve.registry.dev_state import CheckState, HealthEntry, KVEntry, NodeInfo, ServiceState
+from meshserve.registry.dev.schema import format_go_duration
+from meshserve.registry.dev.state import CheckState, HealthEntry, KVEntry, NodeInfo, ServiceState
 
 _CHECK_TYPES = {"serf": "", "maintenance": "", "ttl": "ttl", "http": "http", "grpc": "grpc",
                 "tcp": "tcp"}

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from meshserve.registry.dev_schema import BadRequest
+from meshserve.registry.dev.schema import BadRequest
 
 Predicate = Callable[[Any], bool]
 MAX_FILTER_LEN = 4096

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from meshserve.registry.dev_notify import Notifier
-from meshserve.registry.dev_schema import BadRequest, CheckDef, ServiceDef
+from meshserve.registry.dev.notify import Notifier
+from meshserve.registry.dev.schema import BadRequest, CheckDef, ServiceDef
 
 log = logging.getLogger(__name__)
 

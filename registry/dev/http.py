@@ -8,8 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
-from meshserve.registry.dev_filter import compile_filter
-from meshserve.registry.dev_schema import KV_VALUE_MAX, BadRequest, parse_go_duration
+from meshserve.registry.dev.filter import compile_filter
+from meshserve.registry.dev.schema import KV_VALUE_MAX, BadRequest, parse_go_duration
 
 
 def index_headers(resp: web.Response, index: int) -> None:

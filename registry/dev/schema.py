@@ -265,7 +265,7 @@ UNSUPPORTED_KINDS = ("ScriptArgs", "DockerContainerID", "UDP", "OSService", "Ali
 
 @dataclass(frozen=True)
 class CheckDef:
-    """One health check as registered (its runtime state lives in dev_state)."""
+    """One health check as registered (its runtime state lives in state.py)."""
 
     check_id: str
     name: str

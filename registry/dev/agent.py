@@ -14,8 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from meshserve.registry import dev_persist, dev_render
-from meshserve.registry.dev_http import (
+from meshserve.registry.dev import persist, render
+from meshserve.registry.dev.http import (
     blocking_params,
     bool_param,
     dumps,
@@ -28,15 +28,15 @@ from meshserve.registry.dev_http import (
     too_large,
     uint_param,
 )
-from meshserve.registry.dev_notify import block_until_changed
-from meshserve.registry.dev_schema import (
+from meshserve.registry.dev.notify import block_until_changed
+from meshserve.registry.dev.schema import (
     KV_VALUE_MAX,
     BadRequest,
     CheckDef,
     parse_check,
     parse_service,
 )
-from meshserve.registry.dev_state import (
+from meshserve.registry.dev.state import (
     CATALOG_TOPIC,
     DevState,
     NotFoundError,
@@ -69,10 +69,10 @@ class AgentConfig:
 
 
 class DevAgent:
-    """Routes of the Consul subset in CONSUL.md, answering from one DevState."""
+    """Routes of the Consul subset listed in docs/architecture.md, answering from one DevState."""
 
     def __init__(self, config: AgentConfig, state: DevState,
-                 persister: dev_persist.Persister | None = None):
+                 persister: persist.Persister | None = None):
         self.config = config
         self.state = state
         self.persister = persister
@@ -297,14 +297,14 @@ class DevAgent:
             raise BadRequest("Permission denied", status=403)
         if svc is None:
             raise NotFoundError(f"unknown service ID: {service_id}")
-        return web.json_response(dev_render.agent_service_json(svc, self.state.node.datacenter))
+        return web.json_response(render.agent_service_json(svc, self.state.node.datacenter))
 
     async def agent_services(self, request: web.Request) -> web.Response:
         readable = self._can_read(request)
         match = filter_param(request)
         out = {}
         for sid, svc in self.state.services.items():
-            item = dev_render.agent_service_json(svc, self.state.node.datacenter)
+            item = render.agent_service_json(svc, self.state.node.datacenter)
             if match(item):
                 out[sid] = item
         resp = web.json_response(out if readable else {})
@@ -317,7 +317,7 @@ class DevAgent:
         match = filter_param(request)
         out = {}
         for cid, check in self.state.checks.items():
-            item = dev_render.check_json(check, self.state.node, self.state.services, indexes=False)
+            item = render.check_json(check, self.state.node, self.state.services, indexes=False)
             if match(item):
                 out[cid] = item
         resp = web.json_response(out if readable else {})
@@ -353,7 +353,7 @@ class DevAgent:
         return web.Response(status=200)
 
     async def check_update(self, request: web.Request) -> web.Response:
-        from meshserve.registry.dev_schema import as_str, pick_fields
+        from meshserve.registry.dev.schema import as_str, pick_fields
 
         body = pick_fields(await self._body_json(request), {"Status": (), "Output": ()}, "")
         status = as_str(body.get("Status"), "Status")
@@ -388,7 +388,7 @@ class DevAgent:
                 own_tags = {t.lower() for t in entry.service.definition.tags}
                 if any(t not in own_tags for t in tags):
                     continue
-                item = dev_render.health_entry_json(entry, node, services)
+                item = render.health_entry_json(entry, node, services)
                 if match(item):
                     out.append(item)
             if len(self._health_cache) >= HEALTH_CACHE_SIZE:
@@ -409,7 +409,7 @@ class DevAgent:
         for entry in self.state.health(name)[1]:
             for check in entry.checks:
                 if check.service_id:
-                    item = dev_render.check_json(check, self.state.node, self.state.services)
+                    item = render.check_json(check, self.state.node, self.state.services)
                     if match(item):
                         out.append(item)
         if not readable:
@@ -437,7 +437,7 @@ class DevAgent:
             own_tags = {t.lower() for t in entry.service.definition.tags}
             if any(t not in own_tags for t in tags):
                 continue
-            item = dev_render.catalog_service_json(entry.service, self.state.node)
+            item = render.catalog_service_json(entry.service, self.state.node)
             if match(item):
                 out.append(item)
         if not readable:
@@ -463,7 +463,7 @@ class DevAgent:
                 return self._indexed(keys, index, filtered)
             if not entries:
                 return self._indexed(None, index, filtered, status=404)
-            return self._indexed([dev_render.kv_json(e) for e in entries], index, filtered)
+            return self._indexed([render.kv_json(e) for e in entries], index, filtered)
         if not readable:
             raise BadRequest("Permission denied", status=403)
         await self._block(request, lambda: self.state.kv_get(key)[0],
@@ -475,7 +475,7 @@ class DevAgent:
             resp = web.Response(body=entry.value or b"", content_type="text/plain")
             index_headers(resp, index)
             return resp
-        return self._indexed([dev_render.kv_json(entry)], index)
+        return self._indexed([render.kv_json(entry)], index)
 
     async def kv_put(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 DEV_HELP = """\
 Run a Consul-HTTP-API-compatible dev agent (like `consul agent -dev`): the subset of
-Consul's API in CONSUL.md, answered so that Consul clients cannot tell the difference.
+Consul's API listed in docs/architecture.md, answered so that Consul clients cannot tell the difference.
 It runs gRPC, HTTP, TCP and TTL checks itself and keeps its state in memory unless
 --data-dir is given.
 
@@ -18,7 +18,7 @@ does not accept them.
 
 
 def _duration(text: str) -> float:
-    from meshserve.registry.dev_schema import parse_go_duration
+    from meshserve.registry.dev.schema import parse_go_duration
 
     try:
         seconds = parse_go_duration(text)
@@ -65,8 +65,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def run_dev(args: argparse.Namespace) -> int:
     import asyncio
 
-    from meshserve.registry.dev_agent import AgentConfig
-    from meshserve.registry.dev_serve import serve
+    from meshserve.registry.dev.agent import AgentConfig
+    from meshserve.registry.dev.serve import serve
 
     host, port = args.http_addr
     config = AgentConfig(

@@ -11,8 +11,8 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshserve.registry.dev_schema import CheckDef
-from meshserve.registry.dev_state import CheckState, DevState
+from meshserve.registry.dev.schema import CheckDef
+from meshserve.registry.dev.state import CheckState, DevState
 
 log = logging.getLogger(__name__)
 

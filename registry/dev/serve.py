@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from meshserve.registry import dev_persist
-from meshserve.registry.dev_agent import MAX_IN_FLIGHT, AgentConfig, DevAgent
-from meshserve.registry.dev_checks import CheckRunner
-from meshserve.registry.dev_state import DevState, NodeInfo
+from meshserve.registry.dev import persist
+from meshserve.registry.dev.agent import MAX_IN_FLIGHT, AgentConfig, DevAgent
+from meshserve.registry.dev.checks import CheckRunner
+from meshserve.registry.dev.state import DevState, NodeInfo
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None)
     """Run the dev agent until SIGTERM/SIGINT; state is saved on the way out."""
     _raise_fd_limit()
     if config.data_dir is not None:
-        dev_persist.lock(config.data_dir)  # released when the process exits
-    snapshot = dev_persist.load(config.data_dir) if config.data_dir else None
+        persist.lock(config.data_dir)  # released when the process exits
+    snapshot = persist.load(config.data_dir) if config.data_dir else None
     node_id = str(snapshot.get("node_id", "")) if snapshot else ""
     state = DevState(_node_info(config, node_id or str(uuid.uuid4())),
                      min_deregister_after=config.min_deregister_after)
@@ -55,7 +55,7 @@ async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None)
                              "move it away to start empty") from exc
     persister = None
     if config.data_dir is not None:
-        persister = dev_persist.Persister(config.data_dir, state.snapshot)
+        persister = persist.Persister(config.data_dir, state.snapshot)
         state.on_change = persister.mark_dirty
         persister.start()
         persister.mark_dirty()  # record the index reservation before answering anything
