@@ -15,43 +15,19 @@ from typing import Any
 import consul
 import pytest
 
-from tests.support import ManagedProcess, free_port, meshserve_argv, wait_until
+from tests.conftest import DevAgent, module_dev_agent
+from tests.support import ManagedProcess, free_port, wait_until
 
 FAST_FLAGS = ["--min-check-interval", "100ms", "--reap-interval", "100ms",
               "--min-deregister-after", "0s"]
 INTERVAL_S, TIMEOUT_S = 0.2, 0.5
 
 
-class Agent:
-    def __init__(self, proc: ManagedProcess, port: int):
-        self.proc, self.port = proc, port
-
-    def client(self, **kwargs: Any) -> consul.Consul:
-        return consul.Consul(host="127.0.0.1", port=self.port, **kwargs)
-
-
-def start_agent(log_dir: Path, *extra: str) -> Agent:
-    port = free_port()
-    argv = meshserve_argv("registry", "dev", "--http-addr", f"127.0.0.1:{port}", *extra)
-    proc = ManagedProcess(argv, log_dir / f"agent-{port}.log")
-    try:
-        wait_until(lambda: consul.Consul(port=port).status.leader(), timeout=20, what="dev agent")
-    except BaseException:
-        proc.stop()
-        raise
-    return Agent(proc, port)
-
-
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    a = start_agent(tmp_path_factory.mktemp("agent"), *FAST_FLAGS)
-    yield a
-    assert a.proc.alive(), a.proc.output()
-    a.proc.stop()
+agent = module_dev_agent(*FAST_FLAGS)
 
 
 @pytest.fixture
-def c(agent: Agent) -> consul.Consul:
+def c(agent: DevAgent) -> consul.Consul:
     return agent.client()
 
 
@@ -128,7 +104,7 @@ def http_target() -> Iterator[HttpTarget]:
 # ---- status, headers, checks -------------------------------------------------------------------
 
 
-def test_leader_and_index_headers_even_on_404(agent: Agent, c: consul.Consul) -> None:
+def test_leader_and_index_headers_even_on_404(agent: DevAgent, c: consul.Consul) -> None:
     import requests
 
     assert c.status.leader() == "127.0.0.1:8300"

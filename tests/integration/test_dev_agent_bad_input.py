@@ -11,19 +11,14 @@ import pytest
 import requests
 from consul.exceptions import BadRequest
 
-from tests.integration.test_dev_agent import FAST_FLAGS, Agent, start_agent, unique
+from tests.conftest import DevAgent, module_dev_agent
+from tests.integration.test_dev_agent import FAST_FLAGS, unique
 
-
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    a = start_agent(tmp_path_factory.mktemp("agent"), *FAST_FLAGS)
-    yield a
-    assert a.proc.alive(), a.proc.output()
-    a.proc.stop()
+agent = module_dev_agent(*FAST_FLAGS)
 
 
 @pytest.fixture
-def base(agent: Agent) -> Iterator[str]:
+def base(agent: DevAgent) -> Iterator[str]:
     url = f"http://127.0.0.1:{agent.port}"
     yield url
     # whatever the test sent, the agent is still up and answering
@@ -130,7 +125,7 @@ def test_bad_query_values_get_400(base: str, query: str, words: list[str]) -> No
     assert_4xx(resp, 400, *words)
 
 
-def test_py_consul_raises_on_bad_wait_and_index(agent: Agent, base: str) -> None:
+def test_py_consul_raises_on_bad_wait_and_index(agent: DevAgent, base: str) -> None:
     c = agent.client()
     with pytest.raises(BadRequest, match="Invalid wait time"):
         c.health.service("web", index=3, wait="forever")
@@ -140,7 +135,7 @@ def test_py_consul_raises_on_bad_wait_and_index(agent: Agent, base: str) -> None
         c.agent.service.register("x", check={"TTL": "1s", "NotAField": 1})
 
 
-def test_unknown_check_and_service_ids(agent: Agent, base: str) -> None:
+def test_unknown_check_and_service_ids(agent: DevAgent, base: str) -> None:
     c = agent.client()
     resp = requests.put(f"{base}/v1/agent/check/pass/no-such-check", timeout=5)
     assert_4xx(resp, 404, 'Unknown check ID "no-such-check"')
@@ -172,7 +167,7 @@ def test_kv_and_routing_oddities(base: str) -> None:
                "No path to datacenter")
 
 
-def test_protocol_abuse_gets_400_and_the_agent_survives(agent: Agent, base: str) -> None:
+def test_protocol_abuse_gets_400_and_the_agent_survives(agent: DevAgent, base: str) -> None:
     import socket
 
     resp = requests.get(f"{base}/v1/kv/{'a' * 20000}", timeout=5)

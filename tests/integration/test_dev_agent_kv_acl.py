@@ -5,26 +5,22 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import consul
 import pytest
 import requests
 
-from tests.integration.test_dev_agent import FAST_FLAGS, Agent, start_agent, unique
+from tests.conftest import DevAgent, module_dev_agent
+from tests.integration.test_dev_agent import FAST_FLAGS, unique
+from tests.support import ManagedProcess, free_port, meshserve_argv
 
-
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    a = start_agent(tmp_path_factory.mktemp("agent"), *FAST_FLAGS)
-    yield a
-    assert a.proc.alive(), a.proc.output()
-    a.proc.stop()
+agent = module_dev_agent(*FAST_FLAGS)
 
 
 @pytest.fixture
-def c(agent: Agent) -> consul.Consul:
+def c(agent: DevAgent) -> consul.Consul:
     return agent.client()
 
 
@@ -116,128 +112,115 @@ def test_kv_blocking_get_wakes_on_put_and_on_create(c: consul.Consul) -> None:
 # ---- ACL -------------------------------------------------------------------------------------
 
 
-def test_acl_writes_need_the_token_and_list_reads_are_filtered(tmp_path: Path) -> None:
-    agent = start_agent(tmp_path, "--acl-token", "s3cret", *FAST_FLAGS)
-    try:
-        anon = agent.client()
-        admin = agent.client(token="s3cret")
-        wrong = agent.client(token="not-it")
-        with pytest.raises(consul.ACLPermissionDenied, match="Permission denied"):
-            anon.agent.service.register("svc", check=consul.Check.ttl("60s"))
-        with pytest.raises(consul.ACLPermissionDenied):
-            anon.kv.put("k", "v")
-        with pytest.raises(consul.ACLPermissionDenied, match="ACL not found"):
-            wrong.kv.put("k", "v")
-        assert admin.agent.service.register("svc", check={"TTL": "60s", "Status": "passing"})
-        assert admin.kv.put("cfg/a", "1")
-        with pytest.raises(consul.ACLPermissionDenied):
-            anon.agent.check.ttl_pass("service:svc")
-        with pytest.raises(consul.ACLPermissionDenied):
-            anon.agent.service.deregister("svc")
+def test_acl_writes_need_the_token_and_list_reads_are_filtered(
+    start_dev_agent: Callable[..., DevAgent],
+) -> None:
+    agent = start_dev_agent(["--acl-token", "s3cret", *FAST_FLAGS])
+    anon = agent.client()
+    admin = agent.client(token="s3cret")
+    wrong = agent.client(token="not-it")
+    with pytest.raises(consul.ACLPermissionDenied, match="Permission denied"):
+        anon.agent.service.register("svc", check=consul.Check.ttl("60s"))
+    with pytest.raises(consul.ACLPermissionDenied):
+        anon.kv.put("k", "v")
+    with pytest.raises(consul.ACLPermissionDenied, match="ACL not found"):
+        wrong.kv.put("k", "v")
+    assert admin.agent.service.register("svc", check={"TTL": "60s", "Status": "passing"})
+    assert admin.kv.put("cfg/a", "1")
+    with pytest.raises(consul.ACLPermissionDenied):
+        anon.agent.check.ttl_pass("service:svc")
+    with pytest.raises(consul.ACLPermissionDenied):
+        anon.agent.service.deregister("svc")
 
-        # list reads: filtered, not refused, and they say so
-        base = f"http://127.0.0.1:{agent.port}"
-        for path in ("/v1/health/service/svc", "/v1/catalog/services", "/v1/agent/services",
-                     "/v1/kv/cfg/?recurse"):
-            resp = requests.get(base + path, timeout=5)
-            assert resp.status_code in (200, 404), path
-            assert resp.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true", path
-        assert anon.health.service("svc")[1] == []
-        assert anon.catalog.services()[1] == {}
-        assert [e["Service"]["ID"] for e in admin.health.service("svc")[1]] == ["svc"]
-        with pytest.raises(consul.ACLPermissionDenied):
-            anon.kv.get("cfg/a")  # a single key is refused, not filtered
-        # the token travels as X-Consul-Token, ?token= or Authorization: Bearer
-        assert requests.get(base + "/v1/kv/cfg/a?token=s3cret", timeout=5).status_code == 200
-        bearer = requests.put(base + "/v1/kv/cfg/b", data=b"2", timeout=5,
-                              headers={"Authorization": "Bearer s3cret"})
-        assert bearer.status_code == 200 and bearer.json() is True
-        assert anon.status.leader() == "127.0.0.1:8300"
-    finally:
-        agent.proc.stop()
+    # list reads: filtered, not refused, and they say so
+    base = f"http://127.0.0.1:{agent.port}"
+    for path in ("/v1/health/service/svc", "/v1/catalog/services", "/v1/agent/services",
+                 "/v1/kv/cfg/?recurse"):
+        resp = requests.get(base + path, timeout=5)
+        assert resp.status_code in (200, 404), path
+        assert resp.headers.get("X-Consul-Results-Filtered-By-ACLs") == "true", path
+    assert anon.health.service("svc")[1] == []
+    assert anon.catalog.services()[1] == {}
+    assert [e["Service"]["ID"] for e in admin.health.service("svc")[1]] == ["svc"]
+    with pytest.raises(consul.ACLPermissionDenied):
+        anon.kv.get("cfg/a")  # a single key is refused, not filtered
+    # the token travels as X-Consul-Token, ?token= or Authorization: Bearer
+    assert requests.get(base + "/v1/kv/cfg/a?token=s3cret", timeout=5).status_code == 200
+    bearer = requests.put(base + "/v1/kv/cfg/b", data=b"2", timeout=5,
+                          headers={"Authorization": "Bearer s3cret"})
+    assert bearer.status_code == 200 and bearer.json() is True
+    assert anon.status.leader() == "127.0.0.1:8300"
 
 
 # ---- persistence -----------------------------------------------------------------------------
 
 
-def test_state_survives_restart_and_indexes_never_go_back(tmp_path: Path) -> None:
+def test_state_survives_restart_and_indexes_never_go_back(
+    start_dev_agent: Callable[..., DevAgent], tmp_path: Path
+) -> None:
     data = tmp_path / "data"
-    agent = start_agent(tmp_path, "--data-dir", str(data), *FAST_FLAGS)
-    try:
-        c = agent.client()
-        c.agent.service.register("persisted", service_id="p1", port=1234, meta={"shard": "7"},
-                                 check=consul.Check.ttl("60s"))
-        c.agent.check.ttl_pass("service:p1", "fine")
-        c.kv.put("meshserve/weights", "0.5", flags=3)
-        c.kv.put("meshserve/gone", "x")
-        c.kv.delete("meshserve/gone")
-        health_index, _ = c.health.service("persisted")
-        kv_index, _ = c.kv.get("meshserve/", recurse=True)
-    finally:
-        agent.proc.stop()
+    agent = start_dev_agent(FAST_FLAGS, data_dir=data)
+    c = agent.client()
+    c.agent.service.register("persisted", service_id="p1", port=1234, meta={"shard": "7"},
+                             check=consul.Check.ttl("60s"))
+    c.agent.check.ttl_pass("service:p1", "fine")
+    c.kv.put("meshserve/weights", "0.5", flags=3)
+    c.kv.put("meshserve/gone", "x")
+    c.kv.delete("meshserve/gone")
+    health_index, _ = c.health.service("persisted")
+    kv_index, _ = c.kv.get("meshserve/", recurse=True)
+    agent.stop()
 
-    agent = start_agent(tmp_path, "--data-dir", str(data), *FAST_FLAGS)
-    try:
-        c = agent.client()
-        index, [entry] = c.health.service("persisted", passing=True)
-        assert entry["Service"]["Meta"] == {"shard": "7"} and entry["Service"]["Port"] == 1234
-        assert int(index) >= int(health_index)
-        _, value = c.kv.get("meshserve/weights")
-        assert value["Value"] == b"0.5" and value["Flags"] == 3
-        assert c.kv.get("meshserve/gone")[1] is None
-        assert int(c.kv.get("meshserve/", recurse=True)[0]) >= int(kv_index)
-        # a write after the restart gets a larger index than anything seen before it
-        c.kv.put("meshserve/weights", "0.6")
-        assert int(c.kv.get("meshserve/weights")[0]) > int(kv_index)
-        c.agent.service.register("persisted", service_id="p2", check=consul.Check.ttl("60s"))
-        before_kill = int(c.health.service("persisted")[0])
-        agent.proc.signal(signal.SIGKILL)  # no chance to save on the way out
-        agent.proc.wait(10)
-    finally:
-        agent.proc.stop()
+    agent = start_dev_agent(FAST_FLAGS, data_dir=data)
+    c = agent.client()
+    index, [entry] = c.health.service("persisted", passing=True)
+    assert entry["Service"]["Meta"] == {"shard": "7"} and entry["Service"]["Port"] == 1234
+    assert int(index) >= int(health_index)
+    _, value = c.kv.get("meshserve/weights")
+    assert value["Value"] == b"0.5" and value["Flags"] == 3
+    assert c.kv.get("meshserve/gone")[1] is None
+    assert int(c.kv.get("meshserve/", recurse=True)[0]) >= int(kv_index)
+    # a write after the restart gets a larger index than anything seen before it
+    c.kv.put("meshserve/weights", "0.6")
+    assert int(c.kv.get("meshserve/weights")[0]) > int(kv_index)
+    c.agent.service.register("persisted", service_id="p2", check=consul.Check.ttl("60s"))
+    before_kill = int(c.health.service("persisted")[0])
+    agent.proc.signal(signal.SIGKILL)  # no chance to save on the way out
+    agent.proc.wait(10)
+    agent.stop()
 
-    agent = start_agent(tmp_path, "--data-dir", str(data), *FAST_FLAGS)
-    try:
-        c = agent.client()
-        index, entries = c.health.service("persisted")
-        assert sorted(e["Service"]["ID"] for e in entries) == ["p1", "p2"]
-        assert int(index) >= before_kill
-        c.agent.check.ttl_pass("service:p2")
-        assert int(c.health.service("persisted")[0]) > before_kill
-    finally:
-        agent.proc.stop()
+    agent = start_dev_agent(FAST_FLAGS, data_dir=data)
+    c = agent.client()
+    index, entries = c.health.service("persisted")
+    assert sorted(e["Service"]["ID"] for e in entries) == ["p1", "p2"]
+    assert int(index) >= before_kill
+    c.agent.check.ttl_pass("service:p2")
+    assert int(c.health.service("persisted")[0]) > before_kill
 
 
-def test_in_memory_by_default(tmp_path: Path) -> None:
-    agent = start_agent(tmp_path, *FAST_FLAGS)
+def test_in_memory_by_default(start_dev_agent: Callable[..., DevAgent], tmp_path: Path) -> None:
+    agent = start_dev_agent(FAST_FLAGS)
     agent.client().kv.put("k", "v")
-    agent.proc.stop()
-    agent = start_agent(tmp_path, *FAST_FLAGS)
-    try:
-        assert agent.client().kv.get("k")[1] is None
-        assert list(tmp_path.glob("*.json")) == []
-    finally:
-        agent.proc.stop()
+    agent.stop()
+    agent = start_dev_agent(FAST_FLAGS)
+    assert agent.client().kv.get("k")[1] is None
+    assert list(tmp_path.glob("*.json")) == []
 
 
-def test_damaged_or_shared_data_dir_is_refused_with_a_reason(tmp_path: Path) -> None:
-    from tests.support import ManagedProcess, free_port, meshserve_argv
-
+def test_damaged_or_shared_data_dir_is_refused_with_a_reason(
+    start_dev_agent: Callable[..., DevAgent], spawn: Callable[..., ManagedProcess], tmp_path: Path
+) -> None:
     data = tmp_path / "data"
-    agent = start_agent(tmp_path, "--data-dir", str(data), *FAST_FLAGS)
-    try:
-        second = ManagedProcess(meshserve_argv("registry", "dev", "--http-addr",
-                                               f"127.0.0.1:{free_port()}", "--data-dir", str(data)),
-                                tmp_path / "second.log")
-        assert second.wait(20) != 0
-        assert "in use by another dev agent" in second.output()
-        second.stop()
-    finally:
-        agent.proc.stop()
+    agent = start_dev_agent(FAST_FLAGS, data_dir=data)
+    second = spawn(meshserve_argv("registry", "dev", "--http-addr", f"127.0.0.1:{free_port()}",
+                                  "--data-dir", str(data)), name="second")  # fmt: skip
+    assert second.wait(20) != 0
+    assert "in use by another dev agent" in second.output()
+    second.stop()
+    agent.stop()
     (data / "meshserve-dev-agent.json").write_text('{"version": 1, "index": "oops"}')
-    broken = ManagedProcess(meshserve_argv("registry", "dev", "--http-addr",
-                                           f"127.0.0.1:{free_port()}", "--data-dir", str(data)),
-                            tmp_path / "broken.log")
+    broken = spawn(meshserve_argv("registry", "dev", "--http-addr", f"127.0.0.1:{free_port()}",
+                                  "--data-dir", str(data)), name="broken")  # fmt: skip
     assert broken.wait(20) != 0
     assert "damaged" in broken.output() and "move it away" in broken.output()
     broken.stop()
