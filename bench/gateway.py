@@ -153,8 +153,8 @@ class InProcess:
     """The reference pipeline in this process, with the torch thread count set per call."""
 
     def __init__(self, home: Path, shard_dirs: Sequence[Path], min_score: float):
-        from meshserve.gateway.inprocess import InProcessSearch
-        from meshserve.training.artifacts import latest
+        from meshserve.inference.artifacts import latest
+        from meshserve.local.inprocess import InProcessSearch
 
         detector, embedder = latest("detector", home), latest("embedder", home)
         assert detector is not None and embedder is not None
@@ -371,7 +371,7 @@ def run_mesh(cfg: BenchConfig, shards: int, photos: Sequence[bytes], say: Callab
 
 
 def _embedder_version(home: Path) -> str:
-    from meshserve.training.artifacts import latest
+    from meshserve.inference.artifacts import latest
 
     embedder = latest("embedder", home)
     assert embedder is not None
@@ -483,8 +483,8 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
+    from meshserve.inference.artifacts import latest
     from meshserve.local.demo import held_out_photos
-    from meshserve.training.artifacts import latest
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

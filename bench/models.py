@@ -33,9 +33,9 @@ def per_image_ms(fn: Callable[[], object], batch: int, repeats: int, warmup: int
 
 
 def load_models(detector_dir: str | None, embedder_dir: str | None):  # type: ignore[no-untyped-def]
-    from meshserve.training.artifacts import latest
-    from meshserve.training.detector import Detector, DetectorConfig
-    from meshserve.training.embedder import Embedder, EmbedderConfig, EmbedNet
+    from meshserve.inference.artifacts import latest
+    from meshserve.inference.detector import Detector, DetectorConfig
+    from meshserve.inference.embedder import Embedder, EmbedderConfig, EmbedNet
 
     ddir = Path(detector_dir) if detector_dir else latest("detector")
     edir = Path(embedder_dir) if embedder_dir else latest("embedder")

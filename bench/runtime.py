@@ -34,9 +34,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from meshserve.servers import tensors  # noqa: E402
 from meshserve.servers.server import keep_message_buffers  # noqa: E402
 from meshserve.v1 import prediction_pb2  # noqa: E402
+from meshserve.wire import tensors  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
 PREDICT = "/meshserve.v1.PredictionService/Predict"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meshserve.training.shards import HnswParams, build_shard, load_shard
+from meshserve.inference.shards import HnswParams, build_shard, load_shard
 
 K = 10
 
@@ -129,9 +129,9 @@ def build_cost(n: int, dim: int, shards: int, params: HnswParams) -> None:
 
 def catalogue_vectors(n_queries: int) -> tuple[np.ndarray, np.ndarray]:
     """Listing-photo vectors of every item (what shards hold) and held-out query-photo vectors."""
-    from meshserve.training.artifacts import latest
+    from meshserve.inference.artifacts import latest
+    from meshserve.inference.embedder import Embedder
     from meshserve.training.catalogue import load_items
-    from meshserve.training.embedder import Embedder
     from meshserve.training.evaluate import eval_photos, query_crops
     from meshserve.training.shard_build import embed_listings
 

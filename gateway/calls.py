@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -75,8 +74,6 @@ class ServiceCaller:
         self,
         request: prediction_pb2.PredictRequest,
         deadline: float,
-        metadata: Sequence[tuple[str, str]] = (),
-        span_attributes: dict[str, str] | None = None,
     ) -> tuple[prediction_pb2.PredictResponse, CallStats]:
         """The first good answer from a replica, or the error the caller should see.
 
@@ -97,7 +94,7 @@ class ServiceCaller:
             tried.add(replica.id)
             stats.attempts += 1
             remaining = deadline - time.monotonic()
-            attempt = self._attempt(replica, request, remaining, metadata, span_attributes)
+            attempt = self._attempt(replica, request, remaining)
             task = asyncio.ensure_future(attempt)
             running[task] = replica
             return True
@@ -161,19 +158,17 @@ class ServiceCaller:
         replica: Replica,
         request: prediction_pb2.PredictRequest,
         timeout: float,
-        metadata: Sequence[tuple[str, str]],
-        span_attributes: dict[str, str] | None,
     ) -> prediction_pb2.PredictResponse:
         with _TRACER.start_as_current_span(
             f"{self.stage} → {replica.instance.target}", kind=SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": "meshserve.v1.PredictionService",
-                        "rpc.method": "Predict", "replica": replica.id, **(span_attributes or {})},
+                        "rpc.method": "Predict", "replica": replica.id},
         ) as span:  # fmt: skip
             replica.outstanding += 1
             replica.calls += 1
             try:
                 return await replica.stub.Predict(
-                    request, timeout=max(timeout, 0.001), metadata=telemetry.inject_metadata(metadata)
+                    request, timeout=max(timeout, 0.001), metadata=telemetry.inject_metadata()
                 )
             except grpc.aio.AioRpcError as error:
                 span.set_status(Status(StatusCode.ERROR, error.code().name))

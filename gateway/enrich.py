@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from meshserve.gateway.cache import TTLCache
+from meshserve.warehouse import display_attributes
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,5 @@ class CatalogueEnricher:
         return found
 
     def _read(self, item_ids: list[str]) -> dict[str, Attributes]:
-        from meshserve.training.catalogue import load_items
-
         numeric = [int(i) for i in item_ids if i.isdigit()]
-        return {
-            str(item.item_id): {"title": item.title, "category": item.category,
-                                "price": f"{item.price:.2f}"}
-            for item in load_items(self.home, ids=numeric)
-        }  # fmt: skip
+        return {str(item_id): attributes for item_id, attributes in display_attributes(numeric, self.home).items()}

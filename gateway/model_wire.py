@@ -5,17 +5,14 @@ One function per stage, so photo_search.py reads as the flow and never touches a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from meshserve.errors import MeshError
 from meshserve.gateway.calls import CallStats, ServiceCaller
-from meshserve.servers import tensors
 from meshserve.v1 import prediction_pb2
-
-Metadata = Sequence[tuple[str, str]]
+from meshserve.wire import tensors
 
 
 @dataclass(frozen=True)
@@ -49,13 +46,13 @@ def _set_param(request: prediction_pb2.PredictRequest, name: str, value: int | f
 
 
 async def detect(
-    caller: ServiceCaller, image: bytes, min_score: float, deadline: float, metadata: Metadata
+    caller: ServiceCaller, image: bytes, min_score: float, deadline: float
 ) -> tuple[list[Detected], CallStats]:
     """Detector Predict{image: BYTES[1]} → boxes f32[1,K,4], scores f32[1,K], labels (class names)."""
     request = prediction_pb2.PredictRequest()
     request.inputs["image"].CopyFrom(tensors.tensor_from([image]))
     _set_param(request, "min_score", float(min_score))
-    reply, stats = await caller.predict(request, deadline, metadata)
+    reply, stats = await caller.predict(request, deadline)
     boxes = _output(reply, "boxes", caller.stage).reshape(-1, 4)
     scores = _output(reply, "scores", caller.stage).reshape(-1)
     label_ids = _output(reply, "labels", caller.stage).reshape(-1)
@@ -72,28 +69,27 @@ async def detect(
 
 
 async def embed(
-    caller: ServiceCaller, image: bytes, boxes: np.ndarray, deadline: float, metadata: Metadata
+    caller: ServiceCaller, image: bytes, boxes: np.ndarray, deadline: float
 ) -> tuple[np.ndarray, str, CallStats]:
     """Embedder Predict{image: BYTES[1], boxes: f32[1,M,4]} → embeddings f32[1,M,D] (unit length)."""
     request = prediction_pb2.PredictRequest()
     request.inputs["image"].CopyFrom(tensors.tensor_from([image]))
     request.inputs["boxes"].CopyFrom(tensors.tensor_from(boxes.astype(np.float32).reshape(1, -1, 4)))
-    reply, stats = await caller.predict(request, deadline, metadata)
+    reply, stats = await caller.predict(request, deadline)
     vectors = _output(reply, "embeddings", caller.stage)
     vectors = vectors.reshape(len(boxes), -1)
     return np.ascontiguousarray(vectors, dtype=np.float32), reply.model_version, stats
 
 
 async def search_shard(
-    caller: ServiceCaller, vectors: np.ndarray, k: int, embedder_version: str, deadline: float,
-    metadata: Metadata,
+    caller: ServiceCaller, vectors: np.ndarray, k: int, embedder_version: str, deadline: float
 ) -> tuple[np.ndarray, np.ndarray, CallStats]:
     """Indexer Predict{queries: f32[M,D]; k, embedder_version} → item_ids i64[M,k'], scores f32[M,k']."""
     request = prediction_pb2.PredictRequest()
     request.inputs["queries"].CopyFrom(tensors.tensor_from(vectors))
     _set_param(request, "k", int(k))
     _set_param(request, "embedder_version", embedder_version)
-    reply, stats = await caller.predict(request, deadline, metadata)
+    reply, stats = await caller.predict(request, deadline)
     ids = _output(reply, "item_ids", caller.stage)
     scores = _output(reply, "scores", caller.stage)
     if ids.shape != scores.shape or ids.shape[0] != len(vectors):

@@ -22,7 +22,7 @@ from meshserve.gateway.calls import CallStats, ServiceCaller
 from meshserve.gateway.enrich import CatalogueEnricher
 from meshserve.gateway.model_wire import Detected
 from meshserve.gateway.routes import RouteTable, SearchRoute, ShardRoute
-from meshserve.servers.images import ImageLimits, probe
+from meshserve.wire.images import ImageLimits, probe
 
 log = logging.getLogger(__name__)
 _TRACER = trace.get_tracer("meshserve.gateway")
@@ -147,8 +147,7 @@ class PhotoSearch:
         self.config = config
         self.cache: TTLCache[tuple, SearchResult] = TTLCache("search", config.cache_entries, config.cache_ttl_s)
 
-    async def search(self, query: SearchQuery, deadline: float, metadata: Sequence[tuple[str, str]] = ()
-                     ) -> SearchResult:  # fmt: skip
+    async def search(self, query: SearchQuery, deadline: float) -> SearchResult:
         top_k, min_score = self.validate(query)
         route = self.routes.search_route()
         if route is None:
@@ -159,7 +158,7 @@ class PhotoSearch:
 
         with self._stage("detect"):
             found, stats = await model_wire.detect(ServiceCaller(route.detector, "detector"), query.image,
-                                                   min_score, deadline, metadata)  # fmt: skip
+                                                   min_score, deadline)  # fmt: skip
             self._count(stats, "detector")
         found = select_detections(found, min_score, query.labels, self.config.max_detections)
 
@@ -169,10 +168,10 @@ class PhotoSearch:
             with self._stage("embed"):
                 boxes = np.asarray([d.box for d in found], dtype=np.float32)
                 vectors, _, stats = await model_wire.embed(ServiceCaller(route.embedder, "embedder"),
-                                                           query.image, boxes, deadline, metadata)  # fmt: skip
+                                                           query.image, boxes, deadline)  # fmt: skip
                 self._count(stats, "embedder")
             with self._stage("search"):
-                answers = await self._fan_out(route, vectors, top_k, deadline, metadata)
+                answers = await self._fan_out(route, vectors, top_k, deadline)
         else:
             answers = [_ShardAnswer(s.shard, reason="no detections") if len(s.replicas)
                        else _ShardAnswer(s.shard, reason="no passing replica") for s in route.shards]  # fmt: skip
@@ -220,8 +219,9 @@ class PhotoSearch:
                 raise InvalidInput(f"min_detection_score: {query.min_score} is outside [0, 1]")
         return top_k, min_score
 
-    async def _fan_out(self, route: SearchRoute, vectors: np.ndarray, top_k: int, deadline: float,
-                       metadata: Sequence[tuple[str, str]]) -> list[_ShardAnswer]:  # fmt: skip
+    async def _fan_out(
+        self, route: SearchRoute, vectors: np.ndarray, top_k: int, deadline: float
+    ) -> list[_ShardAnswer]:
         shard_deadline = deadline - self.config.merge_reserve_s
 
         async def one(shard: ShardRoute) -> _ShardAnswer:
@@ -231,7 +231,7 @@ class PhotoSearch:
                 try:
                     ids, scores, stats = await model_wire.search_shard(
                         ServiceCaller(shard.replicas, f"shard {shard.shard}"), vectors, top_k,
-                        route.embedder_version, shard_deadline, metadata)  # fmt: skip
+                        route.embedder_version, shard_deadline)  # fmt: skip
                 except MeshError as exc:
                     log.debug("shard %s missing from this search: %s", shard.shard, exc)
                     return _ShardAnswer(shard.shard, reason=type(exc).__name__)

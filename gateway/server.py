@@ -1,35 +1,27 @@
-"""The gateway process: discover, then serve PhotoSearch with health and reflection; register; stop cleanly."""
+"""The gateway process: a GrpcProcess whose start discovers the routes and which serves PhotoSearch."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from meshserve import telemetry
 from meshserve.gateway.enrich import CatalogueEnricher
 from meshserve.gateway.photo_search import PhotoSearch, SearchConfig
 from meshserve.gateway.policy import default_policies
 from meshserve.gateway.routes import RouteTable
-from meshserve.gateway.servicer import PhotoSearchServicer
-from meshserve.registry import client
+from meshserve.gateway.servicer import LATENCY, REQUESTS, PhotoSearchServicer
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig, ServiceInstance
-from meshserve.registry.keeper import keep_registered
+from meshserve.rpc.interceptor import StatusInterceptor
+from meshserve.rpc.process import GrpcProcess, ProcessConfig
 from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 PHOTO_SEARCH = photo_search_pb2.DESCRIPTOR.services_by_name["PhotoSearch"].full_name
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass(frozen=True)
@@ -52,64 +44,59 @@ class GatewayConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
 
 
+class Gateway:
+    """The gateway's part of a GrpcProcess: PhotoSearch over routes discovered in the registry."""
+
+    services = (PHOTO_SEARCH,)
+
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.routes = RouteTable(config.registry, default_policies(config.hedge_after_ms))
+        enricher = CatalogueEnricher(config.catalogue_home, config.catalogue_ttl_s)
+        self.search = PhotoSearch(self.routes, enricher, config.search)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        servicer = PhotoSearchServicer(self.search, self.config.default_deadline_s)
+        photo_search_pb2_grpc.add_PhotoSearchServicer_to_server(servicer, server)
+
+    async def start(self) -> None:
+        if self.config.metrics_port is not None:
+            start_http_server(self.config.metrics_port, addr=self.config.host)
+        await self.routes.start()
+        log.info("gateway routes from registry %s%s", self.config.registry.http_addr,
+                 " (stale)" if self.routes.stale else "")  # fmt: skip
+
+    def instance(self, port: int) -> ServiceInstance:
+        cfg = self.config
+        address = cfg.advertise_address or cfg.host
+        return ServiceInstance(
+            name=SERVICE_NAMES["gateway"], instance_id=f"{SERVICE_NAMES['gateway']}-{address}-{port}",
+            address=address, port=port, meta={"model": "gateway", "version": "1", "role": "gateway"},
+            check_interval_s=cfg.check_interval_s, check_timeout_s=cfg.check_interval_s,
+            grpc_health_service=PHOTO_SEARCH,
+        )  # fmt: skip
+
+    def begin_draining(self) -> None:
+        """Searches already running finish within the grace period; grpc refuses new ones."""
+
+    def in_flight(self) -> int:
+        return 0  # the server's own stop(grace) waits for running searches
+
+    async def close(self) -> None:
+        await self.routes.close()
+
+
+def observe_request(method: str, code: str, seconds: float) -> None:
+    REQUESTS.labels(method, code).inc()
+    LATENCY.labels(method).observe(seconds)
+
+
 async def run_gateway(config: GatewayConfig) -> int:
-    telemetry.setup_tracing(telemetry.TracingConfig.from_env("meshserve-gateway", config.trace_file))
-    routes = RouteTable(config.registry, default_policies(config.hedge_after_ms))
-    search = PhotoSearch(routes, CatalogueEnricher(config.catalogue_home, config.catalogue_ttl_s), config.search)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_message_bytes),
-                                      ("grpc.max_send_message_length", config.max_message_bytes)])  # fmt: skip
-    photo_search_pb2_grpc.add_PhotoSearchServicer_to_server(
-        PhotoSearchServicer(search, config.default_deadline_s), server
-    )
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (PHOTO_SEARCH, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    for name in ("", PHOTO_SEARCH):
-        await health.set(name, NOT_SERVING)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    await server.start()
-    if config.metrics_port is not None:
-        start_http_server(config.metrics_port, addr=config.host)
-    if config.port_file is not None:
-        config.port_file.write_text(f"{port}\n")
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    await routes.start()
-    for name in ("", PHOTO_SEARCH):
-        await health.set(name, SERVING)
-    log.info("gateway serving on %s:%d (registry %s%s)", config.host, port, config.registry.http_addr,
-             ", stale" if routes.stale else "")  # fmt: skip
-    instance = ServiceInstance(
-        name=SERVICE_NAMES["gateway"],
-        instance_id=f"{SERVICE_NAMES['gateway']}-{config.advertise_address or config.host}-{port}",
-        address=config.advertise_address or config.host, port=port,
-        meta={"model": "gateway", "version": "1", "role": "gateway"},
-        check_interval_s=config.check_interval_s, check_timeout_s=config.check_interval_s,
-        grpc_health_service=PHOTO_SEARCH,
+    process = ProcessConfig(
+        service_name=SERVICE_NAMES["gateway"], host=config.host, port=config.port,
+        max_message_bytes=config.max_message_bytes, grace_s=config.grace_s,
+        registry=config.registry if config.register else None, port_file=config.port_file,
+        trace_file=config.trace_file,
     )  # fmt: skip
-    registration: asyncio.Task[None] | None = None
-    if config.register:
-        registration = asyncio.create_task(keep_registered(config.registry, instance, stop))
-    try:
-        await stop.wait()
-    finally:
-        log.info("stopping: NOT_SERVING, deregistering, draining")
-        await health.enter_graceful_shutdown()
-        if registration is not None:
-            registration.cancel()
-            await asyncio.gather(registration, return_exceptions=True)
-            try:
-                await asyncio.wait_for(client.deregister(config.registry, instance.instance_id), 3.0)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("gateway deregistration failed: %s", exc)
-        await server.stop(config.grace_s)
-        await routes.close()
-        telemetry.shutdown_tracing()
-    return 0
+    interceptor = StatusInterceptor(Gateway.services, observe_request)
+    return await GrpcProcess(Gateway(config), process, (interceptor,)).run()

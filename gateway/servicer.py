@@ -1,24 +1,18 @@
-"""The gateway's gRPC face: SearchRequest ↔ SearchQuery/SearchResult, deadlines, spans, one error map."""
+"""The gateway's gRPC face: SearchRequest ↔ SearchQuery/SearchResult and the caller's deadline.
+
+Errors, spans and the request metrics below are the process's StatusInterceptor's job.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 
 import grpc
-from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
 
-from meshserve import telemetry
-from meshserve.errors import MeshError, status_for
 from meshserve.gateway.photo_search import PhotoSearch, SearchQuery, SearchResult
 from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
-
-log = logging.getLogger(__name__)
-_TRACER = trace.get_tracer("meshserve.gateway")
 
 REQUESTS = Counter("meshserve_gateway_requests_total", "Gateway requests by method and status", ["method", "code"])
 LATENCY = Histogram("meshserve_gateway_latency_seconds", "Gateway request latency", ["method"],
@@ -33,39 +27,12 @@ class PhotoSearchServicer(photo_search_pb2_grpc.PhotoSearchServicer):
     async def Search(
         self, request: photo_search_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> photo_search_pb2.SearchResponse:
-        started = time.perf_counter()
         remaining = context.time_remaining()
         # A caller without a deadline still gets one: no request may run unbounded.
         deadline = time.monotonic() + (self.default_deadline_s if remaining is None else remaining)
-        parent = telemetry.extract_context(context.invocation_metadata())
-        token = otel_context.attach(parent)
-        code = grpc.StatusCode.OK
-        try:
-            with _TRACER.start_as_current_span("meshserve.v1.PhotoSearch/Search", kind=SpanKind.SERVER,
-                                               attributes={"rpc.system": "grpc"}) as span:  # fmt: skip
-                try:
-                    result = await self.search.search(to_query(request), deadline)
-                except asyncio.CancelledError:  # the caller went away or its deadline passed
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except MeshError as exc:
-                    code = status_for(exc)
-                    span.set_status(Status(StatusCode.ERROR, str(exc)))
-                    message = str(exc)
-                except Exception:
-                    code = grpc.StatusCode.INTERNAL
-                    trace_id = telemetry.trace_id_of()
-                    log.exception("Search failed (trace %s)", trace_id)
-                    message = f"internal error (trace {trace_id or '-'})"
-                else:
-                    span.set_attribute("coverage", result.coverage)
-                    return to_response(result)
-        finally:
-            otel_context.detach(token)
-            REQUESTS.labels("Search", code.name).inc()
-            LATENCY.labels("Search").observe(time.perf_counter() - started)
-        await context.abort(code, message)
-        raise AssertionError("unreachable: abort raises")
+        result = await self.search.search(to_query(request), deadline)
+        trace.get_current_span().set_attribute("coverage", result.coverage)
+        return to_response(result)
 
 
 def to_query(request: photo_search_pb2.SearchRequest) -> SearchQuery:

@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
-# Each room owns the subcommands of its job; a room module exposes
-# `add_commands(subparsers)` and sets `func` on every parser it adds.
-# Heavy imports (torch, grpc servers) happen inside the handlers, not here.
+from meshserve import health_cli
+from meshserve.gateway import cli as gateway_cli
+from meshserve.local import bench_cli, search_cli
+from meshserve.local import cli as local_cli
+from meshserve.registry.dev import cli as registry_cli
+from meshserve.servers import cli as servers_cli
+from meshserve.training import cli as training_cli
+from meshserve.training import shard_cli, train_cli
+
+# Each room owns the subcommands of its job; a room module exposes `add_commands(subparsers)`
+# and sets `func` on every parser it adds. Their module level stays light (no torch, no gRPC
+# server, no training code): heavy imports happen inside the handlers.
 ROOM_COMMANDS = (
-    "meshserve.registry.cli",  # registry dev
-    "meshserve.servers.cli",  # serve <kind>
-    "meshserve.training.cli",  # catalog, train
-    "meshserve.training.shard_cli",  # shard build|publish|retire|list
-    "meshserve.training.train_cli",  # train
-    "meshserve.gateway.cli",  # gateway, search, status
-    "meshserve.local.cli",  # up, demo, worker, bench
-    "meshserve.health_cli",  # health HOST:PORT
+    registry_cli,  # registry dev
+    servers_cli,  # serve <kind>
+    training_cli,  # catalog
+    shard_cli,  # shard build|publish|retire|list
+    train_cli,  # train
+    gateway_cli,  # gateway, status
+    search_cli,  # search IMAGE
+    local_cli,  # up, demo
+    bench_cli,  # bench [NAME]
+    health_cli,  # health HOST:PORT
 )
 
 
@@ -33,14 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="INFO", help="Python logging level (default: INFO)"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in ROOM_COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # that room has no commands yet
-        module.add_commands(subparsers)
+    for room in ROOM_COMMANDS:
+        room.add_commands(subparsers)
     return parser
 
 

@@ -136,6 +136,11 @@ def setup_tracing(config: TracingConfig) -> bool:
     return True
 
 
+def exporting() -> bool:
+    """True while setup_tracing() has a provider installed (spans are worth recording)."""
+    return _provider is not None
+
+
 def shutdown_tracing() -> None:
     """Flush and stop the exporter (call before the process exits)."""
     global _provider

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshserve.errors import DeadlineExpired, NotReady, Overloaded
-from meshserve.servers.model import Arrays, Model, Params, rows
+from meshserve.servers.model import Model
+from meshserve.wire.signature import Arrays, Params, rows
 
 log = logging.getLogger(__name__)
 

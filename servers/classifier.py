@@ -8,56 +8,32 @@ default the threshold chosen at training time).
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import numpy as np
 
 from meshserve.errors import InvalidInput
-from meshserve.servers.model import (
-    BYTES,
-    Arrays,
-    Model,
-    Params,
-    ParamSpec,
-    Signature,
-    TensorSpec,
-)
-
-MAX_ROWS = 256
+from meshserve.servers.model import Model
+from meshserve.wire.signature import Arrays, Params
+from meshserve.wire.signatures import classifier_signature
 
 
 class ClassifierModel(Model):
     role = "classifier"
 
     def __init__(self, model_dir: str):
-        from meshserve.training.artifacts import read_card
+        from meshserve.inference.artifacts import read_card
 
         self.model_dir = model_dir
         card = read_card(model_dir)
         self.name = card.name or "classifier"
         self.version = card.version
         self.threshold = float(card.metrics.get("threshold", 0.5))
-        self.classifier = None
-        self.signature = Signature(
-            inputs=(
-                TensorSpec("title", BYTES, (-1,), max_shape=(MAX_ROWS,), max_element_bytes=1024),
-                TensorSpec("description", BYTES, (-1,), max_shape=(MAX_ROWS,),
-                           max_element_bytes=32 * 1024),
-                TensorSpec("price", "float32", (-1,), max_shape=(MAX_ROWS,),
-                           description="listing price (> 0)"),
-                TensorSpec("category", BYTES, (-1,), max_shape=(MAX_ROWS,), max_element_bytes=64),
-            ),
-            outputs=(
-                TensorSpec("score", "float32", (-1,), description="probability of the violation"),
-                TensorSpec("flagged", "bool", (-1,), description="score >= threshold"),
-            ),
-            parameters=(
-                ParamSpec("threshold", float, self.threshold, min=0.0, max=1.0,
-                          description="flag listings scoring at least this"),
-            ),
-        )  # fmt: skip
+        self.classifier: Any = None
+        self.signature = classifier_signature(self.threshold)
 
     def load(self) -> None:
-        from meshserve.training.classifiers import ViolationClassifier
+        from meshserve.inference.classifiers import ViolationClassifier
 
         self.classifier = ViolationClassifier(self.model_dir)
 
@@ -101,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace) -> Model:
     from meshserve.errors import MeshError
-    from meshserve.training.classifiers import resolve_classifier_dir
+    from meshserve.inference.classifiers import resolve_classifier_dir
 
     try:
         path = resolve_classifier_dir(args.model)

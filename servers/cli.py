@@ -8,52 +8,54 @@ one line to KINDS below.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+from meshserve.servers import classifier, detector, embedder, identity, indexer, shipping
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Kind:
-    module: str  # has add_arguments(parser) and build(args) -> Model
+    module: ModuleType  # has add_arguments(parser) and build(args) -> Model
     help: str
     service: str  # Consul service name (contract names in registry/config.py SERVICE_NAMES)
 
 
 KINDS: dict[str, Kind] = {
     "identity": Kind(
-        "meshserve.servers.identity",
+        identity,
         "returns its input (tests and benchmarks; --delay-ms, --batch-cost-ms)",
         "meshserve-identity",
     ),
     "indexer": Kind(
-        "meshserve.servers.indexer",
+        indexer,
         "nearest-neighbour search over one index shard (--shard DIR)",
         "meshserve-indexer",
     ),
     "detector": Kind(
-        "meshserve.servers.detector",
+        detector,
         "product boxes, labels and scores for one encoded image per row (--model DIR)",
         "meshserve-detector",
     ),
     "embedder": Kind(
-        "meshserve.servers.embedder",
+        embedder,
         "one L2-normalised vector per box of an encoded image (--model DIR)",
         "meshserve-embedder",
     ),
     "classifier": Kind(
-        "meshserve.servers.classifier",
+        classifier,
         "one listing-policy classifier, e.g. counterfeit (--model NAME|DIR)",
         "meshserve-classifier",
     ),
     "shipping": Kind(
-        "meshserve.servers.shipping",
+        shipping,
         "shipping-size estimator, k-nearest neighbours over past listings (--model DIR)",
         "meshserve-shipping",
     ),
@@ -81,12 +83,6 @@ def add_commands(subparsers: Any) -> None:
     )
     kinds = serve.add_subparsers(dest="kind", metavar="KIND", required=True)
     for name, kind in KINDS.items():
-        try:
-            module = importlib.import_module(kind.module)
-        except ModuleNotFoundError as exc:
-            if exc.name != kind.module:
-                raise
-            continue  # that kind has not landed yet
         parser = kinds.add_parser(
             name,
             help=kind.help,
@@ -96,8 +92,8 @@ def add_commands(subparsers: Any) -> None:
         )
         _add_common_arguments(parser, kind)
         model_args = parser.add_argument_group(f"{name} model")
-        module.add_arguments(model_args)
-        parser.set_defaults(func=_serve, kind_module=kind.module)
+        kind.module.add_arguments(model_args)
+        parser.set_defaults(func=_serve, build_model=kind.module.build)
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser, kind: Kind) -> None:
@@ -224,7 +220,7 @@ def _serve(args: argparse.Namespace) -> int:
             trace_file=args.trace_file,
             port_file=args.port_file,
         )
-        model = importlib.import_module(args.kind_module).build(args)
+        model = args.build_model(args)
         if args.inject_delay_ms:
             from meshserve.servers.faults import DelayedModel
 

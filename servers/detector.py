@@ -17,28 +17,21 @@ from typing import Any
 
 import numpy as np
 
+from meshserve.inference.vocabulary import CATEGORY_NAMES
 from meshserve.servers.embedder import decode_rows
-from meshserve.servers.images import DEFAULT_LIMITS, ImageLimits
-from meshserve.servers.model import BYTES, Arrays, Model, Params, ParamSpec, Signature, TensorSpec
-
-MAX_IMAGES = 16
+from meshserve.servers.model import Model
+from meshserve.wire.images import DEFAULT_LIMITS, ImageLimits
+from meshserve.wire.signature import Arrays, Params
+from meshserve.wire.signatures import detector_signature
 
 
 def _detector_config(model_dir: str) -> dict:
     import json
     from pathlib import Path
 
-    from meshserve.training.detector import CONFIG_FILE
+    from meshserve.inference.detector import CONFIG_FILE
 
     return dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
-
-
-def max_outputs(cfg: dict) -> int:
-    """Rows per image in a reply: every box the detector keeps, under each category it reports."""
-    from meshserve.training.detector import DetectorConfig
-
-    per_box = int(cfg.get("labels_per_box", DetectorConfig.labels_per_box))
-    return int(cfg["max_detections"]) * per_box
 
 
 def pad_detections(
@@ -60,8 +53,8 @@ class DetectorModel(Model):
     role = "detector"
 
     def __init__(self, model_dir: str, limits: ImageLimits = DEFAULT_LIMITS):
-        from meshserve.training.artifacts import read_card
-        from meshserve.training.catalogue import CATEGORY_NAMES
+        from meshserve.inference.artifacts import read_card
+        from meshserve.inference.detector import max_outputs
 
         self.model_dir = model_dir
         self.limits = limits
@@ -73,34 +66,18 @@ class DetectorModel(Model):
         self.default_score = float(cfg["score_threshold"])
         self.label_names = [name.encode() for name in CATEGORY_NAMES[: int(cfg["n_classes"])]]
         self.detector: Any = None
-        k = self.max_detections
-        self.signature = Signature(
-            inputs=(
-                TensorSpec("image", BYTES, (-1,), max_shape=(MAX_IMAGES,),
-                           max_element_bytes=limits.max_bytes, description="encoded JPEG/PNG/WebP"),
-            ),
-            outputs=(
-                TensorSpec("boxes", "float32", (-1, k, 4), description="pixels, upright image"),
-                TensorSpec("scores", "float32", (-1, k), description="0 marks padding rows"),
-                TensorSpec("labels", "int64", (-1, k), description="index into label_names"),
-                TensorSpec("label_names", BYTES, (-1,), description="category names"),
-            ),
-            parameters=(
-                ParamSpec("min_score", float, self.default_score, min=0.0, max=1.0,
-                          description="drop detections scoring below this"),
-            ),
-        )  # fmt: skip
+        self.signature = detector_signature(self.max_detections, self.default_score, limits.max_bytes)
 
     def load(self) -> None:
-        from meshserve.training.detector import Detector
+        from meshserve.inference.detector import Detector
 
         loaded = Detector.load(self.model_dir)
         loaded.version = self.version
         self.detector = loaded
 
     def warmup(self) -> None:
-        self.predict({"image": [np.full((96, 96, 3), 127, np.uint8)]},
-                     {"min_score": self.default_score})
+        decoded = [np.full((96, 96, 3), 127, np.uint8)]  # as check() leaves a request's images
+        self.predict({"image": decoded}, {"min_score": self.default_score})  # type: ignore[dict-item]
 
     check_off_loop = True  # decoding an image costs milliseconds: keep it off the event loop
 
@@ -126,7 +103,8 @@ class DetectorModel(Model):
 
 def detect_in_process(detector, image: bytes, min_score: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
     """What the server computes for one image (for tests and offline use), padded to K."""
-    from meshserve.servers.images import decode_image
+    from meshserve.inference.detector import max_outputs
+    from meshserve.wire.images import decode_image
 
     boxes, labels, scores = detector.detect([decode_image(image)], min_score)
     b, lab, s = pad_detections(boxes, labels, scores, max_outputs(asdict(detector.cfg)))
@@ -143,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace) -> Model:
     from meshserve.errors import MeshError
-    from meshserve.training.artifacts import resolve_model_dir
+    from meshserve.inference.artifacts import resolve_model_dir
 
     try:
         path = resolve_model_dir("detector", args.model)

@@ -13,11 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from meshserve.servers.images import DEFAULT_LIMITS, ImageLimits, clip_boxes, decode_image
-from meshserve.servers.model import BYTES, Arrays, Model, Params, Signature, TensorSpec
-
-MAX_IMAGES = 16
-MAX_BOXES = 64
+from meshserve.servers.model import Model
+from meshserve.wire.images import DEFAULT_LIMITS, ImageLimits, clip_boxes, decode_image
+from meshserve.wire.signature import Arrays, Params
+from meshserve.wire.signatures import embedder_signature
 
 
 def decode_rows(inputs: Arrays, limits: ImageLimits) -> list[np.ndarray]:
@@ -40,7 +39,7 @@ def _embedder_dim(model_dir: str) -> int:
     import json
     from pathlib import Path
 
-    from meshserve.training.embedder import CONFIG_FILE
+    from meshserve.inference.embedder import CONFIG_FILE
 
     return int(json.loads((Path(model_dir) / CONFIG_FILE).read_text())["dim"])
 
@@ -49,7 +48,7 @@ class EmbedderModel(Model):
     role = "embedder"
 
     def __init__(self, model_dir: str, limits: ImageLimits = DEFAULT_LIMITS):
-        from meshserve.training.artifacts import read_card
+        from meshserve.inference.artifacts import read_card
 
         self.model_dir = model_dir
         self.limits = limits
@@ -58,29 +57,18 @@ class EmbedderModel(Model):
         self.version = card.version
         self.dim = _embedder_dim(model_dir)
         self.embedder: Any = None
-        self.signature = Signature(
-            inputs=(
-                TensorSpec("image", BYTES, (-1,), max_shape=(MAX_IMAGES,),
-                           max_element_bytes=limits.max_bytes, description="encoded JPEG/PNG/WebP"),
-                TensorSpec("boxes", "float32", (-1, -1, 4), max_shape=(MAX_IMAGES, MAX_BOXES, 4),
-                           description="pixel boxes x_min, y_min, x_max, y_max per image"),
-            ),
-            outputs=(
-                TensorSpec("embeddings", "float32", (-1, -1, self.dim),
-                           description="unit-length vector per box"),
-            ),
-        )  # fmt: skip
+        self.signature = embedder_signature(self.dim, limits.max_bytes)
 
     def load(self) -> None:
-        from meshserve.training.embedder import Embedder
+        from meshserve.inference.embedder import Embedder
 
         loaded = Embedder.load(self.model_dir)
         loaded.version = self.version
         self.embedder = loaded
 
     def warmup(self) -> None:
-        blank = np.full((64, 64, 3), 127, np.uint8)
-        self.predict({"image": [blank], "boxes": np.array([[[8, 8, 56, 56]]], np.float32)}, {})
+        decoded = [np.full((64, 64, 3), 127, np.uint8)]  # as check() leaves a request's images
+        self.predict({"image": decoded, "boxes": np.array([[[8, 8, 56, 56]]], np.float32)}, {})  # type: ignore[dict-item]
 
     check_off_loop = True  # decoding an image costs milliseconds: keep it off the event loop
 
@@ -126,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace) -> Model:
     from meshserve.errors import MeshError
-    from meshserve.training.artifacts import resolve_model_dir
+    from meshserve.inference.artifacts import resolve_model_dir
 
     try:
         path = resolve_model_dir("embedder", args.model)

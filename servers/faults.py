@@ -10,7 +10,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from meshserve.servers.model import Arrays, Model, Params
+from meshserve.servers.model import Model
+from meshserve.wire.signature import Arrays, Params
 
 
 class DelayedModel(Model):

@@ -12,15 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from meshserve.servers.model import (
-    BYTES,
-    NUMERIC_DTYPES,
-    Arrays,
-    Model,
-    Params,
-    Signature,
-    TensorSpec,
-)
+from meshserve.servers.model import Model
+from meshserve.wire.signature import BYTES, NUMERIC_DTYPES, Arrays, Params, Signature, TensorSpec
 
 
 class IdentityModel(Model):

@@ -13,35 +13,21 @@ from pathlib import Path
 import numpy as np
 
 from meshserve.errors import FailedPrecondition, InvalidInput
-from meshserve.servers.model import Arrays, Model, Params, ParamSpec, Signature, TensorSpec
-from meshserve.training.shards import LoadedShard, ShardError, load_shard
-
-MAX_K = 10_000
+from meshserve.inference.shards import LoadedShard, ShardError, load_shard
+from meshserve.servers.model import Model
+from meshserve.wire.signature import Arrays, Params
+from meshserve.wire.signatures import MAX_QUERIES, indexer_signature
 
 
 class IndexerModel(Model):
     role = "indexer"
 
-    def __init__(self, shard: LoadedShard, max_queries: int = 256):
+    def __init__(self, shard: LoadedShard, max_queries: int = MAX_QUERIES):
         manifest = shard.manifest
         self.shard = shard
         self.name = manifest.index
         self.version = f"{manifest.embedder_version}.g{manifest.generation}"
-        self.signature = Signature(
-            inputs=(
-                TensorSpec("queries", "float32", (-1, manifest.dim), max_shape=(max_queries, manifest.dim),
-                           description="L2-normalised query vectors of the shard's embedder version"),
-            ),
-            outputs=(
-                TensorSpec("item_ids", "int64", (-1, -1), description="catalogue item ids, best first"),
-                TensorSpec("scores", "float32", (-1, -1), description="similarity, higher is closer"),
-            ),
-            parameters=(
-                ParamSpec("k", int, 10, min=1, max=MAX_K, description="matches per query"),
-                ParamSpec("embedder_version", str, "",
-                          description="version of the embedder that made the queries (checked when set)"),
-            ),
-        )  # fmt: skip
+        self.signature = indexer_signature(manifest.dim, max_queries)
 
     def load(self) -> None:
         """The shard was verified and loaded in build(); nothing is left to do."""
@@ -75,8 +61,8 @@ class IndexerModel(Model):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", type=Path, required=True,
                         help="shard directory made by `meshserve shard build` (verified before serving)")
-    parser.add_argument("--max-queries", type=int, default=256,
-                        help="largest number of query vectors in one request (default 256)")  # fmt: skip
+    parser.add_argument("--max-queries", type=int, default=MAX_QUERIES,
+                        help=f"largest number of query vectors in one request (default {MAX_QUERIES})")  # fmt: skip
 
 
 def build(args: argparse.Namespace) -> Model:

@@ -1,40 +1,27 @@
-"""ModelServer: one model behind grpc.aio with health, reflection, registration and a clean stop.
+"""ModelServer: one model served by a GrpcProcess (health, reflection, registration, a clean stop).
 
-Lifecycle: listen (health NOT_SERVING) → load + warm up off the loop → SERVING → register in
-Consul → … SIGTERM/SIGINT → NOT_SERVING → deregister → drain in-flight calls within the grace
-period → stop the server → exit 0.
+Its start is load + warm up off the event loop; its drain waits for admitted Predicts. The
+lifecycle itself is meshserve/rpc/process.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
-import logging
 import os
-import signal
 import socket
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
-from meshserve import telemetry
-from meshserve.errors import InvalidInput
 from meshserve.registry.config import RegistryConfig, ServiceInstance
+from meshserve.rpc.interceptor import StatusInterceptor
+from meshserve.rpc.process import GrpcProcess, ProcessConfig
 from meshserve.servers.batching import Admission, Batcher, BatchingConfig
 from meshserve.servers.metrics import ServerMetrics
 from meshserve.servers.model import Model
 from meshserve.servers.servicer import SERVICE_NAME, PredictionServicer
-
-log = logging.getLogger(__name__)
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass(frozen=True)
@@ -76,105 +63,69 @@ class ServerConfig:
 
 
 class ModelServer:
-    """Wraps one model and serves it until told to stop."""
+    """Wraps one model and serves it until told to stop: the model's part of a GrpcProcess."""
 
     def __init__(self, model: Model, config: ServerConfig):
         self.model = model
         self.config = config
         self.metrics = ServerMetrics(model.name, model.version)
-        self.port = 0
-        self._stop = asyncio.Event()
-        self._registered_id: str | None = None
-        self._exit_code = 0
+        self.services = (SERVICE_NAME,)
+        self._batcher: Batcher | None = None
+        self._admission = Admission(config.batching.max_inflight)
+        self._servicer: PredictionServicer | None = None
+        process = ProcessConfig(
+            service_name=config.service_name, host=config.host, port=config.port,
+            max_message_bytes=config.max_message_bytes, grace_s=config.grace_s,
+            registry=config.registry if config.register else None,
+            resync_interval_s=config.resync_interval_s, port_file=config.port_file, trace_file=config.trace_file,
+        )  # fmt: skip
+        interceptor = StatusInterceptor(self.services, self.metrics.request_done, {"model": model.name})
+        self._process = GrpcProcess(self, process, (interceptor,))
+
+    @property
+    def port(self) -> int:
+        return self._process.port
 
     def request_stop(self) -> None:
-        self._stop.set()
+        self._process.request_stop()
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (or request_stop()); return the exit code."""
         cfg = self.config
         keep_message_buffers(cfg.max_message_bytes)
-        tracing = telemetry.setup_tracing(
-            telemetry.TracingConfig.from_env(cfg.service_name, cfg.trace_file)
-        )
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.metrics_port)
-        batcher = Batcher(self.model, cfg.batching, self.metrics)
-        admission = Admission(cfg.batching.max_inflight)
-        self.metrics.watch_inflight(lambda: admission.count)
-        servicer = PredictionServicer(
-            self.model, batcher, admission, self.metrics, cfg.batching.max_batch_size, tracing
-        )
-        health = health_aio.HealthServicer()
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.max_send_message_length", cfg.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
-        servicer.add_to_server(server)
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
-            server,
-        )  # fmt: skip
-        for name in ("", SERVICE_NAME):
-            await health.set(name, NOT_SERVING)
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        await server.start()
-        log.info("listening on %s:%d (%s), loading %s %s", cfg.host, self.port,
-                 cfg.service_name, self.model.name, self.model.version)  # fmt: skip
-        if cfg.port_file is not None:
-            cfg.port_file.write_text(f"{self.port}\n")
-        self._install_signal_handlers()
-        register_task: asyncio.Task[None] | None = None
+        self._batcher = Batcher(self.model, cfg.batching, self.metrics)
+        self.metrics.watch_inflight(lambda: self._admission.count)
+        self._servicer = PredictionServicer(self.model, self._batcher, self._admission, cfg.batching.max_batch_size)
+        return await self._process.run()
+
+    # -- the Workload protocol (meshserve.rpc.process) ---------------------------------------
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        assert self._servicer is not None
+        self._servicer.add_to_server(server)
+
+    async def start(self) -> None:
+        assert self._batcher is not None and self._servicer is not None
         try:
-            try:
-                await self._load(batcher)
-            except Exception:  # never registered, never SERVING: say why and exit non-zero
-                log.exception("model %s %s failed to load", self.model.name, self.model.version)
-                self._exit_code = 1
-                self._stop.set()
-            if not self._stop.is_set():
-                batcher.start()
-                servicer.mark_ready()
-                for name in ("", SERVICE_NAME):
-                    await health.set(name, SERVING)
-                log.info("serving %s %s on port %d", self.model.name, self.model.version,
-                         self.port)  # fmt: skip
-                if cfg.register:
-                    register_task = asyncio.create_task(self._register_until_done())
-                await self._stop.wait()
-        finally:
-            await self._shutdown(server, health, servicer, admission, batcher, register_task)
-        return self._exit_code
+            await self._batcher.run_on_model_thread(self.model.load)
+        except Exception as exc:
+            raise RuntimeError(f"model {self.model.name} {self.model.version} failed to load: {exc}") from exc
+        await self._batcher.run_on_model_thread(self.model.warmup)
+        self._batcher.start()
+        self._servicer.mark_ready()
 
-    async def _load(self, batcher: Batcher) -> None:
-        started = time.perf_counter()
-        load = asyncio.ensure_future(batcher.run_on_model_thread(self.model.load))
-        stop = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait((load, stop), return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if not load.done():
-            log.warning("stop requested while loading; exiting after load finishes")
-            await load
-            return
-        load.result()
-        await batcher.run_on_model_thread(self.model.warmup)
-        log.info("model loaded and warm in %.2fs", time.perf_counter() - started)
-
-    def _instance(self) -> ServiceInstance:
+    def instance(self, port: int) -> ServiceInstance:
         cfg = self.config
         address = cfg.registered_address
         meta = {"model": self.model.name, "version": self.model.version, "role": self.model.role}
         meta.update(self.model.meta())
         return ServiceInstance(
             name=cfg.service_name,
-            instance_id=cfg.instance_id or f"{cfg.service_name}-{address}-{self.port}",
+            instance_id=cfg.instance_id or f"{cfg.service_name}-{address}-{port}",
             address=address,
-            port=self.port,
+            port=port,
             meta=meta,
             check_interval_s=cfg.check_interval_s,
             check_timeout_s=cfg.check_interval_s,
@@ -182,70 +133,16 @@ class ModelServer:
             grpc_health_service=SERVICE_NAME,
         )
 
-    async def _register_until_done(self) -> None:
-        """Register once ready and stay registered (re-registering if the agent forgets us);
-        while Consul is away, keep trying and keep serving."""
-        from meshserve.registry.keeper import keep_registered
+    def begin_draining(self) -> None:
+        if self._servicer is not None:
+            self._servicer.draining = True
 
-        assert self.config.registry is not None
-        instance = self._instance()
+    def in_flight(self) -> int:
+        return self._admission.count
 
-        def registered() -> None:
-            self._registered_id = instance.instance_id
-
-        try:
-            await keep_registered(self.config.registry, instance, self._stop, self.config.resync_interval_s,
-                                  registered)  # fmt: skip
-        except InvalidInput as exc:  # retrying cannot fix it: say so and stop
-            log.error("cannot register: %s", exc)
-            self._exit_code = 2
-            self._stop.set()
-
-    async def _deregister(self) -> None:
-        if self._registered_id is None or self.config.registry is None:
-            return
-        from meshserve.registry import client
-
-        try:
-            await asyncio.wait_for(
-                client.deregister(self.config.registry, self._registered_id), timeout=3.0
-            )
-        except Exception as exc:  # Consul's critical-check reaper will remove it later
-            log.warning("deregister of %s failed: %s", self._registered_id, exc)
-
-    async def _shutdown(
-        self,
-        server: grpc.aio.Server,
-        health: health_aio.HealthServicer,
-        servicer: PredictionServicer,
-        admission: Admission,
-        batcher: Batcher,
-        register_task: asyncio.Task[None] | None,
-    ) -> None:
-        deadline = time.monotonic() + self.config.grace_s
-        log.info("stopping: NOT_SERVING, deregistering, draining %d in-flight call(s)",
-                 admission.count)  # fmt: skip
-        servicer.draining = True
-        await health.enter_graceful_shutdown()
-        if register_task is not None:
-            register_task.cancel()
-            await asyncio.gather(register_task, return_exceptions=True)
-        await self._deregister()
-        # Health and reflection keep answering while admitted calls finish; new Predicts
-        # get UNAVAILABLE so callers retry on another replica.
-        while admission.count and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        if admission.count:
-            log.warning("grace period over with %d call(s) still in flight", admission.count)
-        await server.stop(max(0.0, deadline - time.monotonic()))
-        await batcher.close()
-        telemetry.shutdown_tracing()
-        log.info("stopped")
-
-    def _install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()
 
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt() parameters (malloc.h)

@@ -1,34 +1,22 @@
 """The PredictionService servicer: protobuf in, numpy to the batcher, protobuf out.
 
-`handle()` is the one place where errors become gRPC statuses (see meshserve/errors.py),
-where metrics are counted and where the server span continues the caller's trace.
+It raises from the error tree (meshserve/errors.py); the process's StatusInterceptor turns that into
+gRPC statuses, counts the metrics and continues the caller's trace.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
 
 import grpc
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from meshserve import telemetry
-from meshserve.errors import InvalidInput, MeshError, NotFound, NotReady, status_for
-from meshserve.servers import tensors
+from meshserve.errors import InvalidInput, NotFound, NotReady
 from meshserve.servers.batching import Admission, Batcher
-from meshserve.servers.metrics import ServerMetrics
 from meshserve.servers.model import Model
 from meshserve.v1 import prediction_pb2, prediction_pb2_grpc
+from meshserve.wire import tensors
 
-log = logging.getLogger(__name__)
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
 SERVICE_NAME = prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
 
 
@@ -40,18 +28,13 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         model: Model,
         batcher: Batcher,
         admission: Admission,
-        metrics: ServerMetrics,
         max_batch_size: int,
-        tracing: bool,
     ):
         self.model = model
         self.batcher = batcher
         self.admission = admission
-        self.metrics = metrics
         self.ready = False
         self.draining = False
-        self._tracing = tracing
-        self._tracer = trace.get_tracer("meshserve.servers")
         self._max_batch_size = max_batch_size
         self._metadata: prediction_pb2.ModelMetadata | None = None
 
@@ -78,71 +61,9 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
-    # -- the one error/metrics/tracing wrapper ---------------------------------------------
-
-    async def handle(
-        self,
-        method: str,
-        call: Callable[[Req, grpc.aio.ServicerContext], Awaitable[Resp]],
-        request: Req,
-        context: grpc.aio.ServicerContext,
-    ) -> Resp:
-        started = time.perf_counter()
-        parent = telemetry.extract_context(context.invocation_metadata())
-        span: Any = None
-        if self._tracing:
-            span = self._tracer.start_span(
-                f"meshserve.v1.PredictionService/{method}",
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes={"rpc.system": "grpc", "rpc.method": method, "model": self.model.name},
-            )
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
-        else:
-            token = otel_context.attach(parent)
-        try:
-            response = await call(request, context)
-        except asyncio.CancelledError:
-            self.metrics.request_done(method, "CANCELLED", time.perf_counter() - started)
-            if span is not None:
-                span.set_status(Status(StatusCode.ERROR, "cancelled"))
-            raise
-        except Exception as exc:
-            code = status_for(exc)
-            message = str(exc) if isinstance(exc, MeshError) else "internal error"
-            if not isinstance(exc, MeshError):
-                trace_id = telemetry.trace_id_of()
-                log.exception("%s failed (trace %s)", method, trace_id or "-")
-                message = f"internal error (trace {trace_id or '-'})"
-            elif log.isEnabledFor(logging.DEBUG):
-                log.debug("%s → %s: %s", method, code.name, message)
-            self.metrics.request_done(method, code.name, time.perf_counter() - started)
-            if span is not None:
-                span.set_attribute("rpc.grpc.status_code", code.value[0])
-                span.set_status(Status(StatusCode.ERROR, message))
-        else:
-            self.metrics.request_done(method, "OK", time.perf_counter() - started)
-            return response
-        finally:
-            if span is not None:
-                span.end()
-            otel_context.detach(token)
-        await context.abort(code, message)
-        raise AssertionError("unreachable: abort raises")
-
-    # -- RPCs ------------------------------------------------------------------------------
+    # -- RPCs (errors become statuses in meshserve.rpc.interceptor) ------------------------
 
     async def Predict(
-        self, request: prediction_pb2.PredictRequest, context: grpc.aio.ServicerContext
-    ) -> tensors.Reply | prediction_pb2.PredictResponse:
-        return await self.handle("Predict", self._predict, request, context)
-
-    async def GetModelMetadata(
-        self, request: prediction_pb2.GetModelMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> prediction_pb2.ModelMetadata:
-        return await self.handle("GetModelMetadata", self._get_metadata, request, context)
-
-    async def _predict(
         self, request: prediction_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> tensors.Reply | prediction_pb2.PredictResponse:
         # Admission first: refusing must stay cheap, so nothing is decoded before it.
@@ -181,7 +102,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         finally:
             self.admission.release()
 
-    async def _get_metadata(
+    async def GetModelMetadata(
         self, request: prediction_pb2.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> prediction_pb2.ModelMetadata:
         self._check_model(request.model_name, "")

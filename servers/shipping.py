@@ -7,44 +7,32 @@ Predict(dims f32 [N, 3] cm, weight_kg f32 [N], category bytes [N], title bytes [
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import numpy as np
 
 from meshserve.errors import InvalidInput
-from meshserve.servers.model import BYTES, Arrays, Model, Params, Signature, TensorSpec
-
-MAX_ROWS = 1024
+from meshserve.servers.model import Model
+from meshserve.wire.signature import Arrays, Params
+from meshserve.wire.signatures import shipping_signature
 
 
 class ShippingModel(Model):
     role = "shipping"
 
     def __init__(self, model_dir: str):
-        from meshserve.training.artifacts import read_card
+        from meshserve.inference.artifacts import read_card
 
         self.model_dir = model_dir
         card = read_card(model_dir)
         self.name = card.name or "shipping-size"
         self.version = card.version
         self.classes = list(card.extra.get("classes", ()))
-        self.estimator = None
-        self.signature = Signature(
-            inputs=(
-                TensorSpec("dims", "float32", (-1, 3), max_shape=(MAX_ROWS, 3),
-                           description="width, height, depth in cm (> 0)"),
-                TensorSpec("weight_kg", "float32", (-1,), max_shape=(MAX_ROWS,)),
-                TensorSpec("category", BYTES, (-1,), max_shape=(MAX_ROWS,), max_element_bytes=64),
-                TensorSpec("title", BYTES, (-1,), max_shape=(MAX_ROWS,), max_element_bytes=1024,
-                           optional=True),
-            ),
-            outputs=(
-                TensorSpec("size", BYTES, (-1,), description="; ".join(self.classes)),
-                TensorSpec("probs", "float32", (-1, len(self.classes) or -1)),
-            ),
-        )  # fmt: skip
+        self.estimator: Any = None
+        self.signature = shipping_signature(self.classes)
 
     def load(self) -> None:
-        from meshserve.training.shipping import ShippingEstimator
+        from meshserve.inference.shipping import ShippingEstimator
 
         self.estimator = ShippingEstimator.load(self.model_dir)
 
@@ -85,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace) -> Model:
     from meshserve.errors import MeshError
-    from meshserve.training.artifacts import resolve_model_dir
+    from meshserve.inference.artifacts import resolve_model_dir
 
     try:
         path = resolve_model_dir("shipping", args.model)

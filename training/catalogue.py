@@ -10,18 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+from meshserve import warehouse
 from meshserve.errors import InvalidInput, NotFound
-from meshserve.training.artifacts import meshserve_home
+from meshserve.inference.vocabulary import CATEGORY_NAMES, SHIPPING_SIZES, VIOLATIONS
 
 DEFAULT_SEED = 1234
 DEFAULT_ITEMS = 2000
-CATALOGUE_FILE = "catalogue.sqlite"
-SCHEMA_VERSION = 1
 LISTING_EPOCH = 1767225600  # 2026-01-01T00:00:00Z: the first listing of the synthetic marketplace
 LISTING_INTERVAL_S = 1200  # one new listing about every 20 minutes, so 2,000 items span ~4 weeks
-
-VIOLATIONS = ("counterfeit", "prohibited", "contact_info")
-SHIPPING_SIZES = ("small", "medium", "large", "oversize")
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (200, 40, 40),
@@ -61,7 +57,7 @@ CATEGORIES: dict[str, dict] = {
     "umbrella": dict(body=("black", "navy", "red", "yellow"), size=(90, 80, 90), kg=0.6, price=25),
     "guitar": dict(body=("brown", "black", "red", "beige"), size=(38, 100, 10), kg=3.5, price=300),
 }
-CATEGORY_NAMES = tuple(CATEGORIES)
+assert tuple(CATEGORIES) == CATEGORY_NAMES, "one description per category, in the models' order"
 
 ACCENT_COLORS = ("black", "white", "grey", "brown", "beige", "navy")
 DETAIL_COLORS = ("red", "orange", "yellow", "green", "blue", "pink", "purple", "teal", "white",
@@ -164,15 +160,16 @@ def _rng(seed: int, item_id: int, attempt: int = 0) -> np.random.Generator:
 
 def shipping_size_for(width: float, height: float, depth: float, weight: float) -> str:
     """Carrier size class from the parcel's largest side, volume and weight."""
+    small, medium, large, oversize = SHIPPING_SIZES
     volume = width * height * depth
     side = max(width, height, depth)
     if side <= 25 and volume <= 2500 and weight <= 1.0:
-        return "small"
+        return small
     if side <= 50 and volume <= 25000 and weight <= 5.0:
-        return "medium"
+        return medium
     if side <= 90 and volume <= 160000 and weight <= 15.0:
-        return "large"
-    return "oversize"
+        return large
+    return oversize
 
 
 def _choice(rng: np.random.Generator, options: Sequence[str]) -> str:
@@ -283,60 +280,26 @@ def generate_items(n_items: int = DEFAULT_ITEMS, seed: int = DEFAULT_SEED) -> li
     return items
 
 
-# --------------------------------------------------------------------------- the warehouse
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS items (
-    item_id INTEGER PRIMARY KEY,
-    title TEXT NOT NULL,
-    description TEXT NOT NULL,
-    price REAL NOT NULL,
-    category TEXT NOT NULL,
-    width_cm REAL NOT NULL,
-    height_cm REAL NOT NULL,
-    depth_cm REAL NOT NULL,
-    weight_kg REAL NOT NULL,
-    listed_at INTEGER NOT NULL,
-    shipping_size TEXT NOT NULL,
-    violations TEXT NOT NULL,
-    look TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS items_listed_at ON items (listed_at);
-CREATE INDEX IF NOT EXISTS items_category ON items (category);
-"""
-_COLUMNS = ("item_id", "title", "description", "price", "category", "width_cm", "height_cm",
-            "depth_cm", "weight_kg", "listed_at", "shipping_size", "violations", "look")
-
-
-def catalogue_path(home: Path | None = None) -> Path:
-    return (home or meshserve_home()) / CATALOGUE_FILE
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), timeout=30)
-    conn.row_factory = sqlite3.Row
-    return conn
-
+# ------------------------------------------------------------- in and out of the warehouse
 
 def build_catalogue(
     n_items: int = DEFAULT_ITEMS, seed: int = DEFAULT_SEED, home: Path | None = None
 ) -> Path:
     """Generate the catalogue and write it to the warehouse (replacing what was there)."""
     items = generate_items(n_items, seed)
-    path = catalogue_path(home)
+    path = warehouse.catalogue_path(home)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
-    with _connect(tmp) as conn:
-        conn.executescript(_SCHEMA)
+    with warehouse.connect(tmp) as conn:
+        conn.executescript(warehouse.SCHEMA)
         conn.executemany(
-            f"INSERT INTO items ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+            warehouse.INSERT_ITEM,
             [_to_row(item) for item in items],
         )
         conn.executemany(
             "INSERT INTO meta (key, value) VALUES (?, ?)",
-            [("seed", str(seed)), ("n_items", str(n_items)), ("schema", str(SCHEMA_VERSION))],
+            [("seed", str(seed)), ("n_items", str(n_items)), ("schema", str(warehouse.SCHEMA_VERSION))],
         )
     conn.close()
     tmp.replace(path)  # readers see the old catalogue or the new one, never half of one
@@ -362,16 +325,9 @@ def _from_row(row: sqlite3.Row) -> Item:
     )
 
 
-def _open_existing(home: Path | None) -> sqlite3.Connection:
-    path = catalogue_path(home)
-    if not path.is_file():
-        raise NotFound(f"no catalogue at {path}; run `meshserve train` first")
-    return _connect(path)
-
-
 def catalogue_meta(home: Path | None = None) -> dict[str, str]:
     """seed, n_items and schema version of the stored catalogue."""
-    conn = _open_existing(home)
+    conn = warehouse.open_existing(home)
     try:
         return {row["key"]: row["value"] for row in conn.execute("SELECT key, value FROM meta")}
     finally:
@@ -414,7 +370,7 @@ def load_items(
     if limit is not None:
         sql += " LIMIT ?"
         params.append(int(limit))
-    conn = _open_existing(home)
+    conn = warehouse.open_existing(home)
     try:
         return [_from_row(row) for row in conn.execute(sql, params)]
     finally:
@@ -447,14 +403,14 @@ def append_items(n_new: int, home: Path | None = None) -> list[Item]:
     """
     if n_new < 1:
         raise InvalidInput(f"append needs at least one item, got {n_new}")
-    conn = _open_existing(home)
+    conn = warehouse.open_existing(home)
     try:
         with conn:
             meta = {row["key"]: row["value"] for row in conn.execute("SELECT key, value FROM meta")}
             seed, have = int(meta["seed"]), int(meta["n_items"])
             items = generate_items(have + n_new, seed)[have:]
             conn.executemany(
-                f"INSERT INTO items ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                warehouse.INSERT_ITEM,
                 [_to_row(item) for item in items],
             )
             conn.execute("UPDATE meta SET value = ? WHERE key = 'n_items'", (str(have + n_new),))

@@ -1,10 +1,10 @@
-"""Listing-policy classifiers: one small torch model per violation, over hashed text + price."""
+"""Training the listing-policy classifiers: one small torch model per violation, fitted and evaluated."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,111 +12,34 @@ import numpy as np
 import torch
 from torch import nn
 
-from meshserve.errors import InvalidInput, NotFound
-from meshserve.training import artifacts
-from meshserve.training.catalogue import CATEGORY_NAMES, VIOLATIONS, Item
-from meshserve.training.features import as_text, bag_offsets, finite_column, one_hot
+from meshserve.inference import artifacts
+from meshserve.inference.classifiers import (
+    KIND,
+    PREP,
+    WEIGHTS,
+    Batch,
+    ClassifierConfig,
+    ListingNet,
+    Prep,
+    make_batch,
+    probabilities,
+)
+from meshserve.inference.vocabulary import CATEGORY_NAMES, VIOLATIONS
+from meshserve.training.catalogue import Item
+from meshserve.wire.signatures import card_signature, classifier_signature
 
-KIND = "classifier"
-WEIGHTS = "weights.pt"
-PREP = "prep.json"
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    buckets: int = 1 << 15
-    ngrams: int = 1
-    hidden: int = 0  # 0: logistic regression; > 0: one ReLU layer of this width
-    epochs: int = 150
-    lr: float = 0.05
-    # Strong L2 matters more than anything else here: ids, sizes and brands are nearly
-    # unique per listing, and an unregularised bag memorises them (held-out AUC ~0.85).
-    weight_decay: float = 1e-2
-    test_fraction: float = 0.3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.05 <= self.test_fraction <= 0.5:
-            raise ValueError("test_fraction must be within [0.05, 0.5]")
-        if self.buckets < 16 or self.hidden < 0 or self.epochs < 1:
-            raise ValueError("buckets ≥ 16, hidden ≥ 0 and epochs ≥ 1 are required")
+DEFAULT_CONFIG = ClassifierConfig()
 
 
-@dataclass(frozen=True)
-class Prep:
-    """What turns a listing into dense features, fitted on the training split only."""
-
-    categories: tuple[str, ...]
-    category_median_price: dict[str, float]
-    global_median_price: float
-
-    def dense(self, prices: np.ndarray, categories: Sequence[str]) -> np.ndarray:
-        log_price = np.log(prices)
-        medians = np.array(
-            [self.category_median_price.get(c, self.global_median_price) for c in categories]
-        )
-        relative = log_price - np.log(medians)  # cheap for its kind is a counterfeit tell
-        numeric = np.stack([relative, (log_price - 3.5) / 2.0], axis=1).astype(np.float32)
-        return np.concatenate([numeric, one_hot(categories, self.categories, "category")], axis=1)
-
-    @property
-    def n_dense(self) -> int:
-        return 2 + len(self.categories)
-
-    @classmethod
-    def fit(cls, items: Sequence[Item]) -> Prep:
-        by_cat: dict[str, list[float]] = {}
-        for item in items:
-            by_cat.setdefault(item.category, []).append(item.price)
-        return cls(
-            categories=CATEGORY_NAMES,
-            category_median_price={c: float(np.median(p)) for c, p in sorted(by_cat.items())},
-            global_median_price=float(np.median([i.price for i in items])),
-        )
-
-
-class ListingNet(nn.Module):
-    """Bag of hashed n-grams (summed weights) + dense features → logit, optionally via a
-    hidden ReLU layer."""
-
-    def __init__(self, buckets: int, hidden: int, n_dense: int):
-        super().__init__()
-        width = max(hidden, 1)
-        self.bag = nn.EmbeddingBag(buckets, width, mode="sum")
-        nn.init.normal_(self.bag.weight, std=0.01)
-        self.dense = nn.Linear(n_dense, width)
-        self.out = nn.Linear(hidden, 1) if hidden > 0 else None
-
-    def forward(self, ids: torch.Tensor, offsets: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        z = self.bag(ids, offsets) + self.dense(dense)
-        if self.out is not None:
-            z = self.out(torch.relu(z))
-        return z.squeeze(-1)
-
-
-def listing_text(title: str, description: str) -> str:
-    return f"{title} . {description}"
-
-
-@dataclass
-class Batch:
-    ids: torch.Tensor
-    offsets: torch.Tensor
-    dense: torch.Tensor
-
-
-def make_batch(
-    titles: Sequence[str],
-    descriptions: Sequence[str],
-    prices: np.ndarray,
-    categories: Sequence[str],
-    prep: Prep,
-    config: ClassifierConfig,
-) -> Batch:
-    texts = [listing_text(t, d) for t, d in zip(titles, descriptions, strict=True)]
-    ids, offsets = bag_offsets(texts, config.buckets, config.ngrams)
-    return Batch(
-        torch.from_numpy(ids), torch.from_numpy(offsets), torch.from_numpy(prep.dense(prices, categories))
+def fit_prep(items: Sequence[Item]) -> Prep:
+    """The dense-feature preparation fitted on `items` (the training split)."""
+    by_cat: dict[str, list[float]] = {}
+    for item in items:
+        by_cat.setdefault(item.category, []).append(item.price)
+    return Prep(
+        categories=CATEGORY_NAMES,
+        category_median_price={c: float(np.median(p)) for c, p in sorted(by_cat.items())},
+        global_median_price=float(np.median([i.price for i in items])),
     )
 
 
@@ -198,15 +121,10 @@ def train_one(
     return net
 
 
-def _probs(net: ListingNet, batch: Batch) -> np.ndarray:
-    with torch.no_grad():
-        return torch.sigmoid(net(batch.ids, batch.offsets, batch.dense)).numpy().astype(np.float32)
-
-
 def train_classifiers(
     items: Sequence[Item],
     *,
-    config: ClassifierConfig = ClassifierConfig(),
+    config: ClassifierConfig = DEFAULT_CONFIG,
     data_seed: int = 0,
     home: Path | None = None,
     progress: Any = None,
@@ -218,7 +136,7 @@ def train_classifiers(
     """
     watch = artifacts.Stopwatch()
     train, test = split_items(items, config.test_fraction, config.seed)
-    prep = Prep.fit(train)
+    prep = fit_prep(train)
     train_batch, test_batch = items_batch(train, prep, config), items_batch(test, prep, config)
     version, root = artifacts.new_version(KIND, home)
     metrics: dict[str, dict[str, float]] = {}
@@ -227,8 +145,8 @@ def train_classifiers(
         net = train_one(violation, train, prep, config, train_batch)
         labels = np.array([it.label(violation) for it in test], dtype=bool)
         train_labels = np.array([it.label(violation) for it in train], dtype=bool)
-        threshold = _best_f1_threshold(train_labels, _probs(net, train_batch))
-        probs = _probs(net, test_batch)
+        threshold = _best_f1_threshold(train_labels, probabilities(net, train_batch))
+        probs = probabilities(net, test_batch)
         pred = probs >= threshold
         tp = float((pred & labels).sum())
         metrics[violation] = {
@@ -250,24 +168,13 @@ def train_classifiers(
             version=version,
             data_seed=data_seed,
             metrics=metrics,
-            signature=SIGNATURE_DOC,
+            signature={name: card_signature(classifier_signature(m["threshold"])) for name, m in metrics.items()},
             training_time_s=round(watch.elapsed, 2),
             config=asdict(config),
             extra={"models": list(VIOLATIONS), "train_items": len(train), "test_items": len(test)},
         ),
     )
     return root, metrics
-
-
-SIGNATURE_DOC = {
-    "inputs": {
-        "title": "bytes [n] (UTF-8)",
-        "description": "bytes [n] (UTF-8)",
-        "price": "float32 [n] (> 0)",
-        "category": "bytes [n]",
-    },
-    "outputs": {"score": "float32 [n], probability of the violation", "flagged": "bool [n]"},
-}
 
 
 def _save_one(
@@ -292,73 +199,8 @@ def _save_one(
             name=violation,
             data_seed=data_seed,
             metrics=metrics,
-            signature=SIGNATURE_DOC,
+            signature=card_signature(classifier_signature(metrics["threshold"])),
             training_time_s=round(seconds, 2),
             config=asdict(config),
         ),
     )
-
-
-class ViolationClassifier:
-    """One trained classifier, loaded for inference in this process."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        card = artifacts.read_card(self.path)
-        if not (self.path / WEIGHTS).is_file():
-            raise NotFound(
-                f"{self.path} holds no {WEIGHTS}; pass one violation's directory "
-                f"(one of: {', '.join(VIOLATIONS)}) inside a classifier artifact"
-            )
-        self.card = card
-        self.name = card.name
-        self.version = card.version
-        self.config = ClassifierConfig(**card.config)
-        prep = json.loads((self.path / PREP).read_text())
-        self.prep = Prep(
-            categories=tuple(prep["categories"]),
-            category_median_price=dict(prep["category_median_price"]),
-            global_median_price=float(prep["global_median_price"]),
-        )
-        self.threshold = float(card.metrics.get("threshold", 0.5))
-        self.net = ListingNet(self.config.buckets, self.config.hidden, self.prep.n_dense)
-        self.net.load_state_dict(torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True))
-        self.net.eval()
-
-    def score(
-        self,
-        titles: Sequence[bytes | str],
-        descriptions: Sequence[bytes | str],
-        prices: np.ndarray | Sequence[float],
-        categories: Sequence[bytes | str],
-    ) -> np.ndarray:
-        """Probability of the violation per listing, float32 [n]."""
-        n = len(titles)
-        if not (len(descriptions) == len(categories) == n and len(np.asarray(prices).reshape(-1)) == n):
-            raise InvalidInput("title, description, price and category need the same length")
-        batch = make_batch(
-            [as_text(t, "title") for t in titles],
-            [as_text(d, "description") for d in descriptions],
-            finite_column(prices, "price", positive=True),
-            [as_text(c, "category") for c in categories],
-            self.prep,
-            self.config,
-        )
-        return _probs(self.net, batch)
-
-
-def resolve_classifier_dir(model: str | None, home: Path | None = None) -> Path:
-    """`--model`: a violation directory, a violation name (newest artifact), or a version dir
-    holding exactly one classifier; no value means the newest artifact, which needs a name."""
-    if model and model in VIOLATIONS:
-        root = artifacts.resolve_model_dir(KIND, None, home)
-        return root / model
-    root = artifacts.resolve_model_dir(KIND, model, home)
-    if (root / WEIGHTS).is_file():
-        return root
-    inside = sorted(p.name for p in root.iterdir() if (p / WEIGHTS).is_file())
-    raise InvalidInput(
-        f"{root} holds {len(inside)} classifiers ({', '.join(inside)}); "
-        f"pick one: --model {inside[0] if inside else 'NAME'} or --model {root}/NAME"
-    )
-

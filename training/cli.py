@@ -40,7 +40,8 @@ def add_catalog_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _ensure_catalogue() -> None:
-    from meshserve.training.catalogue import build_catalogue, catalogue_path
+    from meshserve.training.catalogue import build_catalogue
+    from meshserve.warehouse import catalogue_path
 
     if not catalogue_path().is_file():
         print(f"no catalogue at {catalogue_path()}: building the default one", file=sys.stderr)
@@ -86,7 +87,8 @@ def _cmd_items(args: argparse.Namespace) -> int:
 
 def _cmd_render(args: argparse.Namespace) -> int:
     from meshserve.errors import MeshError
-    from meshserve.training.catalogue import CATEGORY_NAMES, get_item
+    from meshserve.inference.vocabulary import CATEGORY_NAMES
+    from meshserve.training.catalogue import get_item
     from meshserve.training.render import RenderConfig, render_photo
 
     _ensure_catalogue()

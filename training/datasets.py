@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from meshserve.children import die_with_parent
 from meshserve.errors import InvalidInput
-from meshserve.training.artifacts import meshserve_home
+from meshserve.inference.artifacts import meshserve_home
+from meshserve.inference.crops import CROP_PAD, crop
 from meshserve.training.catalogue import DEFAULT_SEED, Item
-from meshserve.training.render import RenderConfig, crop, render_photo
+from meshserve.training.render import RenderConfig, render_photo
 
 # Photo seeds are split into disjoint ranges so evaluation never sees a training photo.
 TRAIN_SEEDS = 0
@@ -32,7 +34,6 @@ LISTING_CONFIG = RenderConfig(size=112, min_scale=0.6, max_scale=0.85, p_distrac
 # Embedder training views: the same close-up look on a small canvas.
 VIEW_CONFIG = RenderConfig(size=80, min_scale=0.5, max_scale=0.9, p_distractor=0.3,
                            max_distractors=1, clutter=(3, 8))
-CROP_PAD = 0.06  # crops are the box grown a little, as a detector box is never exact
 
 
 @dataclass(frozen=True)
@@ -261,8 +262,6 @@ def rendered_meanwhile(requests: Sequence[PhotoRequest]) -> Iterator[None]:
 
 
 def _render_ahead(requests: Sequence[PhotoRequest], parent_pid: int) -> None:
-    from meshserve.local.supervisor import die_with_parent
-
     die_with_parent(parent_pid)
     _worker_signals()
     try:  # run only when a core would otherwise idle

@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from meshserve.inference.crops import CROP_PAD, crop
 from meshserve.training.catalogue import Item
 from meshserve.training.datasets import (
-    CROP_PAD,
     EVAL_SEEDS,
     LISTING_CONFIG,
     PhotoRequest,
@@ -16,7 +16,6 @@ from meshserve.training.datasets import (
     reference_jobs,
     render_crops,
 )
-from meshserve.training.render import crop
 
 EVAL_P_TWO = 0.25  # a quarter of the evaluation photos show two products
 

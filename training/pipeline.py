@@ -15,12 +15,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from meshserve.inference.artifacts import latest, meshserve_home
+from meshserve.inference.shards import HnswParams
 from meshserve.registry.config import RegistryConfig
-from meshserve.training.artifacts import latest, meshserve_home
 from meshserve.training.catalogue import append_items, load_items
 from meshserve.training.publish import PublishConfig, publish, retire
 from meshserve.training.shard_build import ItemSlice, build_from_catalogue
-from meshserve.training.shards import HnswParams
 
 log = logging.getLogger(__name__)
 

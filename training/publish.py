@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from meshserve.inference.artifacts import meshserve_home
+from meshserve.inference.shards import ShardManifest, read_manifest
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
 from meshserve.registry.instances import Instance, instance_from_entry
-from meshserve.training.artifacts import meshserve_home
-from meshserve.training.shards import ShardManifest, read_manifest
 
 INDEXER_SERVICE = SERVICE_NAMES["indexer"]
 

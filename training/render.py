@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from meshserve.errors import InvalidInput
-from meshserve.training.catalogue import CATEGORY_NAMES, PALETTE, Item, Look
+from meshserve.inference.vocabulary import CATEGORY_NAMES
+from meshserve.training.catalogue import PALETTE, Item, Look
 
 Box = tuple[float, float, float, float]
 
@@ -466,19 +467,3 @@ def render_photo(items: Item | Sequence[Item], seed: int, cfg: RenderConfig = Re
         labels=np.asarray([it.category_index for it in products], dtype=np.int64),
         item_ids=np.asarray([it.item_id for it in products], dtype=np.int64),
     )
-
-
-def crop(image: np.ndarray | Image.Image, box: Sequence[float], out: int, pad: float = 0.0
-         ) -> np.ndarray:
-    """The box (grown by `pad` of its size, clipped) resized to out×out, uint8 [out, out, 3].
-    Cropping many boxes of one photo, pass it as a PIL image: converting it costs as much as
-    the crop."""
-    pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    w, h = pil.size
-    x0, y0, x1, y1 = (float(v) for v in box)
-    px, py = (x1 - x0) * pad, (y1 - y0) * pad
-    x0, y0 = max(0.0, x0 - px), max(0.0, y0 - py)
-    x1, y1 = min(float(w), x1 + px), min(float(h), y1 + py)
-    if x1 - x0 < 1 or y1 - y0 < 1:
-        raise InvalidInput(f"box {tuple(box)} is empty inside a {w}x{h} image")
-    return np.asarray(pil.resize((out, out), Image.Resampling.BILINEAR, box=(x0, y0, x1, y1)))

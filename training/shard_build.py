@@ -1,5 +1,5 @@
 """Building a shard from the catalogue: one listing photo per item of a slice, embedded by one
-embedder artifact, into an hnswlib index (training/shards.py)."""
+embedder artifact, into an hnswlib index (meshserve/inference/shards.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from meshserve.errors import InvalidInput
-from meshserve.training.artifacts import resolve_model_dir
+from meshserve.inference.artifacts import resolve_model_dir
+from meshserve.inference.shards import DEFAULT_PARAMS, HnswParams, ShardManifest, build_shard
 from meshserve.training.catalogue import Item, load_items
-from meshserve.training.shards import DEFAULT_PARAMS, HnswParams, ShardManifest, build_shard
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def parse_slice(text: str) -> ItemSlice:
 
 def embed_listings(items: list[Item], embedder_dir: Path) -> tuple[np.ndarray, str]:
     """Unit vectors [n, D] of each item's listing photo, and the embedder version that made them."""
-    from meshserve.training.embedder import Embedder
+    from meshserve.inference.embedder import Embedder
     from meshserve.training.evaluate import reference_crops
 
     embedder = Embedder.load(embedder_dir)

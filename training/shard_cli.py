@@ -163,8 +163,8 @@ def _registry(args: argparse.Namespace) -> Any:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from meshserve.inference.shards import HnswParams
     from meshserve.training.shard_build import build_from_catalogue, parse_slice
-    from meshserve.training.shards import HnswParams
 
     try:
         item_slice = parse_slice(args.items)
@@ -182,8 +182,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    from meshserve.inference.shards import ShardError
     from meshserve.training.publish import PublishConfig, publish
-    from meshserve.training.shards import ShardError
 
     try:
         config = PublishConfig(registry=_registry(args), replicas=args.replicas, host=args.host,

@@ -1,75 +1,29 @@
-"""Shipping-size estimator: k-nearest neighbours over similar listings (dims, weight, category, text)."""
+"""Training the shipping-size estimator: its reference set from the training split, evaluated on held-out items."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from meshserve.errors import InvalidInput
-from meshserve.training import artifacts
-from meshserve.training.catalogue import CATEGORY_NAMES, SHIPPING_SIZES, Item
+from meshserve.inference import artifacts
+from meshserve.inference.shipping import (
+    KIND,
+    ShippingConfig,
+    ShippingEstimator,
+    ShippingPrep,
+    size_features,
+)
+from meshserve.inference.vocabulary import SHIPPING_SIZES
+from meshserve.training.catalogue import Item
 from meshserve.training.classifiers import split_items
-from meshserve.training.features import as_text, finite_column, ngram_ids, one_hot
+from meshserve.wire.signatures import card_signature, shipping_signature
 
-KIND = "shipping"
-REFERENCE = "reference.npz"
-PREP = "prep.json"
-TEXT_BUCKETS = 64
-
-
-@dataclass(frozen=True)
-class ShippingConfig:
-    k: int = 7
-    category_weight: float = 0.5  # distance a category mismatch adds, in standardised units
-    text_weight: float = 0.05  # how much the listing's words pull neighbours together
-    test_fraction: float = 0.3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError("k must be ≥ 1")
-
-
-def _numeric(width: np.ndarray, height: np.ndarray, depth: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Log-scale size features: each side sorted (orientation is arbitrary), volume, weight."""
-    sides = np.sort(np.stack([width, height, depth], axis=1), axis=1)[:, ::-1]
-    volume = width * height * depth
-    return np.log(np.concatenate([sides, volume[:, None], weight[:, None]], axis=1))
-
-
-def _text_vectors(texts: Sequence[str]) -> np.ndarray:
-    out = np.zeros((len(texts), TEXT_BUCKETS), dtype=np.float64)
-    for row, text in enumerate(texts):
-        ids = ngram_ids(text, TEXT_BUCKETS, 1)
-        if ids:
-            out[row, ids] = 1.0 / np.sqrt(len(ids))
-    return out
-
-
-@dataclass(frozen=True)
-class ShippingPrep:
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def features(
-        self,
-        dims: np.ndarray,
-        weight: np.ndarray,
-        categories: Sequence[str],
-        titles: Sequence[str],
-        config: ShippingConfig,
-    ) -> np.ndarray:
-        numeric = _numeric(dims[:, 0], dims[:, 1], dims[:, 2], weight)
-        numeric = (numeric - np.asarray(self.mean)) / np.asarray(self.std)
-        cat = one_hot(categories, CATEGORY_NAMES, "category") * (config.category_weight / np.sqrt(2))
-        text = _text_vectors(titles) * config.text_weight
-        return np.concatenate([numeric, cat, text], axis=1).astype(np.float32)
+DEFAULT_CONFIG = ShippingConfig()
 
 
 def _item_columns(items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
@@ -78,74 +32,14 @@ def _item_columns(items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray, list[s
     return dims, weight, [i.category for i in items], [i.title for i in items]
 
 
-class ShippingEstimator:
-    """kNN over reference listings; votes weighted by inverse distance."""
-
-    def __init__(self, reference: np.ndarray, labels: np.ndarray, prep: ShippingPrep,
-                 config: ShippingConfig, version: str = ""):
-        self.reference = reference.astype(np.float32)
-        self.labels = labels.astype(np.int64)
-        self.prep = prep
-        self.config = config
-        self.version = version
-        self._ref_sq = (self.reference.astype(np.float64) ** 2).sum(axis=1)
-
-    @classmethod
-    def fit(cls, items: Sequence[Item], config: ShippingConfig) -> ShippingEstimator:
-        dims, weight, cats, titles = _item_columns(items)
-        numeric = _numeric(dims[:, 0], dims[:, 1], dims[:, 2], weight)
-        prep = ShippingPrep(tuple(numeric.mean(0).tolist()), tuple((numeric.std(0) + 1e-6).tolist()))
-        feats = prep.features(dims, weight, cats, titles, config)
-        labels = np.array([SHIPPING_SIZES.index(i.shipping_size) for i in items])
-        return cls(feats, labels, prep, config)
-
-    def predict_proba(
-        self,
-        dims: np.ndarray,
-        weight: np.ndarray | Sequence[float],
-        categories: Sequence[bytes | str],
-        titles: Sequence[bytes | str] | None = None,
-    ) -> np.ndarray:
-        """Class probabilities float32 [n, len(SHIPPING_SIZES)] for listings' dims (cm) and kg."""
-        dims = np.asarray(dims, dtype=np.float64)
-        if dims.ndim != 2 or dims.shape[1] != 3:
-            raise InvalidInput(f"dims must have shape [n, 3] (width, height, depth cm), got {list(dims.shape)}")
-        n = dims.shape[0]
-        finite_column(dims.reshape(-1), "dims", positive=True)
-        kg = finite_column(weight, "weight_kg", positive=True)
-        if len(kg) != n or len(categories) != n or (titles is not None and len(titles) != n):
-            raise InvalidInput("dims, weight_kg, category (and title) need the same batch size")
-        cats = [as_text(c, "category") for c in categories]
-        words = [as_text(t, "title") for t in titles] if titles is not None else [""] * n
-        query = self.prep.features(dims, kg, cats, words, self.config).astype(np.float64)
-        # Squared distances by the expansion |q|² - 2q·r + |r|², in float64 for stable ties.
-        d2 = (query**2).sum(1)[:, None] - 2.0 * query @ self.reference.T.astype(np.float64)
-        d2 = np.maximum(d2 + self._ref_sq[None, :], 0.0)
-        k = min(self.config.k, len(self.reference))
-        nearest = np.argsort(d2, axis=1, kind="stable")[:, :k]
-        votes = 1.0 / (np.sqrt(np.take_along_axis(d2, nearest, axis=1)) + 1e-3)
-        probs = np.zeros((n, len(SHIPPING_SIZES)), dtype=np.float64)
-        for row in range(n):
-            np.add.at(probs[row], self.labels[nearest[row]], votes[row])
-        probs /= probs.sum(axis=1, keepdims=True)
-        return probs.astype(np.float32)
-
-    def predict(self, *args: Any, **kwargs: Any) -> list[str]:
-        return [SHIPPING_SIZES[i] for i in self.predict_proba(*args, **kwargs).argmax(1)]
-
-    def save(self, path: Path) -> None:
-        np.savez(path / REFERENCE, reference=self.reference, labels=self.labels)
-        (path / PREP).write_text(json.dumps({"prep": asdict(self.prep), "config": asdict(self.config)}))
-
-    @classmethod
-    def load(cls, path: Path | str) -> ShippingEstimator:
-        path = Path(path)
-        card = artifacts.read_card(path)
-        saved = json.loads((path / PREP).read_text())
-        with np.load(path / REFERENCE) as data:
-            reference, labels = data["reference"], data["labels"]
-        prep = ShippingPrep(tuple(saved["prep"]["mean"]), tuple(saved["prep"]["std"]))
-        return cls(reference, labels, prep, ShippingConfig(**saved["config"]), card.version)
+def fit_estimator(items: Sequence[Item], config: ShippingConfig) -> ShippingEstimator:
+    """An estimator whose reference listings are `items`, standardised by their own statistics."""
+    dims, weight, cats, titles = _item_columns(items)
+    numeric = size_features(dims[:, 0], dims[:, 1], dims[:, 2], weight)
+    prep = ShippingPrep(tuple(numeric.mean(0).tolist()), tuple((numeric.std(0) + 1e-6).tolist()))
+    feats = prep.features(dims, weight, cats, titles, config)
+    labels = np.array([SHIPPING_SIZES.index(i.shipping_size) for i in items])
+    return ShippingEstimator(feats, labels, prep, config)
 
 
 def evaluate(estimator: ShippingEstimator, test: Sequence[Item], train: Sequence[Item]) -> dict[str, Any]:
@@ -164,22 +58,10 @@ def evaluate(estimator: ShippingEstimator, test: Sequence[Item], train: Sequence
     }
 
 
-SIGNATURE_DOC = {
-    "inputs": {
-        "dims": "float32 [n, 3] width, height, depth in cm (> 0)",
-        "weight_kg": "float32 [n] (> 0)",
-        "category": "bytes [n]",
-        "title": "bytes [n], optional",
-    },
-    "outputs": {"size": "bytes [n], one of " + ", ".join(SHIPPING_SIZES),
-                "probs": f"float32 [n, {len(SHIPPING_SIZES)}]"},
-}
-
-
 def train_shipping(
     items: Sequence[Item],
     *,
-    config: ShippingConfig = ShippingConfig(),
+    config: ShippingConfig = DEFAULT_CONFIG,
     data_seed: int = 0,
     home: Path | None = None,
 ) -> tuple[Path, dict[str, Any]]:
@@ -189,7 +71,7 @@ def train_shipping(
     what a new listing sees."""
     watch = artifacts.Stopwatch()
     train, test = split_items(items, config.test_fraction, config.seed)
-    estimator = ShippingEstimator.fit(train, config)
+    estimator = fit_estimator(train, config)
     metrics = evaluate(estimator, test, train)
     version, root = artifacts.new_version(KIND, home)
     estimator.version = version
@@ -198,7 +80,8 @@ def train_shipping(
         root,
         artifacts.ModelCard(
             kind=KIND, version=version, name="shipping-size", data_seed=data_seed, metrics=metrics,
-            signature=SIGNATURE_DOC, training_time_s=round(watch.elapsed, 2), config=asdict(config),
+            signature=card_signature(shipping_signature(SHIPPING_SIZES)),
+            training_time_s=round(watch.elapsed, 2), config=asdict(config),
             extra={"classes": list(SHIPPING_SIZES)},
         ),
     )

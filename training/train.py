@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshserve.training import artifacts
+from meshserve import warehouse
+from meshserve.inference import artifacts
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def ensure_catalogue(plan: TrainPlan) -> tuple[list, int]:
     """The stored catalogue, built first when missing or when --seed/--items ask for another."""
     from meshserve.training import catalogue as cat
 
-    path = cat.catalogue_path(plan.home)
+    path = warehouse.catalogue_path(plan.home)
     want_seed = plan.seed if plan.seed is not None else cat.DEFAULT_SEED
     want_n = plan.n_items if plan.n_items is not None else cat.DEFAULT_ITEMS
     rebuild = not path.is_file()
@@ -78,8 +79,9 @@ def _bar(total: int, desc: str, on: bool):  # type: ignore[no-untyped-def]
 
 
 def train_classifier_stage(plan: TrainPlan, items: list, seed: int) -> StageResult:
-    from meshserve.training.catalogue import VIOLATIONS
-    from meshserve.training.classifiers import ClassifierConfig, train_classifiers
+    from meshserve.inference.classifiers import ClassifierConfig
+    from meshserve.inference.vocabulary import VIOLATIONS
+    from meshserve.training.classifiers import train_classifiers
 
     config = ClassifierConfig(epochs=30, buckets=1 << 12) if plan.tiny else ClassifierConfig()
     with _bar(len(VIOLATIONS), "train classifiers", plan.progress) as bar:
@@ -99,7 +101,8 @@ def train_shipping_stage(plan: TrainPlan, items: list, seed: int) -> StageResult
 
 
 def train_embedder_stage(plan: TrainPlan, items: list, seed: int) -> StageResult:
-    from meshserve.training.embedder import EmbedderConfig, train_embedder
+    from meshserve.inference.embedder import EmbedderConfig
+    from meshserve.training.embedder import train_embedder
 
     cfg = EmbedderConfig.tiny() if plan.tiny else (
         EmbedderConfig.quick() if plan.quick else EmbedderConfig())
@@ -112,7 +115,8 @@ def train_embedder_stage(plan: TrainPlan, items: list, seed: int) -> StageResult
 
 
 def train_detector_stage(plan: TrainPlan, items: list, seed: int) -> StageResult:
-    from meshserve.training.detector import DetectorConfig, train_detector
+    from meshserve.inference.detector import DetectorConfig
+    from meshserve.training.detector import train_detector
 
     cfg = DetectorConfig.tiny() if plan.tiny else (
         DetectorConfig.quick() if plan.quick else DetectorConfig())

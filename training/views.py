@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from meshserve.inference.crops import CROP_PAD
 from meshserve.training.catalogue import Item
-from meshserve.training.datasets import CROP_PAD, VIEW_CONFIG
+from meshserve.training.datasets import VIEW_CONFIG
 from meshserve.training.render import FAMILIES, _background, _distractor, _place, draw_product
 
 _MEAN, _STD = 0.5, 0.25

@@ -16,7 +16,8 @@ import traceback
 
 
 def run(argv: list[str]) -> int:
-    from meshserve.local.supervisor import PARENT_ENV, die_with_parent
+    from meshserve.children import die_with_parent
+    from meshserve.local.supervisor import PARENT_ENV
 
     parent = os.environ.pop(PARENT_ENV, "")  # popped: not for processes this one starts
     if parent:

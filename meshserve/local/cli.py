@@ -45,14 +45,10 @@ def add_commands(subparsers: Any) -> None:
                       help="lowest detection score to search with (default: the gateway's own threshold)")
     demo.set_defaults(func=_demo)
 
-    from meshserve.local import bench_cli
-
-    bench_cli.add_commands(subparsers)
-
 
 def _config(args: argparse.Namespace) -> Any:
+    from meshserve.inference.artifacts import meshserve_home
     from meshserve.local.mesh import MeshConfig
-    from meshserve.training.artifacts import meshserve_home
 
     return MeshConfig(home=meshserve_home(), consul=args.consul, registry_addr=args.registry_addr,
                       gateway_addr=args.gateway_addr, detectors=args.detectors, embedders=args.embedders,

@@ -91,7 +91,7 @@ def _title(match: Any) -> str:
 def run_demo(config: MeshConfig, out: Path, queries: int = 6, min_score: float = 0.0, say: Say = print) -> int:
     """`min_score` 0 means the gateway's default detection threshold."""
     from meshserve.gateway.client import SearchFailed, search_photo
-    from meshserve.gateway.picture import draw_results
+    from meshserve.local.picture import draw_results
 
     mesh = LocalMesh(config, say)
     try:

@@ -171,8 +171,8 @@ class LocalMesh:
         return child
 
     def _train_if_missing(self) -> None:
-        from meshserve.training.artifacts import latest
-        from meshserve.training.detector import outdated
+        from meshserve.inference.artifacts import latest
+        from meshserve.inference.detector import outdated
 
         newest = {k: latest(k, self.config.home) for k in ("detector", "embedder", "classifier", "shipping")}
         missing = [k for k, path in newest.items() if path is None]
@@ -198,10 +198,10 @@ class LocalMesh:
 
     def _build_shards(self) -> list[Path]:
         """The newest embedder's shard set over the catalogue, built once and reused."""
-        from meshserve.training.artifacts import latest
+        from meshserve.inference.artifacts import latest
+        from meshserve.inference.shards import ShardError, read_manifest
         from meshserve.training.catalogue import load_items
         from meshserve.training.shard_build import ItemSlice, build_from_catalogue
-        from meshserve.training.shards import ShardError, read_manifest
 
         embedder_dir = latest("embedder", self.config.home)
         assert embedder_dir is not None
@@ -226,7 +226,7 @@ class LocalMesh:
         return dirs
 
     def _classifier_names(self) -> list[str]:
-        from meshserve.training.artifacts import latest
+        from meshserve.inference.artifacts import latest
 
         newest = latest("classifier", self.config.home)
         if newest is None:

@@ -3,7 +3,6 @@ stopped on the way out — also when the supervisor itself is killed (the kernel
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -16,22 +15,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In the child (before exec, or first thing after it): SIGTERM me when my parent (`parent_pid`)
-    dies, however it dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux: Ctrl-C and stop_all() still stop children
-        return
-    if os.getppid() != parent_pid:  # the parent died between fork and prctl: nobody will signal us
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-PARENT_ENV = "MESHSERVE_SUPERVISOR_PID"  # child.py dies with this process (see die_with_parent)
+PARENT_ENV = "MESHSERVE_SUPERVISOR_PID"  # child.py dies with this process (see meshserve/children.py)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshserve.servers import tensors
 from meshserve.v1 import prediction_pb2, prediction_pb2_grpc
+from meshserve.wire import tensors
 from tests.support import ManagedProcess, free_port, meshserve_argv, wait_until
 
 PREDICTION_SERVICE = "meshserve.v1.PredictionService"

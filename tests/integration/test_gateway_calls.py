@@ -15,8 +15,8 @@ from meshserve.gateway.balancer import ReplicaSet
 from meshserve.gateway.calls import ServiceCaller
 from meshserve.gateway.policy import CallPolicy
 from meshserve.registry.instances import Instance
-from meshserve.servers import tensors
 from meshserve.v1 import prediction_pb2
+from meshserve.wire import tensors
 from tests.integration.identity_server import IdentityServer, start_identity
 from tests.support import ManagedProcess
 

@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from meshserve.gateway.inprocess import InProcessSearch
 from meshserve.local.demo import held_out_photos
+from meshserve.local.inprocess import InProcessSearch
 from meshserve.local.mesh import LocalMesh, MeshConfig, MeshInfo
 from meshserve.local.supervisor import Child, ChildSpec
 from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
@@ -88,7 +88,7 @@ def assert_same_ranking(got: list[tuple[str, float]], want: list[tuple[str, floa
 
 
 def test_search_through_the_mesh_equals_the_in_process_pipeline(mesh: Mesh, photos: list[bytes]) -> None:
-    from meshserve.training.artifacts import latest
+    from meshserve.inference.artifacts import latest
 
     local, info = mesh
     home = local.config.home

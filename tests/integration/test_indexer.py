@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 import pytest
 
-from meshserve.servers import tensors
-from meshserve.training.shards import HnswParams, build_shard, load_shard
+from meshserve.inference.shards import HnswParams, build_shard, load_shard
 from meshserve.v1 import prediction_pb2, prediction_pb2_grpc
+from meshserve.wire import tensors
 from tests.conftest import DevAgent
 from tests.support import ManagedProcess, free_port, meshserve_argv, wait_serving, wait_until
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meshserve.servers import tensors
 from meshserve.v1 import prediction_pb2, prediction_pb2_grpc
+from meshserve.wire import tensors
 from tests.conftest import DevAgent
 from tests.support import ManagedProcess, free_port, meshserve_argv, wait_serving, wait_until
 
@@ -82,7 +82,7 @@ def listings(home: Path, n: int) -> dict[str, object]:
 
 
 def test_classifier_served_equals_in_process(spawn, home: Path) -> None:
-    from meshserve.training.classifiers import ViolationClassifier, resolve_classifier_dir
+    from meshserve.inference.classifiers import ViolationClassifier, resolve_classifier_dir
 
     _, target = start(spawn, home, "classifier", "--model", "counterfeit", "--no-register")
     batch = listings(home, 12)
@@ -107,7 +107,7 @@ def test_classifier_served_equals_in_process(spawn, home: Path) -> None:
 
 def test_classifier_needs_a_name_when_several(home: Path) -> None:
     from meshserve.errors import InvalidInput
-    from meshserve.training.classifiers import resolve_classifier_dir
+    from meshserve.inference.classifiers import resolve_classifier_dir
 
     with pytest.raises(InvalidInput, match="pick one"):
         resolve_classifier_dir(None, home)
@@ -118,9 +118,9 @@ def test_classifier_needs_a_name_when_several(home: Path) -> None:
 
 
 def test_shipping_served_equals_in_process_and_registers(spawn, home: Path, dev_agent: DevAgent) -> None:
-    from meshserve.training.artifacts import latest, read_card
+    from meshserve.inference.artifacts import latest, read_card
+    from meshserve.inference.shipping import ShippingEstimator
     from meshserve.training.catalogue import load_items
-    from meshserve.training.shipping import ShippingEstimator
 
     _, target = start(spawn, home, "shipping", "--consul", dev_agent.http_addr, "--check-interval", "0.5")
     items = load_items(home)[:15]
@@ -198,9 +198,9 @@ def detector_server(home: Path, tmp_path_factory: pytest.TempPathFactory):  # ty
 
 
 def test_embedder_served_equals_in_process(home: Path, embedder_server) -> None:  # type: ignore[no-untyped-def]
+    from meshserve.inference.artifacts import latest
+    from meshserve.inference.embedder import Embedder
     from meshserve.servers.embedder import embed_in_process
-    from meshserve.training.artifacts import latest
-    from meshserve.training.embedder import Embedder
 
     _, target = embedder_server
     local = Embedder.load(latest("embedder", home))  # type: ignore[arg-type]
@@ -275,10 +275,10 @@ def odd_but_valid_images() -> dict[str, bytes]:
 
 
 def test_detector_served_equals_in_process(home: Path, detector_server) -> None:  # type: ignore[no-untyped-def]
+    from meshserve.inference.artifacts import latest
+    from meshserve.inference.detector import Detector
+    from meshserve.inference.vocabulary import CATEGORY_NAMES
     from meshserve.servers.detector import detect_in_process
-    from meshserve.training.artifacts import latest
-    from meshserve.training.catalogue import CATEGORY_NAMES
-    from meshserve.training.detector import Detector
 
     _, target = detector_server
     local = Detector.load(latest("detector", home))  # type: ignore[arg-type]

@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from meshserve.servers import tensors
 from meshserve.v1 import prediction_pb2, prediction_pb2_grpc
+from meshserve.wire import tensors
 from tests.conftest import DevAgent
 from tests.support import meshserve_argv
 
@@ -58,7 +58,7 @@ def cli(home: Path, *args: str, timeout: float = 180) -> subprocess.CompletedPro
 
 
 def listing_vectors(home: Path, ids: list[int]) -> np.ndarray:
-    from meshserve.training.artifacts import latest
+    from meshserve.inference.artifacts import latest
     from meshserve.training.catalogue import load_items
     from meshserve.training.shard_build import embed_listings
 

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from meshserve.servers import tensors
 from meshserve.v1 import prediction_pb2, tensor_pb2
+from meshserve.wire import tensors
 from tests.integration.identity_server import predict_request, start_identity, stub
 from tests.support import ManagedProcess
 

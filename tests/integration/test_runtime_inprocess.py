@@ -13,10 +13,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshserve.errors import FailedPrecondition, InvalidInput
-from meshserve.servers import tensors
-from meshserve.servers.model import Arrays, Model, Params, Signature, TensorSpec
+from meshserve.servers.model import Model
 from meshserve.servers.server import ModelServer, ServerConfig
 from meshserve.v1 import prediction_pb2, prediction_pb2_grpc
+from meshserve.wire import tensors
+from meshserve.wire.signature import Arrays, Params, Signature, TensorSpec
 
 SERVICE = "meshserve.v1.PredictionService"
 
@@ -106,7 +107,7 @@ async def test_loading_state_error_mapping_and_trace_ids(caplog: pytest.LogCaptu
 
             # a bug: INTERNAL, the details name the caller's trace id and so does the log
             trace_id = "0af7651916cd43dd8448eb211c80319c"
-            with caplog.at_level(logging.ERROR, logger="meshserve.servers.servicer"):
+            with caplog.at_level(logging.ERROR, logger="meshserve.rpc.interceptor"):
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await predict(
                         _request(5000, 1),
@@ -134,6 +135,6 @@ async def test_a_model_that_fails_to_load_exits_1_and_says_why(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = ModelServer(Unloadable(), ServerConfig(service_name="meshserve-test", register=False))
-    with caplog.at_level(logging.ERROR, logger="meshserve.servers.server"):
+    with caplog.at_level(logging.ERROR, logger="meshserve.rpc.process"):
         assert await asyncio.wait_for(server.run(), 15) == 1
     assert any("failed to load" in r.getMessage() and r.exc_info for r in caplog.records)

@@ -16,8 +16,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from meshserve.servers import tensors
 from meshserve.v1 import prediction_pb2
+from meshserve.wire import tensors
 from tests.conftest import DevAgent
 from tests.integration.identity_server import (
     PREDICTION_SERVICE,

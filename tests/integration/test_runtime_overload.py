@@ -22,8 +22,8 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 
-from meshserve.servers import tensors
 from meshserve.v1 import prediction_pb2_grpc
+from meshserve.wire import tensors
 from tests.integration.identity_server import IdentityServer, predict_request, start_identity
 from tests.support import ManagedProcess
 

@@ -15,7 +15,7 @@ import consul
 import numpy as np
 import pytest
 
-from meshserve.training.shards import build_shard
+from meshserve.inference.shards import build_shard
 from tests.conftest import DevAgent
 from tests.support import meshserve_argv, wait_until
 

@@ -6,8 +6,9 @@ import json
 import subprocess
 from pathlib import Path
 
-from meshserve.training.artifacts import latest, read_card
-from meshserve.training.catalogue import VIOLATIONS, catalogue_meta
+from meshserve.inference.artifacts import latest, read_card
+from meshserve.inference.vocabulary import VIOLATIONS
+from meshserve.training.catalogue import catalogue_meta
 from tests.support import meshserve_argv
 
 

@@ -13,17 +13,17 @@ import pytest
 import torch
 
 from meshserve.errors import InvalidInput, NotFound
-from meshserve.training import artifacts
-from meshserve.training.catalogue import SHIPPING_SIZES, VIOLATIONS, generate_items
-from meshserve.training.classifiers import (
-    ClassifierConfig,
-    ViolationClassifier,
-    roc_auc,
-    split_items,
-    train_classifiers,
-)
-from meshserve.training.features import ngram_ids
-from meshserve.training.shipping import ShippingConfig, ShippingEstimator, train_shipping
+from meshserve.inference import artifacts
+from meshserve.inference.classifiers import ClassifierConfig, ViolationClassifier
+from meshserve.inference.features import ngram_ids
+from meshserve.inference.shipping import ShippingConfig, ShippingEstimator
+from meshserve.inference.vocabulary import SHIPPING_SIZES, VIOLATIONS
+from meshserve.servers.classifier import ClassifierModel
+from meshserve.servers.shipping import ShippingModel
+from meshserve.training.catalogue import generate_items
+from meshserve.training.classifiers import roc_auc, split_items, train_classifiers
+from meshserve.training.shipping import fit_estimator, train_shipping
+from meshserve.wire.signatures import card_signature
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +81,7 @@ def test_hashed_ngrams_are_stable_across_processes() -> None:
     text = "Replica watch, AAA quality! WhatsApp me at 0712"
     here = ngram_ids(text, 4096, 2)
     there = subprocess.run(
-        [sys.executable, "-c", "from meshserve.training.features import ngram_ids;"
+        [sys.executable, "-c", "from meshserve.inference.features import ngram_ids;"
          f"print(ngram_ids({text!r}, 4096, 2))"],
         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "12345"},
     ).stdout.strip()
@@ -117,9 +117,12 @@ def test_classifiers_learn_and_are_reproducible(tmp_path: Path) -> None:
     assert metrics == again  # same data seed and config: same held-out figures
     for name in VIOLATIONS:
         assert metrics[name]["roc_auc"] > 0.85, (name, metrics[name])  # small data; full run ≥ 0.95
-        assert (root / name / "card.json").is_file()
+        # the card documents exactly the signature its server serves, default threshold included
+        served = card_signature(ClassifierModel(str(root / name)).signature)
+        assert artifacts.read_card(root / name).signature == served
     top = artifacts.read_card(root)
     assert top.kind == "classifier" and top.extra["models"] == list(VIOLATIONS)
+    assert top.signature == {name: artifacts.read_card(root / name).signature for name in VIOLATIONS}
     assert artifacts.latest("classifier", tmp_path) != root  # the second run is newer
 
 
@@ -151,6 +154,7 @@ def test_shipping_beats_majority_and_round_trips(tmp_path: Path) -> None:
     items = generate_items(400, seed=3)
     root, metrics = train_shipping(items, home=tmp_path)
     assert metrics["accuracy"] > metrics["majority_baseline_accuracy"] + 0.3, metrics
+    assert artifacts.read_card(root).signature == card_signature(ShippingModel(str(root)).signature)
     loaded = ShippingEstimator.load(root)
     item = items[0]
     probs = loaded.predict_proba(np.array([[item.width_cm, item.height_cm, item.depth_cm]]),
@@ -160,7 +164,7 @@ def test_shipping_beats_majority_and_round_trips(tmp_path: Path) -> None:
 
 def test_shipping_knn_neighbours_vote() -> None:
     items = generate_items(200, seed=4)
-    model = ShippingEstimator.fit(items, ShippingConfig(k=1))
+    model = fit_estimator(items, ShippingConfig(k=1))
     dims = np.array([[i.width_cm, i.height_cm, i.depth_cm] for i in items[:20]])
     got = model.predict(dims, [i.weight_kg for i in items[:20]], [i.category for i in items[:20]],
                         [i.title for i in items[:20]])
@@ -168,7 +172,7 @@ def test_shipping_knn_neighbours_vote() -> None:
 
 
 def test_shipping_refuses_bad_values() -> None:
-    model = ShippingEstimator.fit(generate_items(50, seed=4), ShippingConfig())
+    model = fit_estimator(generate_items(50, seed=4), ShippingConfig())
     with pytest.raises(InvalidInput, match="dims"):
         model.predict_proba(np.array([[1.0, -2.0, 3.0]]), [1.0], ["mug"])
     with pytest.raises(InvalidInput, match="weight_kg"):

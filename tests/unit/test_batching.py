@@ -11,7 +11,8 @@ import pytest
 
 from meshserve.errors import DeadlineExpired, NotReady, Overloaded
 from meshserve.servers.batching import Admission, Batcher, BatchingConfig, BatchObserver, ModelThreads
-from meshserve.servers.model import Arrays, Model, Params, Signature, TensorSpec
+from meshserve.servers.model import Model
+from meshserve.wire.signature import Arrays, Params, Signature, TensorSpec
 
 
 class Recording(Model):

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from meshserve import warehouse
 from meshserve.errors import InvalidInput, NotFound
+from meshserve.inference.vocabulary import SHIPPING_SIZES, VIOLATIONS
 from meshserve.training import catalogue as cat
 
 
@@ -35,10 +37,10 @@ def test_fields_are_sane() -> None:
     ids = [it.item_id for it in items]
     assert ids == list(range(300))
     assert all(it.price > 0 and it.weight_kg > 0 and it.width_cm > 0 for it in items)
-    assert all(it.shipping_size in cat.SHIPPING_SIZES for it in items)
+    assert all(it.shipping_size in SHIPPING_SIZES for it in items)
     times = [it.listed_at for it in items]
     assert times == sorted(times)  # listings arrive in id order
-    for v in cat.VIOLATIONS:
+    for v in VIOLATIONS:
         rate = sum(it.label(v) for it in items) / len(items)
         assert 0.04 < rate < 0.25, (v, rate)
     with pytest.raises(InvalidInput):
@@ -47,7 +49,7 @@ def test_fields_are_sane() -> None:
 
 def test_violation_cues_are_informative_but_noisy() -> None:
     items = cat.generate_items(1500)
-    for v in cat.VIOLATIONS:
+    for v in VIOLATIONS:
         strong = cat._CUES[v]["strong"]
         has_cue = [any(s.lower() in (it.title + " " + it.description).lower() for s in strong)
                    for it in items]
@@ -59,7 +61,7 @@ def test_violation_cues_are_informative_but_noisy() -> None:
 
 def test_store_round_trip_and_queries(tmp_path: Path) -> None:
     path = cat.build_catalogue(50, seed=3, home=tmp_path)
-    assert path == tmp_path / cat.CATALOGUE_FILE
+    assert path == tmp_path / warehouse.CATALOGUE_FILE
     items = cat.load_items(tmp_path)
     assert items == cat.generate_items(50, seed=3)
     assert cat.get_item(7, tmp_path) == items[7]

@@ -23,10 +23,10 @@ import pytest
 import yaml
 
 from meshserve.cli import build_parser
+from meshserve.inference import artifacts, shards
 from meshserve.registry.config import DEFAULT_CONSUL_HTTP_ADDR, SERVICE_NAMES, RegistryConfig
 from meshserve.servers.cli import KINDS
 from meshserve.servers.servicer import SERVICE_NAME as PREDICTION_SERVICE
-from meshserve.training import artifacts, shards
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

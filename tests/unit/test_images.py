@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from meshserve.errors import InvalidInput
-from meshserve.servers.images import ImageLimits, clip_boxes, decode_image, probe
+from meshserve.wire.images import ImageLimits, clip_boxes, decode_image, probe
 
 
 def encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -135,7 +135,7 @@ def test_bomb_refused_without_allocating() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (1500 * 2**20, 1500 * 2**20))
         from PIL import Image
         from meshserve.errors import InvalidInput
-        from meshserve.servers.images import ImageLimits, decode_image
+        from meshserve.wire.images import ImageLimits, decode_image
         from tests.unit.test_images import png_bomb
         data = png_bomb()
         Image.MAX_IMAGE_PIXELS = None

@@ -12,22 +12,20 @@ import torch
 from torch import nn
 
 from meshserve.errors import InvalidInput
-from meshserve.training.datasets import PhotoSet
-from meshserve.training.detector import CONFIG_FILE, Detector, DetectorConfig
-from meshserve.training.embedder import EmbedNet, pooled_dim, to_tensor
-from meshserve.training.refiner import (
+from meshserve.inference.crops import crop
+from meshserve.inference.detector import CONFIG_FILE, Detector, DetectorConfig
+from meshserve.inference.embedder import EmbedNet, pooled_dim, to_tensor
+from meshserve.inference.refiner import (
     ASPECT_SPREAD,
     REFINE_PAD,
     SURE,
     BoxRefiner,
-    RefinerSchedule,
     apply_deltas,
-    box_deltas,
     box_shape,
-    training_samples,
     unmirror,
 )
-from meshserve.training.render import crop
+from meshserve.training.datasets import PhotoSet
+from meshserve.training.refiner import RefinerSchedule, box_deltas, training_samples
 
 
 def test_deltas_round_trip_and_stay_inside_the_image() -> None:

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from meshserve.errors import InvalidInput
+from meshserve.inference.crops import crop
 from meshserve.training.catalogue import generate_items
-from meshserve.training.render import RenderConfig, crop, draw_product, render_photo
+from meshserve.training.render import RenderConfig, draw_product, render_photo
 
 ITEMS = generate_items(40)
 

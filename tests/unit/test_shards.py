@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshserve.training.shards import (
+from meshserve.inference.shards import (
     HnswParams,
     ShardError,
     build_shard,

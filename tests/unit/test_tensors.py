@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from meshserve.errors import InvalidInput
-from meshserve.servers import tensors
-from meshserve.servers.model import NUMERIC_DTYPES, ParamSpec, Signature, TensorSpec
 from meshserve.v1 import prediction_pb2, tensor_pb2
+from meshserve.wire import tensors
+from meshserve.wire.signature import NUMERIC_DTYPES, ParamSpec, Signature, TensorSpec
 
 SIG = Signature(
     inputs=(

@@ -10,10 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from meshserve.inference.detector import Detector, DetectorConfig
+from meshserve.inference.embedder import Embedder, EmbedderConfig
+from meshserve.servers.detector import DetectorModel
+from meshserve.servers.embedder import EmbedderModel
 from meshserve.training.catalogue import generate_items
-from meshserve.training.detector import Detector, DetectorConfig, train_detector
-from meshserve.training.embedder import Embedder, EmbedderConfig, train_embedder
+from meshserve.training.detector import train_detector
+from meshserve.training.embedder import train_embedder
 from meshserve.training.render import render_photo
+from meshserve.wire.signatures import card_signature
 
 ITEMS = generate_items(32)
 
@@ -33,7 +38,11 @@ def test_tiny_detector_learns_and_reloads_bit_for_bit(tmp_path: Path) -> None:
     card = json.loads((out / "card.json").read_text())
     assert card["kind"] == "detector" and card["data_seed"] == 9
     assert card["metrics"]["ap50"] == metrics["ap50"]
-    assert card["signature"]["outputs"]["boxes"]["shape"] == [-1, 4]
+    boxes_out = next(spec for spec in card["signature"]["outputs"] if spec["name"] == "boxes")
+    cfg = DetectorConfig.tiny()
+    assert boxes_out["shape"] == [-1, cfg.max_detections * cfg.labels_per_box, 4]
+    # the card documents exactly the signature the detector server serves
+    assert card["signature"] == card_signature(DetectorModel(str(out)).signature)
 
     det = Detector.load(out)
     photos = [render_photo(it, 77).image for it in ITEMS[:3]]
@@ -64,7 +73,8 @@ def test_tiny_embedder_learns_same_item_retrieval(tmp_path: Path) -> None:
     chance = 10 / len(ITEMS)
     assert metrics["recall@10"] > chance + 0.15, metrics
     card = json.loads((out / "card.json").read_text())
-    assert card["kind"] == "embedder" and card["signature"]["dim"] == cfg.dim
+    assert card["kind"] == "embedder" and card["signature"]["outputs"][0]["shape"] == [-1, -1, cfg.dim]
+    assert card["signature"] == card_signature(EmbedderModel(str(out)).signature)
     assert "histogram_recall@10" in card["metrics"]
 
     emb = Embedder.load(out)
@@ -80,8 +90,8 @@ def test_tiny_embedder_learns_same_item_retrieval(tmp_path: Path) -> None:
 
 
 def test_detnet_starts_from_the_crop_network() -> None:
-    from meshserve.training.detector import DetNet
-    from meshserve.training.embedder import EmbedNet
+    from meshserve.inference.detector import DetNet
+    from meshserve.inference.embedder import EmbedNet
 
     crop_net = EmbedNet(32, 8)
     det = DetNet.from_crop_net(crop_net, 8, n_classes=16)
@@ -98,7 +108,7 @@ def test_detnet_starts_from_the_crop_network() -> None:
 
 def test_a_detector_of_an_older_layout_is_refused_with_the_reason(tmp_path: Path) -> None:
     from meshserve.errors import InvalidInput
-    from meshserve.training.detector import CONFIG_FILE, outdated
+    from meshserve.inference.detector import CONFIG_FILE, outdated
 
     out = tmp_path / "det"
     Detector.untrained(DetectorConfig.tiny()).save(out)

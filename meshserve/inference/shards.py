@@ -42,7 +42,7 @@ DEFAULT_PARAMS = HnswParams()
 
 @dataclass(frozen=True)
 class ShardManifest:
-    """What a shard is; its fields become the indexer's registry meta (ARCHITECTURE.md)."""
+    """What a shard is; its fields become the indexer's registry meta (docs/architecture.md)."""
 
     index: str  # e.g. "catalogue"
     shard: str  # shard id, unique within the index

@@ -17,9 +17,9 @@ from meshserve.gateway.photo_search import Match, merge_top_k, select_detections
 
 class InProcessSearch:
     def __init__(self, detector_dir: Path, embedder_dir: Path, shard_dirs: Sequence[Path], max_detections: int = 16):
-        from meshserve.training.detector import Detector
-        from meshserve.training.embedder import Embedder
-        from meshserve.training.shards import load_shard
+        from meshserve.inference.detector import Detector
+        from meshserve.inference.embedder import Embedder
+        from meshserve.inference.shards import load_shard
 
         self.detector = Detector.load(detector_dir)
         self.embedder = Embedder.load(embedder_dir)

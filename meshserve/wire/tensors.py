@@ -12,16 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from meshserve.errors import InvalidInput
-from meshserve.servers.model import (
-    BYTES,
-    Array,
-    Arrays,
-    ParamSpec,
-    ParamValue,
-    Signature,
-    TensorSpec,
-)
 from meshserve.v1 import prediction_pb2, tensor_pb2
+from meshserve.wire.signature import BYTES, Array, Arrays, ParamSpec, ParamValue, Signature, TensorSpec
 
 DT = tensor_pb2.DataType
 _NAME_TO_ENUM: dict[str, tensor_pb2.DataType] = {

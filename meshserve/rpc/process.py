@@ -1,0 +1,201 @@
+"""GrpcProcess: the lifecycle every meshserve server shares, model servers and the gateway alike.
+
+listen (health NOT_SERVING) → workload.start() (load and warm, or discover) → SERVING → register in
+Consul and stay registered → … SIGTERM/SIGINT → NOT_SERVING → deregister → drain in-flight calls
+within the grace period → stop the server → workload.close() → exit code.
+
+The workload says what is served and what starting and draining mean for it; the process owns the
+grpc.aio server, health, reflection, the interceptor, signals and registration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from meshserve import telemetry
+from meshserve.errors import InvalidInput
+from meshserve.registry.config import RegistryConfig, ServiceInstance
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class Workload(Protocol):
+    """What one process serves, and its part of the lifecycle."""
+
+    @property
+    def services(self) -> Sequence[str]:
+        """Full gRPC service names; health reports each of them and the whole server ("")."""
+
+    def add_to_server(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self) -> None:
+        """Get ready to serve (load and warm a model, discover routes). Raising stops the process."""
+
+    def instance(self, port: int) -> ServiceInstance:
+        """How this process registers in Consul once it serves on `port`."""
+
+    def begin_draining(self) -> None:
+        """Stop admitting new calls; calls already admitted finish."""
+
+    def in_flight(self) -> int:
+        """Admitted calls not finished yet (the drain waits for them within the grace period)."""
+
+    async def close(self) -> None:
+        """Release what start() took, after the server stopped."""
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """How the process listens, traces, registers and stops. Built from a model server's or the
+    gateway's own config."""
+
+    service_name: str  # Consul service name, also the trace's service.name
+    host: str
+    port: int
+    max_message_bytes: int
+    grace_s: float
+    registry: RegistryConfig | None  # None: do not register
+    resync_interval_s: float = 10.0
+    port_file: Path | None = None
+    trace_file: Path | None = None
+
+
+class GrpcProcess:
+    """Runs one workload behind grpc.aio until told to stop."""
+
+    def __init__(self, workload: Workload, config: ProcessConfig, interceptors: Sequence[grpc.aio.ServerInterceptor]):
+        self.workload = workload
+        self.config = config
+        self.port = 0
+        self._interceptors = tuple(interceptors)
+        self._stop = asyncio.Event()
+        self._registered_id: str | None = None
+        self._exit_code = 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (or request_stop()); return the exit code."""
+        cfg = self.config
+        telemetry.setup_tracing(telemetry.TracingConfig.from_env(cfg.service_name, cfg.trace_file))
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a port already taken fails loudly instead of being shared
+        ]
+        server = grpc.aio.server(interceptors=self._interceptors, options=options)
+        self.workload.add_to_server(server)
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        services = tuple(self.workload.services)
+        reflection.enable_server_reflection((*services, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+        for name in ("", *services):
+            await health.set(name, NOT_SERVING)
+        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        await server.start()
+        log.info("listening on %s:%d (%s)", cfg.host, self.port, ", ".join(services))
+        if cfg.port_file is not None:
+            cfg.port_file.write_text(f"{self.port}\n")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        registration: asyncio.Task[None] | None = None
+        try:
+            if await self._start() and not self._stop.is_set():
+                for name in ("", *services):
+                    await health.set(name, SERVING)
+                log.info("serving on port %d", self.port)
+                if cfg.registry is not None:
+                    registration = asyncio.create_task(self._register_until_done(cfg.registry))
+                await self._stop.wait()
+        finally:
+            await self._shutdown(server, health, registration)
+        return self._exit_code
+
+    async def _start(self) -> bool:
+        """workload.start(), unless stopped first; a stop during start waits for it to finish."""
+        began = time.perf_counter()
+        start = asyncio.ensure_future(self.workload.start())
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait((start, stop), return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not start.done():
+            log.warning("stop requested while starting; exiting after start finishes")
+        try:
+            await start
+        except Exception as exc:  # never registered, never SERVING: say why and exit non-zero
+            log.exception("failed to start: %s", exc)
+            self._exit_code = 1
+            self._stop.set()
+            return False
+        log.info("ready in %.2fs", time.perf_counter() - began)
+        return True
+
+    async def _register_until_done(self, registry: RegistryConfig) -> None:
+        """Register once ready and stay registered (re-registering if the agent forgets us);
+        while Consul is away, keep trying and keep serving."""
+        from meshserve.registry.keeper import keep_registered
+
+        instance = self.workload.instance(self.port)
+
+        def registered() -> None:
+            self._registered_id = instance.instance_id
+
+        try:
+            await keep_registered(registry, instance, self._stop, self.config.resync_interval_s, registered)
+        except InvalidInput as exc:  # retrying cannot fix it: say so and stop
+            log.error("cannot register: %s", exc)
+            self._exit_code = 2
+            self._stop.set()
+
+    async def _deregister(self) -> None:
+        if self._registered_id is None or self.config.registry is None:
+            return
+        from meshserve.registry import client
+
+        try:
+            await asyncio.wait_for(client.deregister(self.config.registry, self._registered_id), timeout=3.0)
+        except Exception as exc:  # Consul's critical-check reaper will remove it later
+            log.warning("deregister of %s failed: %s", self._registered_id, exc)
+
+    async def _shutdown(
+        self,
+        server: grpc.aio.Server,
+        health: health_aio.HealthServicer,
+        registration: asyncio.Task[None] | None,
+    ) -> None:
+        deadline = time.monotonic() + self.config.grace_s
+        log.info("stopping: NOT_SERVING, deregistering, draining %d in-flight call(s)", self.workload.in_flight())
+        self.workload.begin_draining()
+        await health.enter_graceful_shutdown()
+        if registration is not None:
+            registration.cancel()
+            await asyncio.gather(registration, return_exceptions=True)
+        await self._deregister()
+        # Health and reflection keep answering while admitted calls finish; new calls get
+        # UNAVAILABLE from the draining workload, so callers retry on another replica.
+        while self.workload.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.workload.in_flight():
+            log.warning("grace period over with %d call(s) still in flight", self.workload.in_flight())
+        await server.stop(max(0.0, deadline - time.monotonic()))
+        await self.workload.close()
+        telemetry.shutdown_tracing()
+        log.info("stopped")
