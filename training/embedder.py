@@ -145,6 +145,7 @@ def train_crop_net(cfg: EmbedderConfig, items: Sequence[Item], *, progress: bool
     key = hashlib.sha256(repr((CROP_NET_FORMAT, training,
                                [(i.item_id, i.look) for i in items])).encode())
     path = meshserve_home() / "cache" / "cropnet" / f"{key.hexdigest()[:24]}.pt"
+    torch.manual_seed(cfg.seed)  # the initial weights too: this torch seeds each process at random
     net = EmbedNet(cfg.dim, cfg.width)
     heads = attribute_heads(cfg)
     if path.is_file():
