@@ -7,6 +7,7 @@ lifecycle itself is meshserve/rpc/process.py's.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import socket
 import sys
@@ -22,6 +23,8 @@ from meshserve.servers.batching import Admission, Batcher, BatchingConfig
 from meshserve.servers.metrics import ServerMetrics
 from meshserve.servers.model import Model
 from meshserve.servers.servicer import SERVICE_NAME, PredictionServicer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class ModelServer:
         await self._batcher.run_on_model_thread(self.model.warmup)
         self._batcher.start()
         self._servicer.mark_ready()
+        log.info("model %s %s loaded and warm", self.model.name, self.model.version)
 
     def instance(self, port: int) -> ServiceInstance:
         cfg = self.config

@@ -13,14 +13,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support import ManagedProcess, free_port, meshserve_argv, wait_until
+from tests.support import ManagedProcess, descendants, free_port, meshserve_argv, wait_until
 
 SMALL_MESH = ("--detectors", "1", "--embedders", "1", "--shards", "2")
 UP_TIMEOUT_S = 300  # eight servers importing torch at once on a shared 2-core box
@@ -28,24 +27,6 @@ STOP_TIMEOUT_S = 120
 
 
 # -- processes and ports, read from /proc and the loopback ------------------------------------
-
-
-def descendants(root: int) -> set[int]:
-    """Every live process below `root`, from the parent links in /proc/*/stat."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone while we looked
-        children[int(fields[1])].append(int(stat.parent.name))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def running_meshserve(pid: int) -> bool:
