@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from prometheus_client import start_http_server
+from prometheus_client import Counter, Histogram, start_http_server
 
 from meshserve.gateway.enrich import CatalogueEnricher
 from meshserve.gateway.photo_search import PhotoSearch, SearchConfig
 from meshserve.gateway.policy import default_policies
 from meshserve.gateway.routes import RouteTable
-from meshserve.gateway.servicer import LATENCY, REQUESTS, PhotoSearchServicer
+from meshserve.gateway.servicer import PhotoSearchServicer
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig, ServiceInstance
 from meshserve.rpc.interceptor import StatusInterceptor
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
@@ -22,6 +22,9 @@ from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
 log = logging.getLogger(__name__)
 
 PHOTO_SEARCH = photo_search_pb2.DESCRIPTOR.services_by_name["PhotoSearch"].full_name
+REQUESTS = Counter("meshserve_gateway_requests_total", "Gateway requests by method and status", ["method", "code"])
+LATENCY = Histogram("meshserve_gateway_latency_seconds", "Gateway request latency", ["method"],
+                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The gateway's gRPC face: SearchRequest ↔ SearchQuery/SearchResult and the caller's deadline.
 
-Errors, spans and the request metrics below are the process's StatusInterceptor's job.
+Errors, spans and request metrics are the process's StatusInterceptor's job (gateway/server.py).
 """
 
 from __future__ import annotations
@@ -9,14 +9,9 @@ import time
 
 import grpc
 from opentelemetry import trace
-from prometheus_client import Counter, Histogram
 
 from meshserve.gateway.photo_search import PhotoSearch, SearchQuery, SearchResult
 from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
-
-REQUESTS = Counter("meshserve_gateway_requests_total", "Gateway requests by method and status", ["method", "code"])
-LATENCY = Histogram("meshserve_gateway_latency_seconds", "Gateway request latency", ["method"],
-                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))  # fmt: skip
 
 
 class PhotoSearchServicer(photo_search_pb2_grpc.PhotoSearchServicer):
