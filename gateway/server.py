@@ -15,7 +15,6 @@ from meshserve.gateway.policy import default_policies
 from meshserve.gateway.routes import RouteTable
 from meshserve.gateway.servicer import PhotoSearchServicer
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig, ServiceInstance
-from meshserve.rpc.interceptor import StatusInterceptor
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
 from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
 
@@ -101,5 +100,4 @@ async def run_gateway(config: GatewayConfig) -> int:
         registry=config.registry if config.register else None, port_file=config.port_file,
         trace_file=config.trace_file,
     )  # fmt: skip
-    interceptor = StatusInterceptor(Gateway.services, observe_request)
-    return await GrpcProcess(Gateway(config), process, (interceptor,)).run()
+    return await GrpcProcess(Gateway(config), process, observe_request).run()

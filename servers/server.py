@@ -17,7 +17,6 @@ from pathlib import Path
 import grpc
 
 from meshserve.registry.config import RegistryConfig, ServiceInstance
-from meshserve.rpc.interceptor import StatusInterceptor
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
 from meshserve.servers.batching import Admission, Batcher, BatchingConfig
 from meshserve.servers.metrics import ServerMetrics
@@ -73,17 +72,17 @@ class ModelServer:
         self.config = config
         self.metrics = ServerMetrics(model.name, model.version)
         self.services = (SERVICE_NAME,)
-        self._batcher: Batcher | None = None
         self._admission = Admission(config.batching.max_inflight)
-        self._servicer: PredictionServicer | None = None
+        self._batcher = Batcher(model, config.batching, self.metrics)
+        self._servicer = PredictionServicer(model, self._batcher, self._admission, config.batching.max_batch_size)
+        self.metrics.watch_inflight(lambda: self._admission.count)
         process = ProcessConfig(
             service_name=config.service_name, host=config.host, port=config.port,
             max_message_bytes=config.max_message_bytes, grace_s=config.grace_s,
             registry=config.registry if config.register else None,
             resync_interval_s=config.resync_interval_s, port_file=config.port_file, trace_file=config.trace_file,
         )  # fmt: skip
-        interceptor = StatusInterceptor(self.services, self.metrics.request_done, {"model": model.name})
-        self._process = GrpcProcess(self, process, (interceptor,))
+        self._process = GrpcProcess(self, process, self.metrics.request_done, {"model": model.name})
 
     @property
     def port(self) -> int:
@@ -98,19 +97,14 @@ class ModelServer:
         keep_message_buffers(cfg.max_message_bytes)
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.metrics_port)
-        self._batcher = Batcher(self.model, cfg.batching, self.metrics)
-        self.metrics.watch_inflight(lambda: self._admission.count)
-        self._servicer = PredictionServicer(self.model, self._batcher, self._admission, cfg.batching.max_batch_size)
         return await self._process.run()
 
     # -- the Workload protocol (meshserve.rpc.process) ---------------------------------------
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        assert self._servicer is not None
         self._servicer.add_to_server(server)
 
     async def start(self) -> None:
-        assert self._batcher is not None and self._servicer is not None
         try:
             await self._batcher.run_on_model_thread(self.model.load)
         except Exception as exc:
@@ -138,15 +132,13 @@ class ModelServer:
         )
 
     def begin_draining(self) -> None:
-        if self._servicer is not None:
-            self._servicer.draining = True
+        self._servicer.draining = True
 
     def in_flight(self) -> int:
         return self._admission.count
 
     async def close(self) -> None:
-        if self._batcher is not None:
-            await self._batcher.close()
+        await self._batcher.close()
 
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt() parameters (malloc.h)

@@ -43,7 +43,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         self._observe = observe
         self._span_attributes = dict(span_attributes or {})
         self._tracer = trace.get_tracer("meshserve.rpc")
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,

@@ -5,7 +5,8 @@ Consul and stay registered → … SIGTERM/SIGINT → NOT_SERVING → deregister
 within the grace period → stop the server → workload.close() → exit code.
 
 The workload says what is served and what starting and draining mean for it; the process owns the
-grpc.aio server, health, reflection, the interceptor, signals and registration.
+grpc.aio server, health, reflection, the StatusInterceptor over the workload's services, signals
+and registration.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from meshserve import telemetry
 from meshserve.errors import InvalidInput
 from meshserve.registry.config import RegistryConfig, ServiceInstance
+from meshserve.rpc.interceptor import Observe, StatusInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +81,19 @@ class ProcessConfig:
 class GrpcProcess:
     """Runs one workload behind grpc.aio until told to stop."""
 
-    def __init__(self, workload: Workload, config: ProcessConfig, interceptors: Sequence[grpc.aio.ServerInterceptor]):
+    def __init__(
+        self,
+        workload: Workload,
+        config: ProcessConfig,
+        observe: Observe,
+        span_attributes: Mapping[str, str] | None = None,
+    ):
+        """`observe(method, status, seconds)` counts every call of the workload's services;
+        `span_attributes` go on each of their server spans."""
         self.workload = workload
         self.config = config
         self.port = 0
-        self._interceptors = tuple(interceptors)
+        self._interceptor = StatusInterceptor(workload.services, observe, span_attributes)
         self._stop = asyncio.Event()
         self._registered_id: str | None = None
         self._exit_code = 0
@@ -100,7 +110,7 @@ class GrpcProcess:
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a port already taken fails loudly instead of being shared
         ]
-        server = grpc.aio.server(interceptors=self._interceptors, options=options)
+        server = grpc.aio.server(interceptors=(self._interceptor,), options=options)
         self.workload.add_to_server(server)
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
