@@ -1,4 +1,4 @@
-"""Regenerate the committed stubs in meshserve/v1/ from protos/: `python -m meshserve.codegen`."""
+"""Regenerate the committed stubs (meshserve/v1/, meshserve/oip/) from protos/: `python -m meshserve.codegen`."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "protos"
 PROTO_PACKAGE = Path("meshserve") / "v1"
+# Open Inference Protocol v2: proto package `inference` (what its clients call), stubs in meshserve.oip
+OIP_PACKAGE = Path("meshserve") / "oip"
+PROTO_PACKAGES = (PROTO_PACKAGE, OIP_PACKAGE)
 
 
 def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
     """Every .proto of the contract, relative to the proto root (so imports read meshserve.v1.*)."""
-    return sorted(p.relative_to(proto_root) for p in (proto_root / PROTO_PACKAGE).glob("*.proto"))
+    return sorted(p.relative_to(proto_root) for pkg in PROTO_PACKAGES for p in (proto_root / pkg).glob("*.proto"))
 
 
 def generate(out_root: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
-    """Write *_pb2.py, *_pb2.pyi, *_pb2_grpc.py under out_root/meshserve/v1/; return them."""
+    """Write *_pb2.py, *_pb2.pyi, *_pb2_grpc.py beside each proto's path under out_root; return them."""
     # grpcio-tools is a dev dependency: only codegen needs it.
     import grpc_tools
     from grpc_tools import protoc
@@ -25,7 +28,8 @@ def generate(out_root: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     files = proto_files(proto_root)
     if not files:
         raise FileNotFoundError(f"no .proto files under {proto_root / PROTO_PACKAGE}")
-    (out_root / PROTO_PACKAGE).mkdir(parents=True, exist_ok=True)
+    for pkg in PROTO_PACKAGES:
+        (out_root / pkg).mkdir(parents=True, exist_ok=True)
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     argv = [
         "grpc_tools.protoc",
@@ -43,10 +47,9 @@ def generate(out_root: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
 
 
 def generated_files(out_root: Path) -> list[Path]:
-    """The generated stubs under out_root/meshserve/v1/, sorted."""
-    pkg = out_root / PROTO_PACKAGE
+    """The generated stubs under out_root/meshserve/v1/ and out_root/meshserve/oip/, sorted."""
     suffixes = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
-    return sorted(p for p in pkg.iterdir() if p.name.endswith(suffixes))
+    return sorted(p for pkg in PROTO_PACKAGES for p in (out_root / pkg).iterdir() if p.name.endswith(suffixes))
 
 
 def main(argv: list[str] | None = None) -> int:
