@@ -79,7 +79,8 @@ def add_commands(subparsers: Any) -> None:
     serve = subparsers.add_parser(
         "serve",
         help="run a model server of one kind",
-        description="Run one model as a gRPC PredictionService server registered in Consul.",
+        description="Run one model as a gRPC PredictionService server registered in Consul "
+        "(it also speaks the Open Inference Protocol v2: inference.GRPCInferenceService).",
     )
     kinds = serve.add_subparsers(dest="kind", metavar="KIND", required=True)
     for name, kind in KINDS.items():
@@ -106,6 +107,12 @@ def _add_common_arguments(parser: argparse.ArgumentParser, kind: Kind) -> None:
         "address when binding 0.0.0.0)",
     )
     net.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    net.add_argument(
+        "--http-port", type=int,
+        help="also serve the Open Inference Protocol v2 REST form (/v2/…, as Triton/KServe HTTP "
+        "clients call it) on this port (0: any free port; default: off). The gRPC port always "
+        "speaks it too (inference.GRPCInferenceService)",
+    )  # fmt: skip
     net.add_argument(
         "--max-message-bytes",
         type=int,
@@ -211,6 +218,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_message_bytes=args.max_message_bytes,
             grace_s=args.grace,
             metrics_port=args.metrics_port,
+            http_port=args.http_port,
             register=not args.no_register,
             registry=registry,
             instance_id=args.instance_id,

@@ -21,6 +21,7 @@ from meshserve.rpc.process import GrpcProcess, ProcessConfig
 from meshserve.servers.batching import Admission, Batcher, BatchingConfig
 from meshserve.servers.metrics import ServerMetrics
 from meshserve.servers.model import Model
+from meshserve.servers.oip import OIP_SERVICE_NAME, OipServicer
 from meshserve.servers.servicer import SERVICE_NAME, PredictionServicer
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class ServerConfig:
     max_message_bytes: int = 8 * 1024 * 1024
     grace_s: float = 10.0  # drain budget after SIGTERM
     metrics_port: int | None = None
+    http_port: int | None = None  # Open Inference Protocol over HTTP/REST on this port (None: off)
     register: bool = True
     registry: RegistryConfig | None = None
     instance_id: str | None = None
@@ -71,10 +73,12 @@ class ModelServer:
         self.model = model
         self.config = config
         self.metrics = ServerMetrics(model.name, model.version)
-        self.services = (SERVICE_NAME,)
+        self.services = (SERVICE_NAME, OIP_SERVICE_NAME)
         self._admission = Admission(config.batching.max_inflight)
         self._batcher = Batcher(model, config.batching, self.metrics)
         self._servicer = PredictionServicer(model, self._batcher, self._admission, config.batching.max_batch_size)
+        self._oip = OipServicer(self._servicer)
+        self._http_port = config.http_port  # the bound one once listening (config may say 0: any)
         self.metrics.watch_inflight(lambda: self._admission.count)
         process = ProcessConfig(
             service_name=config.service_name, host=config.host, port=config.port,
@@ -97,12 +101,22 @@ class ModelServer:
         keep_message_buffers(cfg.max_message_bytes)
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.metrics_port)
-        return await self._process.run()
+        if cfg.http_port is None:
+            return await self._process.run()
+        from meshserve.servers.oip_http import OipHttp
+
+        http = OipHttp(self._oip, self.metrics, cfg.host, cfg.http_port, cfg.max_message_bytes)
+        self._http_port = await http.start()  # before the model loads: health answers "not ready" meanwhile
+        try:
+            return await self._process.run()
+        finally:
+            await http.stop()
 
     # -- the Workload protocol (meshserve.rpc.process) ---------------------------------------
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         self._servicer.add_to_server(server)
+        self._oip.add_to_server(server)
 
     async def start(self) -> None:
         try:
@@ -119,6 +133,7 @@ class ModelServer:
         address = cfg.registered_address
         meta = {"model": self.model.name, "version": self.model.version, "role": self.model.role}
         meta.update(self.model.meta())
+        meta.update(protocol_meta(self._http_port))
         return ServiceInstance(
             name=cfg.service_name,
             instance_id=cfg.instance_id or f"{cfg.service_name}-{address}-{port}",
@@ -139,6 +154,18 @@ class ModelServer:
 
     async def close(self) -> None:
         await self._batcher.close()
+
+
+PROTOCOLS_META = "protocols"  # registry meta key: what the server speaks, comma-separated
+HTTP_PORT_META = "http_port"  # registry meta key: the OIP HTTP port, when there is one
+
+
+def protocol_meta(http_port: int | None) -> dict[str, str]:
+    """Registry meta naming the protocols on the gRPC port (and the HTTP port when served)."""
+    protocols = ["meshserve-v1", "oip-v2-grpc"]
+    if http_port is None:
+        return {PROTOCOLS_META: ",".join(protocols)}
+    return {PROTOCOLS_META: ",".join([*protocols, "oip-v2-http"]), HTTP_PORT_META: str(http_port)}
 
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt() parameters (malloc.h)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Collection
 
 import grpc
 
@@ -16,8 +17,12 @@ from meshserve.servers.batching import Admission, Batcher
 from meshserve.servers.model import Model
 from meshserve.v1 import prediction_pb2, prediction_pb2_grpc
 from meshserve.wire import tensors
+from meshserve.wire.signature import Arrays, ParamValue, Signature
 
 SERVICE_NAME = prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
+# What a protocol's request decodes to: inputs, parameters, and the outputs wanted (None: all).
+Decoded = tuple[Arrays, dict[str, ParamValue], Collection[str] | None]
+Decode = Callable[[Signature], Decoded]
 
 
 class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
@@ -66,21 +71,9 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
     async def Predict(
         self, request: prediction_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> tensors.Reply | prediction_pb2.PredictResponse:
-        # Admission first: refusing must stay cheap, so nothing is decoded before it.
-        self.admission.acquire()
-        try:
-            if not self.ready or self.draining:
-                raise NotReady("model server is " + ("draining" if self.draining else "loading"))
-            self._check_model(request.model_name, request.model_version)
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            signature = self.model.signature
+        def decode(signature: Signature) -> Decoded:
             inputs = tensors.decode_inputs(request.inputs, signature)
             params = tensors.decode_params(request.parameters, signature)
-            if self.model.check_off_loop:
-                await asyncio.get_running_loop().run_in_executor(None, self.model.check, inputs, params)
-            else:
-                self.model.check(inputs, params)
             output_filter = request.output_filter
             wanted = set(output_filter) if output_filter else None
             if wanted:
@@ -90,27 +83,49 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                     raise InvalidInput(
                         f"output_filter: unknown outputs {sorted(unknown)}; known {sorted(known)}"
                     )
+            return inputs, params, wanted
+
+        outputs = await self.infer(request.model_name, request.model_version, decode, context.time_remaining())
+        header = prediction_pb2.PredictResponse(
+            model_name=self.model.name,
+            model_version=self.model.version,
+            request_id=request.request_id,
+        )
+        return tensors.reply(header, outputs)
+
+    async def infer(self, name: str, version: str, decode: Decode, remaining: float | None) -> Arrays:
+        """The one path of a call, whatever its protocol (Predict, OIP over gRPC or HTTP): admit,
+        check readiness and the model asked for, decode against the signature, let the model
+        refuse, batch within the caller's deadline (`remaining` seconds; None: no deadline),
+        keep the outputs asked for."""
+        # Admission first: refusing must stay cheap, so nothing is decoded before it.
+        self.admission.acquire()
+        try:
+            if not self.ready or self.draining:
+                raise NotReady("model server is " + ("draining" if self.draining else "loading"))
+            self.check_model(name, version)
+            deadline = None if remaining is None else time.monotonic() + remaining
+            inputs, params, wanted = decode(self.model.signature)
+            if self.model.check_off_loop:
+                await asyncio.get_running_loop().run_in_executor(None, self.model.check, inputs, params)
+            else:
+                self.model.check(inputs, params)
             outputs = await self.batcher.submit(inputs, params, deadline)
             if wanted:
                 outputs = {name: value for name, value in outputs.items() if name in wanted}
-            header = prediction_pb2.PredictResponse(
-                model_name=self.model.name,
-                model_version=self.model.version,
-                request_id=request.request_id,
-            )
-            return tensors.reply(header, outputs)
+            return outputs
         finally:
             self.admission.release()
 
     async def GetModelMetadata(
         self, request: prediction_pb2.GetModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> prediction_pb2.ModelMetadata:
-        self._check_model(request.model_name, "")
+        self.check_model(request.model_name, "")
         if self._metadata is None:
             raise NotReady("model server is loading")
         return self._metadata
 
-    def _check_model(self, name: str, version: str) -> None:
+    def check_model(self, name: str, version: str) -> None:
         if name and name != self.model.name:
             raise NotFound(f"model_name: {name!r} is not served here (this is {self.model.name!r})")
         if version and version != self.model.version:

@@ -88,15 +88,7 @@ def decode_tensor(tensor: tensor_pb2.Tensor, spec: TensorSpec) -> Array:
     if dtype != spec.dtype:
         raise InvalidInput(f"{field}.dtype: got {dtype_name(tensor.dtype)}, expected {spec.dtype}")
     shape = tuple(tensor.shape)
-    if len(shape) != len(spec.shape):
-        raise InvalidInput(
-            f"{field}.shape: rank {len(shape)} {list(shape)}, expected rank {len(spec.shape)} "
-            f"{list(spec.shape)}"
-        )
-    bounds = spec.max_shape or (0,) * len(shape)
-    for i, (got, want, bound) in enumerate(zip(shape, spec.shape, bounds, strict=True)):
-        if got <= 0 or (want != -1 and got != want) or (bound and got > bound):
-            _bad_dim(field, i, got, want, bound)
+    check_shape(field, shape, spec)
     count = math.prod(shape)
     if dtype == BYTES:
         return _decode_bytes(tensor, spec, field, count)
@@ -111,6 +103,19 @@ def decode_tensor(tensor: tensor_pb2.Tensor, spec: TensorSpec) -> Array:
     if tensor.elements:
         raise InvalidInput(f"{field}.elements: only BYTES tensors use elements")
     return np.frombuffer(content, dtype=np_dtype).reshape(shape)
+
+
+def check_shape(field: str, shape: tuple[int, ...], spec: TensorSpec) -> None:
+    """Rank, fixed dimensions and bounds of one input's shape (Predict and OIP alike)."""
+    if len(shape) != len(spec.shape):
+        raise InvalidInput(
+            f"{field}.shape: rank {len(shape)} {list(shape)}, expected rank {len(spec.shape)} "
+            f"{list(spec.shape)}"
+        )
+    bounds = spec.max_shape or (0,) * len(shape)
+    for i, (got, want, bound) in enumerate(zip(shape, spec.shape, bounds, strict=True)):
+        if got <= 0 or (want != -1 and got != want) or (bound and got > bound):
+            _bad_dim(field, i, got, want, bound)
 
 
 def _bad_dim(field: str, i: int, got: int, want: int, bound: int) -> None:
@@ -135,15 +140,20 @@ def _decode_bytes(tensor: tensor_pb2.Tensor, spec: TensorSpec, field: str, count
             f"{field}.elements: {len(elements)} elements, but shape {list(tensor.shape)} "
             f"needs {count}"
         )
+    check_elements(f"{field}.elements", elements, spec)
+    return elements
+
+
+def check_elements(field: str, elements: list[bytes], spec: TensorSpec) -> None:
+    """Every element of a BYTES input non-empty and within the spec's bound."""
     limit = spec.max_element_bytes
     for i, element in enumerate(elements):
         if not element:
-            raise InvalidInput(f"{field}.elements[{i}]: empty")
+            raise InvalidInput(f"{field}[{i}]: empty")
         if limit and len(element) > limit:
             raise InvalidInput(
-                f"{field}.elements[{i}]: {len(element)} bytes exceeds the maximum {limit}"
+                f"{field}[{i}]: {len(element)} bytes exceeds the maximum {limit}"
             )
-    return elements
 
 
 def decode_params(
@@ -165,11 +175,15 @@ def decode_params(
 def _param_value(name: str, value: prediction_pb2.ParameterValue, spec: ParamSpec) -> ParamValue:
     field = f"parameters[{name!r}]"
     which = value.WhichOneof("value")
-    raw: ParamValue
     if which is None:
         raise InvalidInput(f"{field}: no value set")
-    raw = getattr(value, which)
-    if spec.kind is float and which == "int_value":
+    return check_param(field, which, getattr(value, which), spec)
+
+
+def check_param(field: str, which: str, raw: ParamValue, spec: ParamSpec) -> ParamValue:
+    """One parameter value against its spec (`which` names the field it came in, for messages):
+    the right kind (an integer may stand for a float), finite and within bounds."""
+    if spec.kind is float and type(raw) is int:
         raw = float(raw)
     elif type(raw) is not spec.kind:
         raise InvalidInput(f"{field}: got {which}, expected {spec.kind.__name__}")
@@ -252,10 +266,10 @@ def reply(
             content = _content(value, tensor)
         head = tensor.SerializeToString()
         if content:
-            head += _TENSOR_CONTENT + _varint(len(content))
+            head += _TENSOR_CONTENT + varint(len(content))
         key = name.encode()
-        entry = _ENTRY_KEY + _varint(len(key)) + key + _ENTRY_VALUE + _varint(len(head) + len(content))
-        parts.append(_OUTPUTS + _varint(len(entry) + len(head) + len(content)) + entry + head)
+        entry = _ENTRY_KEY + varint(len(key)) + key + _ENTRY_VALUE + varint(len(head) + len(content))
+        parts.append(_OUTPUTS + varint(len(entry) + len(head) + len(content)) + entry + head)
         if content:
             parts.append(content)
     return Reply(parts)
@@ -285,7 +299,8 @@ def _content(value: np.ndarray, out: tensor_pb2.Tensor) -> memoryview | bytes:
     return np.ascontiguousarray(value).reshape(-1).view(np.uint8).data
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """Protobuf's base-128 varint encoding of a length."""
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)

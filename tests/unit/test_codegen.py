@@ -12,7 +12,8 @@ def test_committed_stubs_match_protos(tmp_path: Path) -> None:
     fresh = codegen.generate(tmp_path)
     committed = codegen.generated_files(codegen.REPO_ROOT)
     fresh_names = [str(p.relative_to(tmp_path)) for p in fresh]
-    assert fresh_names == [str(p.relative_to(codegen.REPO_ROOT)) for p in committed], "stub files added or removed: run codegen"
+    committed_names = [str(p.relative_to(codegen.REPO_ROOT)) for p in committed]
+    assert fresh_names == committed_names, "stub files added or removed: run codegen"
     stale = [name for name in fresh_names if (tmp_path / name).read_bytes() != (codegen.REPO_ROOT / name).read_bytes()]
     assert not stale, f"stubs drifted from protos/: {stale}; run `python -m meshserve.codegen`"
     assert len(fresh_names) == 3 * len(codegen.proto_files())
