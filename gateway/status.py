@@ -62,12 +62,13 @@ async def read_status(config: RegistryConfig) -> dict[str, Any]:
 
 def render(status: dict[str, Any]) -> str:
     lines = [f"registry {status['registry']}", ""]
-    lines.append(f"{'SERVICE':<12} {'STATUS':<9} {'VERSION':<22} {'TARGET':<22} ID")
+    lines.append(f"{'SERVICE':<12} {'STATUS':<9} {'VERSION':<22} {'TARGET':<22} ID  PROTOCOLS")
     for role, replicas in status["services"].items():
         if not replicas:
             lines.append(f"{role:<12} {'-':<9} {'':<22} {'':<22} (none registered)")
         for r in replicas:
-            lines.append(f"{role:<12} {r['status']:<9} {r['version']:<22} {r['target']:<22} {r['id']}")
+            lines.append(f"{role:<12} {r['status']:<9} {r['version']:<22} {r['target']:<22} {r['id']}"
+                         f"  {protocols(r['meta'])}")  # fmt: skip
     lines.append("")
     if not status["shard_sets"]:
         lines.append("no shards registered")
@@ -84,3 +85,10 @@ def render(status: dict[str, Any]) -> str:
         described = ", ".join(f"{k}={v}" for k, v in policy.items())
         lines.append(f"  {role:<11} {described}")
     return "\n".join(lines)
+
+
+def protocols(meta: dict[str, str]) -> str:
+    """What a replica speaks (registry meta `protocols`, "-" when it does not say), with its OIP
+    HTTP port when it has one."""
+    spoken = meta.get("protocols") or "-"
+    return f"{spoken} (http :{meta['http_port']})" if meta.get("http_port") else spoken

@@ -40,7 +40,8 @@ def servers(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     vectors = np.random.default_rng(0).normal(size=(200, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     build_shard(shard, vectors, np.arange(7000, 7200), index="catalogue", shard="s1", embedder_version="emb-1")
-    kinds = {"detector": [], "embedder": [], "classifier": ["--model", "counterfeit"], "indexer": ["--shard", str(shard)]}
+    kinds = {"detector": [], "embedder": [], "classifier": ["--model", "counterfeit"],
+             "indexer": ["--shard", str(shard)]}  # fmt: skip
     procs: list[ManagedProcess] = []
     found = {}
     try:
