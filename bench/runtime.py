@@ -14,6 +14,8 @@ Run: nice -n 10 python bench/runtime.py [--quick]
     (--max-batch-size 1) vs on (--max-batch-size 16): calls/s and the ratio.
 (c) refusal latency when --max-inflight is full, vs a bare grpc.aio server that refuses
     everything, for callers arriving spaced out and all at once.
+(d) Open Inference Protocol ModelInfer vs Predict on the same identity server, same payload,
+    called the same way, in alternating blocks: p50/p99 and the ratio (goal: within 5 % at p50).
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from meshserve.oip import grpc_predict_v2_pb2 as oip_pb2  # noqa: E402
 from meshserve.servers.server import keep_message_buffers  # noqa: E402
 from meshserve.v1 import prediction_pb2  # noqa: E402
 from meshserve.wire import tensors  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
 PREDICT = "/meshserve.v1.PredictionService/Predict"
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 ECHO = "/bench.Echo/Echo"
 ECHO_HOP = "/bench.Echo/EchoHop"
 REFUSE = "/bench.Echo/Refuse"
@@ -192,6 +196,47 @@ async def round_trip(identity_port: int, hop_port: int, echo_port: int, quick: b
         print(f"  {label:>6}  … the bare echo's executor hop alone          {h50 - b50:7.3f}")
 
 
+# -- (d) OIP ModelInfer vs Predict ------------------------------------------------------
+
+
+def _oip_payload(nbytes: int) -> bytes:
+    x = np.random.default_rng(0).standard_normal((1, nbytes // 4)).astype(np.float32)
+    request = oip_pb2.ModelInferRequest(model_name="identity")
+    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request.SerializeToString()
+
+
+async def oip_vs_predict(identity_port: int, hop_port: int, quick: bool) -> None:
+    print("(d) OIP ModelInfer vs Predict, same server and payload, ms  p50      p99")
+    opts = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+    for label, nbytes, blocks, per_block in (("1 KB", 1024, 20, 100), ("600 KB", 600_000, 10, 30)):
+        if quick:
+            blocks = max(2, blocks // 5)
+        predict_body, oip_body = _payload(nbytes), _oip_payload(nbytes)
+        for where, port in (("inline", identity_port), ("model thread", hop_port)):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts) as channel:
+                predict = channel.unary_unary(PREDICT)
+                infer = channel.unary_unary(MODEL_INFER)
+                reply = oip_pb2.ModelInferResponse.FromString(await infer(oip_body, timeout=10))
+                same = prediction_pb2.PredictResponse.FromString(await predict(predict_body, timeout=10))
+                assert reply.raw_output_contents[0] == same.outputs["y"].content  # the same bytes back
+                calls = {"predict": lambda f=predict, b=predict_body: f(b, timeout=10),
+                         "oip": lambda f=infer, b=oip_body: f(b, timeout=10)}  # fmt: skip
+                samples: dict[str, list[float]] = {name: [] for name in calls}
+                for call in calls.values():
+                    await _latencies(call, 20)  # warm
+                for _ in range(blocks):
+                    for name, call in calls.items():
+                        samples[name] += await _latencies(call, per_block)
+            p50, p99 = np.percentile(samples["predict"], [50, 99]) * 1e3
+            o50, o99 = np.percentile(samples["oip"], [50, 99]) * 1e3
+            print(f"  {label:>6}  Predict (baseline), {where:<12}             {p50:7.3f}  {p99:7.3f}"
+                  f"   (n={len(samples['predict'])} each)")  # fmt: skip
+            print(f"  {label:>6}  OIP ModelInfer, {where:<12}                 {o50:7.3f}  {o99:7.3f}"
+                  f"   (p50 ratio {o50 / p50:.3f}; goal ≤ 1.05)")  # fmt: skip
+
+
 # -- (b) throughput with batching off vs on -----------------------------------------------
 
 
@@ -305,6 +350,8 @@ async def main_async(args: argparse.Namespace) -> None:
         _wait_ready(echo_port, echo, health=False)
         if "a" in args.only:
             await round_trip(identity_port, hop_port, echo_port, args.quick)
+        if "d" in args.only:
+            await oip_vs_predict(identity_port, hop_port, args.quick)
         _stop(identity)
         _stop(identity_hop)
         if "c" in args.only:
@@ -320,7 +367,7 @@ async def main_async(args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (smoke run)")
-    parser.add_argument("--only", default="abc", help="which parts to run, e.g. a (default: abc)")
+    parser.add_argument("--only", default="abcd", help="which parts to run, e.g. a (default: abcd)")
     parser.add_argument("--batch-cost-ms", type=float, default=20.0, help="fixed cost per model call")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
