@@ -107,7 +107,7 @@ class OipServicer:
 
     async def ModelInfer(
         self, request: oip_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> tensors.Reply:
+    ) -> tensors.Reply | oip_pb2.ModelInferResponse:
         outputs = await self.run(request, context.time_remaining())
         header = oip_pb2.ModelInferResponse(
             model_name=self.model.name, model_version=self.model.version, id=request.id

@@ -29,6 +29,7 @@ NUMERIC: dict[str, np.dtype] = {
 }  # fmt: skip
 DATATYPES = (*NUMERIC, "BYTES")
 _BY_NUMPY_NAME = {dtype.name: name for name, dtype in NUMERIC.items()}
+_BY_DTYPE = {dtype: name for name, dtype in NUMERIC.items()}  # fast path: dtype.name is slow
 # which InferTensorContents field carries each datatype's typed form (FP16 has none)
 CONTENTS_FIELD = {
     "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
@@ -54,7 +55,7 @@ def datatype_of(dtype: str) -> str:
 def datatype_of_array(value: Array) -> str:
     if isinstance(value, list):
         return "BYTES"
-    name = _BY_NUMPY_NAME.get(value.dtype.name)
+    name = _BY_DTYPE.get(value.dtype) or _BY_NUMPY_NAME.get(value.dtype.name)
     if name is None:
         raise TypeError(f"no OIP datatype for numpy dtype {value.dtype}")
     return name
@@ -230,12 +231,12 @@ def requested_outputs(request: oip_pb2.ModelInferRequest, signature: Signature) 
 # -- replies and metadata -----------------------------------------------------------------
 
 
-def raw_content(value: Array) -> bytes | memoryview:
+def raw_content(value: Array, datatype: str | None = None) -> bytes | memoryview:
     """One output in the raw form: BYTES length-prefixed; numbers little-endian, row-major,
     uncopied when the array already is."""
     if isinstance(value, list):
         return serialize_bytes(value)
-    dtype = NUMERIC[datatype_of_array(value)]
+    dtype = NUMERIC[datatype or datatype_of_array(value)]
     if value.dtype != dtype:
         value = value.astype(dtype)
     if value.nbytes == 0:
@@ -243,14 +244,21 @@ def raw_content(value: Array) -> bytes | memoryview:
     return np.ascontiguousarray(value).reshape(-1).view(np.uint8).data
 
 
-def reply(header: oip_pb2.ModelInferResponse, outputs: Mapping[str, Array]) -> tensors.Reply:
+def reply(
+    header: oip_pb2.ModelInferResponse, outputs: Mapping[str, Array]
+) -> tensors.Reply | oip_pb2.ModelInferResponse:
     """`header` (names, id) plus one InferOutputTensor and one raw_output_contents entry per output,
-    in the same order. The contents go out as parts, copied once on serialisation."""
+    in the same order. Large contents go out as parts, copied once on serialisation; small ones
+    in the message, where copies cost less than the Python that avoids them (as tensors.reply)."""
     raw: list[bytes | memoryview] = []
     for name, value in outputs.items():
+        datatype = datatype_of_array(value)
         shape = [len(value)] if isinstance(value, list) else list(value.shape)
-        header.outputs.add(name=name, datatype=datatype_of_array(value), shape=shape)
-        raw.append(raw_content(value))
+        header.outputs.add(name=name, datatype=datatype, shape=shape)
+        raw.append(raw_content(value, datatype))
+    if sum(len(content) for content in raw) < tensors.REPLY_PARTS_FROM:
+        header.raw_output_contents.extend(bytes(content) for content in raw)
+        return header
     parts: list[bytes | memoryview] = [header.SerializeToString()]
     for content in raw:
         parts.append(_RAW_OUTPUT + tensors.varint(len(content)))

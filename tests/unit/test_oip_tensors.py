@@ -11,7 +11,7 @@ import pytest
 
 from meshserve.errors import InvalidInput
 from meshserve.oip import grpc_predict_v2_pb2 as pb
-from meshserve.wire import oip, oip_json
+from meshserve.wire import oip, oip_json, tensors
 from meshserve.wire.signature import BYTES, ParamSpec, Signature, TensorSpec
 
 ALL = [("BOOL", np.bool_), ("UINT8", np.uint8), ("UINT16", np.uint16), ("UINT32", np.uint32),
@@ -119,11 +119,13 @@ def test_request_inputs_checked_against_the_signature() -> None:
         oip.decode_inputs(request, SIG)
 
 
-def test_reply_serialises_outputs_in_raw_form() -> None:
-    y = np.arange(6, dtype=np.float32).reshape(3, 2)
+@pytest.mark.parametrize("rows", [3, 40_000])  # a small message, and parts straight from the arrays
+def test_reply_serialises_outputs_in_raw_form(rows: int) -> None:
+    y = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
     reply = oip.reply(pb.ModelInferResponse(model_name="m", id="7"), {"y": y, "names": [b"ab", b"c"]})
-    message = pb.ModelInferResponse.FromString(reply.serialize())
-    assert [(o.name, o.datatype, list(o.shape)) for o in message.outputs] == [("y", "FP32", [3, 2]),
+    assert isinstance(reply, tensors.Reply) == (y.nbytes >= tensors.REPLY_PARTS_FROM)
+    message = pb.ModelInferResponse.FromString(tensors.serialize_reply(reply))
+    assert [(o.name, o.datatype, list(o.shape)) for o in message.outputs] == [("y", "FP32", [rows, 2]),
                                                                               ("names", "BYTES", [2])]
     assert message.raw_output_contents[0] == y.tobytes()
     assert message.raw_output_contents[1] == oip.serialize_bytes([b"ab", b"c"])
