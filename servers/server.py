@@ -106,7 +106,12 @@ class ModelServer:
         from meshserve.servers.oip_http import OipHttp
 
         http = OipHttp(self._oip, self.metrics, cfg.host, cfg.http_port, cfg.max_message_bytes)
-        self._http_port = await http.start()  # before the model loads: health answers "not ready" meanwhile
+        try:
+            self._http_port = await http.start()  # before the model loads: health answers "not ready" meanwhile
+        except OSError as exc:
+            log.error("cannot serve OIP over HTTP on %s:%d: %s", cfg.host, cfg.http_port, exc)
+            await http.stop()
+            return 1
         try:
             return await self._process.run()
         finally:

@@ -5,11 +5,13 @@ message naming the tensor, over gRPC and HTTP, and the server stays healthy. Als
 from __future__ import annotations
 
 import json
+import signal
 import struct
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -215,3 +217,56 @@ def test_registers_its_protocols_and_status_shows_them(
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert status.returncode == 0, status.stderr
     assert f"meshserve-v1,oip-v2-grpc,oip-v2-http (http :{http_port})" in status.stdout, status.stdout
+
+
+def test_oip_calls_are_traced_and_counted_like_predict(spawn: Callable[..., ManagedProcess], tmp_path: Path) -> None:
+    """Both OIP forms continue the caller's trace in a server span and count in the server's metrics."""
+    spans_file = tmp_path / "spans.jsonl"
+    http_port = free_port()
+    identity = start_identity(spawn, "--http-port", str(http_port), "--trace-file", str(spans_file))
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    channel, stub = oip(identity)
+    with channel:
+        stub.ModelInfer(infer_request(inputs=[typed_x()]), timeout=10, metadata=(("traceparent", traceparent),))
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": X.tolist()}]})
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v2/models/identity/infer", data=body.encode(),
+                                     headers={"traceparent": traceparent})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=20) as reply:
+        assert reply.status == 200
+
+    def both_spans() -> list[dict[str, Any]]:
+        if not spans_file.exists():
+            return []
+        spans = [json.loads(line) for line in spans_file.read_text().splitlines() if line.strip()]
+        ours = [s for s in spans if s["trace_id"] == trace_id and s["kind"] == "SERVER"]
+        return ours if len(ours) == 2 else []
+
+    spans = wait_until(both_spans, timeout=20, what="two server spans in the caller's trace")
+    assert {s["name"] for s in spans} == {"inference.GRPCInferenceService/ModelInfer"}
+    assert {s["attributes"]["rpc.system"] for s in spans} == {"grpc", "oip-http"}
+    assert identity.metric("meshserve_server_requests_total", method="ModelInfer", code="OK") == 1
+    assert identity.metric("meshserve_server_requests_total", method="http:ModelInfer", code="OK") == 1
+
+
+def test_draining_server_is_unavailable_and_not_ready(spawn: Callable[..., ManagedProcess]) -> None:
+    """After SIGTERM, while an admitted call finishes: new OIP calls UNAVAILABLE / 503, ready false."""
+    http_port = free_port()
+    identity = start_identity(spawn, "--http-port", str(http_port), "--delay-ms", "3000", "--grace", "20")
+    one_row = pb.ModelInferRequest(model_name="identity", inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="x", datatype="FP32", shape=[1, 1], contents=pb.InferTensorContents(fp32_contents=[1.0]))])  # fmt: skip
+    channel, stub = oip(identity)
+    with channel:
+        held = stub.ModelInfer.future(one_row, timeout=30)
+        wait_until(lambda: identity.metric("meshserve_server_inflight") == 1, timeout=10, what="one call admitted")
+        identity.proc.signal(signal.SIGTERM)
+        wait_until(lambda: not stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready, timeout=10,
+                   what="ServerReady false while draining")  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(one_row, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in str(err.value.details())
+        assert not stub.ModelReady(pb.ModelReadyRequest(name="identity"), timeout=5).ready
+        status, body = http(http_port, "/v2/health/ready")
+        assert status == 503 and "draining" in body["error"]
+        assert list(held.result().outputs[0].shape) == [1, 1]  # the admitted call still finished
+    assert identity.proc.wait(30) == 0
