@@ -8,6 +8,9 @@ and become statuses in the process's StatusInterceptor, with the same metrics an
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import grpc
 
 import meshserve
@@ -31,20 +34,15 @@ class OipServicer:
         self.model = prediction.model
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        def unary(behaviour, request_type, response_serializer=None):  # type: ignore[no-untyped-def]
-            return grpc.unary_unary_rpc_method_handler(
-                behaviour,
-                request_deserializer=request_type.FromString,
-                response_serializer=response_serializer or (lambda message: message.SerializeToString()),
-            )
-
+        """Like a generated add_…_to_server, but ModelInfer may reply with a tensors.Reply (large
+        outputs serialised straight from their arrays)."""
         handlers = {
-            "ServerLive": unary(self.ServerLive, oip_pb2.ServerLiveRequest),
-            "ServerReady": unary(self.ServerReady, oip_pb2.ServerReadyRequest),
-            "ModelReady": unary(self.ModelReady, oip_pb2.ModelReadyRequest),
-            "ServerMetadata": unary(self.ServerMetadata, oip_pb2.ServerMetadataRequest),
-            "ModelMetadata": unary(self.ModelMetadata, oip_pb2.ModelMetadataRequest),
-            "ModelInfer": unary(self.ModelInfer, oip_pb2.ModelInferRequest, tensors.serialize_reply),
+            "ServerLive": _unary(self.ServerLive, oip_pb2.ServerLiveRequest),
+            "ServerReady": _unary(self.ServerReady, oip_pb2.ServerReadyRequest),
+            "ModelReady": _unary(self.ModelReady, oip_pb2.ModelReadyRequest),
+            "ServerMetadata": _unary(self.ServerMetadata, oip_pb2.ServerMetadataRequest),
+            "ModelMetadata": _unary(self.ModelMetadata, oip_pb2.ModelMetadataRequest),
+            "ModelInfer": _unary(self.ModelInfer, oip_pb2.ModelInferRequest),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(OIP_SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(OIP_SERVICE_NAME, handlers)
@@ -113,3 +111,9 @@ class OipServicer:
             model_name=self.model.name, model_version=self.model.version, id=request.id
         )
         return oip.reply(header, outputs)
+
+
+def _unary(behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], request: Any) -> grpc.RpcMethodHandler:
+    return grpc.unary_unary_rpc_method_handler(
+        behaviour, request_deserializer=request.FromString, response_serializer=tensors.serialize_reply
+    )

@@ -85,27 +85,29 @@ def parse_request(body: bytes, header_length: str | None, name: str, version: st
     return request
 
 
-def binary_outputs(request: oip_pb2.ModelInferRequest) -> dict[str, bool]:
-    """Which outputs go back as binary: per output `binary_data`, else the request's `binary_data_output`."""
-    default = "binary_data_output" in request.parameters and request.parameters["binary_data_output"].bool_param
+def binary_outputs(request: oip_pb2.ModelInferRequest) -> tuple[bool, dict[str, bool]]:
+    """Which outputs go back as binary: the request's `binary_data_output` (default for all), and
+    each requested output's own `binary_data` where it says."""
+    params = request.parameters
+    default = "binary_data_output" in params and params["binary_data_output"].bool_param
     chosen = {}
     for output in request.outputs:
-        flag = output.parameters.get("binary_data")
-        chosen[output.name] = default if flag is None else flag.bool_param
-    return {"*": default, **chosen}
+        if "binary_data" in output.parameters:
+            chosen[output.name] = output.parameters["binary_data"].bool_param
+    return default, chosen
 
 
 def response_body(
     request: oip_pb2.ModelInferRequest, model_name: str, model_version: str, outputs: Mapping[str, Array]
 ) -> tuple[bytes, int | None]:
     """The JSON reply and, when any output is binary, the JSON's length (the binary follows it)."""
-    binary = binary_outputs(request)
+    default, chosen = binary_outputs(request)
     described = []
     blobs: list[bytes] = []
     for name, value in outputs.items():
         shape = [len(value)] if isinstance(value, list) else list(value.shape)
         entry: dict[str, Any] = {"name": name, "datatype": oip.datatype_of_array(value), "shape": shape}
-        if binary.get(name, binary["*"]):
+        if chosen.get(name, default):
             blob = bytes(oip.raw_content(value))
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
+from google.protobuf.message import Message
 
 from meshserve.errors import InvalidInput
 from meshserve.v1 import prediction_pb2, tensor_pb2
@@ -275,8 +276,8 @@ def reply(
     return Reply(parts)
 
 
-def serialize_reply(response: Reply | prediction_pb2.PredictResponse) -> bytes:
-    """The gRPC response serializer of Predict."""
+def serialize_reply(response: Reply | Message) -> bytes:
+    """The gRPC response serializer of Predict (and of any reply that may come in parts)."""
     if isinstance(response, Reply):
         return response.serialize()
     return response.SerializeToString()
