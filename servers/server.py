@@ -74,7 +74,8 @@ class ModelServer:
         self.services = (SERVICE_NAME,)
         self._admission = Admission(config.batching.max_inflight)
         self._batcher = Batcher(model, config.batching, self.metrics)
-        self._servicer = PredictionServicer(model, self._batcher, self._admission, config.batching.max_batch_size)
+        self._servicer = PredictionServicer(model, self._batcher, self._admission, config.batching.max_batch_size,
+                                            self.metrics.deadline_seen)  # fmt: skip
         self.metrics.watch_inflight(lambda: self._admission.count)
         process = ProcessConfig(
             service_name=config.service_name, host=config.host, port=config.port,

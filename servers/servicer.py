@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -29,8 +30,11 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         batcher: Batcher,
         admission: Admission,
         max_batch_size: int,
+        deadline_seen: Callable[[float], None] = lambda remaining_s: None,
     ):
+        """`deadline_seen(seconds)` is told how much of its caller's deadline each call has left."""
         self.model = model
+        self._deadline_seen = deadline_seen
         self.batcher = batcher
         self.admission = admission
         self.ready = False
@@ -74,6 +78,8 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             self._check_model(request.model_name, request.model_version)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
+            if remaining is not None:
+                self._deadline_seen(remaining)
             signature = self.model.signature
             inputs = tensors.decode_inputs(request.inputs, signature)
             params = tensors.decode_params(request.parameters, signature)
