@@ -21,6 +21,10 @@ from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
 from tests.support import free_port, wait_until
 
 
+# The mesh may take its ready_timeout (240 s) and the slow detector 120 s more to come up.
+pytestmark = pytest.mark.timeout(600)
+
+
 def metric(port: int, name: str, labels: str = "") -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()

@@ -38,7 +38,7 @@ def watch_until_serving(target: str, timeout: float) -> list[int]:
     return seen
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)  # above the sum of the waits below (300 + 5 × 60) and the setup
 def test_photo_search_health_follows_the_route_table(
     spawn: Callable[..., ManagedProcess], start_dev_agent: Callable[..., DevAgent], home_copy: Callable[[], Path],
     tmp_path: Path,
