@@ -20,7 +20,6 @@ from meshserve.local.supervisor import ChildSpec
 from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
 from tests.support import free_port, wait_until
 
-
 # The mesh may take its ready_timeout (240 s) and the slow detector 120 s more to come up.
 pytestmark = pytest.mark.timeout(600)
 
