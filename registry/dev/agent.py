@@ -173,11 +173,19 @@ class DevAgent:
     def require_read(self, request: web.Request) -> None:
         self._require_write(request, "agent:read", self.state.node.name)
 
-    def indexed(self, data: Any, index: int, filtered: bool = False) -> web.Response:
-        return self._indexed(data, index, filtered)
+    def indexed(self, data: Any, index: int, filtered: bool = False, status: int = 200,
+                body_null: bool = False) -> web.Response:  # fmt: skip
+        if body_null:  # Consul's JSON null (an unknown node), with the index headers
+            resp = web.Response(text="null", content_type="application/json", status=status)
+            index_headers(resp, index)
+            return resp
+        return self._indexed(data, index, filtered, status)
 
     async def block_catalog(self, request: web.Request) -> int:
         return await self._block(request, lambda: self.state.catalog_services()[0], topics=(CATALOG_TOPIC,))
+
+    async def block(self, request: web.Request, index_of: Callable[[], int], topics: tuple[Hashable, ...]) -> int:
+        return await self._block(request, index_of, topics)
 
     def _with_min_interval(self, check: CheckDef) -> CheckDef:
         """Consul raises intervals below its minimum (and says so in its log)."""

@@ -18,6 +18,7 @@ SERF_CHECK_ID = "serfHealth"
 NODE_MAINT_ID = "_node_maintenance"
 SERVICE_MAINT_PREFIX = "_service_maintenance:"
 CATALOG_TOPIC = "catalog"
+CHECKS_TOPIC = "checks"  # any check or service changed (reads over every check block on it)
 # Indexes handed out may run this far ahead of the last save; a restart resumes above it,
 # so an index a client has seen never comes back smaller, even after a SIGKILL.
 INDEX_RESERVE = 10_000
@@ -132,6 +133,7 @@ class DevState:
         elif self.service_index.pop(name, None) is not None:
             self.extinction_index = idx
         self.notifier.notify(("svc", name))
+        self.notifier.notify(CHECKS_TOPIC)
 
     def _touch_for_check(self, check: CheckState, idx: int) -> None:
         if check.service_id:
@@ -144,6 +146,10 @@ class DevState:
 
     def health_index(self, name: str) -> int:
         return max(1, self.service_index.get(name, self.extinction_index))
+
+    def checks_index(self) -> int:
+        """The index of reads over every check (health by state or by node)."""
+        return max(1, self.extinction_index, *self.service_index.values())
 
     # ---- checks --------------------------------------------------------------------------------
 

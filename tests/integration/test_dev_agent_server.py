@@ -4,6 +4,8 @@ would: /v1/agent/self carries Stats with the leader's address, the `consul` serv
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 
 import consul
@@ -77,3 +79,30 @@ def test_an_anonymous_client_is_refused_agent_self_when_acls_are_on(start_dev_ag
     # (py-consul's agent.self() sends no token, so with a token: plain HTTP)
     me = requests.get(f"{secured.http_addr}/v1/agent/self", headers={"X-Consul-Token": "s3cret"}, timeout=5).json()
     assert me["Stats"]["consul"]["acl"] == "enabled"
+
+
+def test_checks_by_state_and_by_node_and_the_node_catalog_answer_and_block(agent: DevAgent) -> None:
+    c = agent.client()
+    node = c.agent.self()["Config"]["NodeName"]
+    name = f"bystate-{uuid.uuid4().hex[:8]}"
+    c.agent.service.register(name, service_id=name, port=5, check=consul.Check.ttl("60s"))
+    check_id = f"service:{name}"
+    index, critical = c.health.state("critical")
+    assert check_id in {ch["CheckID"] for ch in critical}  # a new check starts critical
+    assert {"serfHealth", check_id} <= {ch["CheckID"] for ch in c.health.state("any")[1]}
+    # a blocking read over every check wakes on this one's change
+    threading.Timer(0.3, lambda: c.agent.check.ttl_pass(check_id)).start()
+    started = time.monotonic()
+    new_index, passing = c.health.state("passing", index=index, wait="10s")
+    assert int(new_index) > int(index) and time.monotonic() - started < 5.0
+    assert check_id in {ch["CheckID"] for ch in passing}
+    # nothing changes: it waits the wait out and answers the same index
+    assert c.health.state("passing", index=new_index, wait="300ms")[0] == new_index
+    assert {"serfHealth", check_id} <= {ch["CheckID"] for ch in c.health.node(node)[1]}
+    assert c.health.node("no-such-node")[1] == []
+    _, entry = c.catalog.node(node)
+    assert entry["Node"]["Node"] == node and {"consul", name} <= set(entry["Services"])
+    assert c.catalog.node("no-such-node")[1] is None
+    bad = requests.get(f"{agent.http_addr}/v1/health/state/sideways", timeout=5)
+    assert bad.status_code == 400 and "Invalid state" in bad.text
+    c.agent.service.deregister(name)
