@@ -39,6 +39,8 @@ def add_commands(subparsers: Any) -> None:
                          help="deadline (s) for callers that send none (default 10)")
     gateway.add_argument("--cache-ttl", type=float, default=60.0,
                          help="seconds a search result and a catalogue row stay cached (default 60; 0 = off)")
+    gateway.add_argument("--cache-max-mb", type=float, default=64.0,
+                         help="search results kept in the cache take at most this many MiB (default 64)")
     gateway.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM (default 10)")
     gateway.add_argument("--trace-file", type=Path, default=os.environ.get("MESHSERVE_TRACE_FILE") or None,
                          help="write spans as JSON lines here when no OTLP endpoint is set")
@@ -92,7 +94,7 @@ def _gateway(args: argparse.Namespace) -> int:
             register=not args.no_register, grace_s=args.grace, hedge_after_ms=args.hedge_ms,
             default_deadline_s=args.default_deadline, catalogue_ttl_s=args.cache_ttl,
             port_file=args.port_file, trace_file=args.trace_file, check_interval_s=args.check_interval,
-            search=SearchConfig(cache_ttl_s=args.cache_ttl),
+            search=SearchConfig(cache_ttl_s=args.cache_ttl, cache_max_bytes=int(args.cache_max_mb * 1024 * 1024)),
         )  # fmt: skip
     except ValueError as exc:
         print(f"meshserve gateway: {exc}", file=sys.stderr)

@@ -15,6 +15,11 @@ log = logging.getLogger(__name__)
 Attributes = dict[str, str]
 
 
+def _row_bytes(item_id: str, attributes: Attributes) -> int:
+    """Roughly what one cached catalogue row holds, Python's object overheads included."""
+    return 200 + len(item_id) + sum(100 + len(k) + len(v) for k, v in attributes.items())
+
+
 class CatalogueEnricher:
     """item id → display attributes (title, category, price), cached for `ttl_s`.
 
@@ -23,9 +28,10 @@ class CatalogueEnricher:
     attributes rather than failing the search.
     """
 
-    def __init__(self, home: Path | None, ttl_s: float = 60.0, max_items: int = 100_000):
+    def __init__(self, home: Path | None, ttl_s: float = 60.0, max_items: int = 100_000,
+                 max_bytes: int = 64 * 1024 * 1024):  # fmt: skip
         self.home = home
-        self.cache: TTLCache[str, Attributes] = TTLCache("catalogue", max_items, ttl_s)
+        self.cache: TTLCache[str, Attributes] = TTLCache("catalogue", max_items, ttl_s, max_bytes, _row_bytes)
 
     async def lookup(self, item_ids: Iterable[str]) -> dict[str, Attributes]:
         wanted = set(item_ids)

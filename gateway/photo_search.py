@@ -45,7 +45,13 @@ class SearchConfig:
     max_top_k: int = 100
     default_min_score: float = 0.3
     max_detections: int = 16
+    # Every request field is bounded: a caller must not be able to pin memory (the labels of a
+    # search are part of its cache key, kept for the TTL).
+    max_labels: int = 64
+    max_label_bytes: int = 128
+    max_user_id_bytes: int = 256
     cache_entries: int = 10_000
+    cache_max_bytes: int = 64 * 1024 * 1024
     cache_ttl_s: float = 60.0
     # Kept back from the shard fan-out so a slow shard becomes "missing", not a failed search.
     merge_reserve_s: float = 0.005
@@ -53,6 +59,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.default_top_k <= self.max_top_k <= 10_000:
             raise ValueError("need 1 ≤ default_top_k ≤ max_top_k ≤ 10000")
+        if self.cache_max_bytes < 0:
+            raise ValueError("--cache-max-mb must be ≥ 0")
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class SearchQuery:
     min_score: float = 0.0  # 0 = default
     labels: tuple[str, ...] = ()
     no_cache: bool = False
+    user_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -140,12 +149,27 @@ def merge_top_k(n_queries: int, answers: list[tuple[str, np.ndarray, np.ndarray]
     return merged
 
 
+_ENTRY_OVERHEAD = 200  # bytes of Python objects around each string, roughly
+
+
+def cached_bytes(key: tuple, result: SearchResult) -> int:
+    """An estimate of what one cached search holds: its key (labels included) and its result."""
+    size = _ENTRY_OVERHEAD + sum(len(label) + _ENTRY_OVERHEAD for label in key[3]) + 64
+    for detection in result.detections:
+        size += _ENTRY_OVERHEAD + len(detection.found.label)
+        for match in detection.matches:
+            size += _ENTRY_OVERHEAD + len(match.item_id) + len(match.shard)
+            size += sum(len(k) + len(v) + _ENTRY_OVERHEAD for k, v in match.attributes.items())
+    return size
+
+
 class PhotoSearch:
     def __init__(self, routes: RouteTable, enricher: CatalogueEnricher, config: SearchConfig):
         self.routes = routes
         self.enricher = enricher
         self.config = config
-        self.cache: TTLCache[tuple, SearchResult] = TTLCache("search", config.cache_entries, config.cache_ttl_s)
+        self.cache: TTLCache[tuple, SearchResult] = TTLCache("search", config.cache_entries, config.cache_ttl_s,
+                                                             config.cache_max_bytes, cached_bytes)  # fmt: skip
 
     async def search(self, query: SearchQuery, deadline: float) -> SearchResult:
         top_k, min_score = self.validate(query)
@@ -196,7 +220,7 @@ class PhotoSearch:
             trace_id=telemetry.trace_id_of(),
         )  # fmt: skip
         COVERAGE.observe(result.coverage)
-        if result.shards_expected and not missing:
+        if result.shards_expected and not missing and not query.no_cache:
             self.cache.put(key, result)
         return result
 
@@ -217,6 +241,15 @@ class PhotoSearch:
             min_score = query.min_score or cfg.default_min_score
             if not 0.0 <= min_score <= 1.0:
                 raise InvalidInput(f"min_detection_score: {query.min_score} is outside [0, 1]")
+            if len(query.labels) > cfg.max_labels:
+                raise InvalidInput(f"labels: {len(query.labels)} labels exceed the limit of {cfg.max_labels}")
+            for label in query.labels:
+                if len(label.encode()) > cfg.max_label_bytes:
+                    raise InvalidInput(f"labels: a label of {len(label.encode())} bytes exceeds the limit of "
+                                       f"{cfg.max_label_bytes}")  # fmt: skip
+            if len(query.user_id.encode()) > cfg.max_user_id_bytes:
+                raise InvalidInput(f"user_id: {len(query.user_id.encode())} bytes exceed the limit of "
+                                   f"{cfg.max_user_id_bytes}")  # fmt: skip
         return top_k, min_score
 
     async def _fan_out(
@@ -251,7 +284,8 @@ class PhotoSearch:
 
     def _cache_key(self, query: SearchQuery, top_k: int, min_score: float, route: SearchRoute) -> tuple:
         digest = hashlib.sha256(query.image).hexdigest()
-        return (digest, top_k, min_score, query.labels, route.detector_version, route.embedder_version,
+        labels = tuple(sorted(set(query.labels)))
+        return (digest, top_k, min_score, labels, route.detector_version, route.embedder_version,
                 tuple(s.shard for s in route.shards))
 
     @staticmethod

@@ -68,7 +68,7 @@ class RetryBudget:
     floor_per_s: float
     cap: float = 20.0
     tokens: float = field(default=10.0)
-    stamp: float = field(default_factory=time.monotonic)
+    stamp: float = field(default_factory=lambda: time.monotonic())  # (looked up per call: tests move the clock)
 
     def on_call(self) -> None:
         self._refill()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import Gauge
@@ -70,6 +71,8 @@ class RouteTable:
         self._shards: dict[str, dict[str, ReplicaSet]] = defaultdict(dict)
         self._shard_index: dict[str, str] = {}
         self.live_embedder_version: str | None = None
+        self._readiness_listeners: list[Callable[[bool], None]] = []
+        self._ready = False
 
     async def start(self, stages: tuple[str, ...] = ("detector", "embedder", "indexer")) -> None:
         for stage in stages:
@@ -102,6 +105,15 @@ class RouteTable:
             self._apply_versions(stage, registered)
         self._choose_embedder_version()
         REPLICAS.labels(stage).set(sum(1 for r in registered if r.passing))
+        self._tell_readiness()
+
+    def _tell_readiness(self) -> None:
+        ready = self.can_search()
+        if ready != self._ready:
+            self._ready = ready
+            log.info("photo search %s", "can be served" if ready else "cannot be served: no complete route")
+            for listener in self._readiness_listeners:
+                listener(ready)
 
     def _apply_versions(self, stage: str, registered: tuple[Registered, ...]) -> None:
         by_version: dict[str, list] = defaultdict(list)
@@ -165,6 +177,18 @@ class RouteTable:
         STALENESS.set(max((w.staleness_s for w in self._watches.values()), default=0.0))
 
     # -- what a request sees --------------------------------------------------------------
+
+    def can_search(self) -> bool:
+        """A detector, embedders of the live version and a passing replica for each of its shards.
+        (A search still runs with a shard missing, at lower coverage; readiness asks for all, so a
+        load balancer prefers a gateway that answers in full.)"""
+        route = self.search_route()
+        return route is not None and bool(route.shards) and all(len(s.replicas) for s in route.shards)
+
+    def watch_readiness(self, listener: Callable[[bool], None]) -> None:
+        """`listener(can_search())` now and on every change after."""
+        self._readiness_listeners.append(listener)
+        listener(self._ready)
 
     @property
     def stale(self) -> bool:

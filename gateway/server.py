@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,10 @@ class Gateway:
         await self.routes.start()
         log.info("gateway routes from registry %s%s", self.config.registry.http_addr,
                  " (stale)" if self.routes.stale else "")  # fmt: skip
+
+    def watch_readiness(self, report: Callable[[bool], None]) -> None:
+        """Health follows the route table: SERVING only while photo search can be served."""
+        self.routes.watch_readiness(report)
 
     def instance(self, port: int) -> ServiceInstance:
         cfg = self.config

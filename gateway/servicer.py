@@ -32,7 +32,8 @@ class PhotoSearchServicer(photo_search_pb2_grpc.PhotoSearchServicer):
 
 def to_query(request: photo_search_pb2.SearchRequest) -> SearchQuery:
     return SearchQuery(image=request.image, top_k=request.top_k, min_score=request.min_detection_score,
-                       labels=tuple(request.labels), no_cache=request.no_cache)  # fmt: skip
+                       labels=tuple(request.labels), no_cache=request.no_cache,
+                       user_id=request.user_id)  # fmt: skip
 
 
 def to_response(result: SearchResult) -> photo_search_pb2.SearchResponse:

@@ -225,9 +225,10 @@ class _Feed:
                 continue
             failures = 0
             if new_index < 1:
-                # Consul promises indexes > 0; a 0 would make the next query return at
-                # once forever, so treat it as unknown (the token bucket bounds the loop).
-                new_index = 0
+                # Consul promises indexes > 0, and its advice for a server that breaks the
+                # promise is to ask from 1: with 0 every next query would return at once,
+                # a near-busy loop; from 1 it blocks until something changes.
+                new_index = 1
             elif new_index < self.index:
                 # Index went backwards (agent restarted without state, stale follower,
                 # snapshot restore): start over from a fresh non-blocking read.

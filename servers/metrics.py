@@ -67,6 +67,7 @@ class ServerMetrics(BatchObserver, Collector):
         self._inference = _Histogram(_LATENCY_BUCKETS)
         self._queue_delay = _Histogram(_LATENCY_BUCKETS)
         self._dropped = 0
+        self._deadline_left = _Histogram(_LATENCY_BUCKETS)
         self._inflight = Gauge(
             "meshserve_server_inflight",
             "Requests admitted and not finished (queued + running)",
@@ -102,6 +103,9 @@ class ServerMetrics(BatchObserver, Collector):
     def dropped_expired(self, count: int) -> None:
         self._dropped += count
 
+    def deadline_seen(self, remaining_s: float) -> None:
+        self._deadline_left.observe(remaining_s)
+
     def watch_inflight(self, count: Callable[[], float]) -> None:
         """Read the in-flight count when scraped (nothing to do per request)."""
         self._inflight.set_function(count)
@@ -135,6 +139,9 @@ class ServerMetrics(BatchObserver, Collector):
              self._inference),
             ("meshserve_server_queue_delay_seconds", "Time a request waited in the batching queue",
              self._queue_delay),
+            ("meshserve_server_deadline_remaining_seconds",
+             "What was left of the caller's deadline when a request arrived (calls with a deadline)",
+             self._deadline_left),
         ):  # fmt: skip
             family = HistogramMetricFamily(name, doc, labels=["model", "version"])
             family.add_metric(mv, hist.buckets(), hist.sum)

@@ -76,7 +76,8 @@ class ModelServer:
         self.services = (SERVICE_NAME, OIP_SERVICE_NAME)
         self._admission = Admission(config.batching.max_inflight)
         self._batcher = Batcher(model, config.batching, self.metrics)
-        self._servicer = PredictionServicer(model, self._batcher, self._admission, config.batching.max_batch_size)
+        self._servicer = PredictionServicer(model, self._batcher, self._admission, config.batching.max_batch_size,
+                                            self.metrics.deadline_seen)  # fmt: skip
         self._oip = OipServicer(self._servicer)
         self._http_port = config.http_port  # the bound one once listening (config may say 0: any)
         self.metrics.watch_inflight(lambda: self._admission.count)

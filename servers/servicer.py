@@ -34,13 +34,16 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         batcher: Batcher,
         admission: Admission,
         max_batch_size: int,
+        deadline_seen: Callable[[float], None] = lambda remaining_s: None,
     ):
+        """`deadline_seen(seconds)` is told how much of its caller's deadline each call has left."""
         self.model = model
         self.batcher = batcher
         self.admission = admission
         self.ready = False
         self.draining = False
         self._max_batch_size = max_batch_size
+        self._deadline_seen = deadline_seen
         self._metadata: prediction_pb2.ModelMetadata | None = None
 
     def mark_ready(self) -> None:
@@ -105,6 +108,8 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
                 raise NotReady("model server is " + ("draining" if self.draining else "loading"))
             self.check_model(name, version)
             deadline = None if remaining is None else time.monotonic() + remaining
+            if remaining is not None:
+                self._deadline_seen(remaining)
             inputs, params, wanted = decode(self.model.signature)
             if self.model.check_off_loop:
                 await asyncio.get_running_loop().run_in_executor(None, self.model.check, inputs, params)

@@ -21,6 +21,8 @@ def add_commands(subparsers: Any) -> None:
                         help=f"gateway HOST:PORT (default $MESHSERVE_GATEWAY or {DEFAULT_GATEWAY})")
     search.add_argument("--top-k", type=int, default=10, help="matches per detection (default 10)")
     search.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default 10)")
+    search.add_argument("--min-score", type=float, default=0.0,
+                        help="drop detections scoring below this (default 0: the gateway's threshold)")
     search.add_argument("--json", action="store_true", help="print the result as JSON")
     search.add_argument("--show", type=Path, metavar="OUT_PNG",
                         help="also draw the query, its boxes and top matches into this PNG")
@@ -38,7 +40,7 @@ def _search(args: argparse.Namespace) -> int:
         print(f"meshserve search: cannot read {args.image}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
-        response = search_photo(args.gateway, image, top_k=args.top_k, timeout=args.timeout)
+        response = search_photo(args.gateway, image, top_k=args.top_k, timeout=args.timeout, min_score=args.min_score)
     except SearchFailed as exc:
         print(f"meshserve search: {exc}", file=sys.stderr)
         return 1

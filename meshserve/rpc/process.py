@@ -2,7 +2,9 @@
 
 listen (health NOT_SERVING) → workload.start() (load and warm, or discover) → SERVING → register in
 Consul and stay registered → … SIGTERM/SIGINT → NOT_SERVING → deregister → drain in-flight calls
-within the grace period → stop the server → workload.close() → exit code.
+within the grace period → stop the server → workload.close() → exit code. A workload whose ability
+to serve comes and goes after start (the gateway without a route) reports it (ReportsReadiness), and
+health follows those reports instead of turning SERVING once.
 
 The workload says what is served and what starting and draining mean for it; the process owns the
 grpc.aio server, health, reflection, the StatusInterceptor over the workload's services, signals
@@ -15,10 +17,10 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -62,6 +64,14 @@ class Workload(Protocol):
         """Release what start() took, after the server stopped."""
 
 
+@runtime_checkable
+class ReportsReadiness(Protocol):
+    """A workload that can be started yet unable to serve (the gateway while it has no route)."""
+
+    def watch_readiness(self, report: Callable[[bool], None]) -> None:
+        """Call `report(ready)` now and again whenever readiness changes, until close()."""
+
+
 @dataclass(frozen=True)
 class ProcessConfig:
     """How the process listens, traces, registers and stops. Built from a model server's or the
@@ -97,6 +107,8 @@ class GrpcProcess:
         self._stop = asyncio.Event()
         self._registered_id: str | None = None
         self._exit_code = 0
+        self._health_lock = asyncio.Lock()  # FIFO: readiness reports reach health in their order
+        self._health_updates: set[asyncio.Task[None]] = set()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -129,15 +141,31 @@ class GrpcProcess:
         registration: asyncio.Task[None] | None = None
         try:
             if await self._start() and not self._stop.is_set():
-                for name in ("", *services):
-                    await health.set(name, SERVING)
-                log.info("serving on port %d", self.port)
+                if isinstance(self.workload, ReportsReadiness):
+                    self.workload.watch_readiness(lambda ready: self._report(health, services, ready))
+                else:
+                    await self._set_health(health, services, True)
                 if cfg.registry is not None:
                     registration = asyncio.create_task(self._register_until_done(cfg.registry))
                 await self._stop.wait()
         finally:
             await self._shutdown(server, health, registration)
         return self._exit_code
+
+    def _report(self, health: health_aio.HealthServicer, services: tuple[str, ...], ready: bool) -> None:
+        # (a report after shutdown began changes nothing: health stays NOT_SERVING)
+        task = asyncio.get_running_loop().create_task(self._set_health(health, services, ready))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+
+    async def _set_health(self, health: health_aio.HealthServicer, services: tuple[str, ...], ready: bool) -> None:
+        async with self._health_lock:
+            for name in ("", *services):
+                await health.set(name, SERVING if ready else NOT_SERVING)
+        if ready:
+            log.info("serving on port %d", self.port)
+        else:
+            log.warning("not serving: %s cannot serve now (health NOT_SERVING)", ", ".join(services))
 
     async def _start(self) -> bool:
         """workload.start(), unless stopped first; a stop during start waits for it to finish."""

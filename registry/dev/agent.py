@@ -28,6 +28,7 @@ from meshserve.registry.dev.http import (
     too_large,
     uint_param,
 )
+from meshserve.registry.dev.node_routes import add_node_routes
 from meshserve.registry.dev.notify import block_until_changed
 from meshserve.registry.dev.schema import (
     KV_VALUE_MAX,
@@ -36,6 +37,7 @@ from meshserve.registry.dev.schema import (
     parse_check,
     parse_service,
 )
+from meshserve.registry.dev.server_info import agent_self_json, leader_addr
 from meshserve.registry.dev.state import (
     CATALOG_TOPIC,
     DevState,
@@ -48,8 +50,6 @@ log = logging.getLogger(__name__)
 MAX_BODY = 1024 * 1024  # request bodies larger than this get 413
 MAX_IN_FLIGHT = 8192  # requests (mostly parked blocking queries) before 429
 HEALTH_CACHE_SIZE = 512  # rendered /v1/health/service answers kept (keyed by index)
-LEADER = "127.0.0.1:8300"
-VERSION = "1.20.0"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -102,6 +102,7 @@ class DevAgent:
         r.add_get("/v1/health/checks/{name:.+}", self.health_checks)
         r.add_get("/v1/catalog/services", self.catalog_services)
         r.add_get("/v1/catalog/service/{name:.+}", self.catalog_service)
+        add_node_routes(r, self)
         r.add_get("/v1/kv/{key:.*}", self.kv_get)
         r.add_put("/v1/kv/{key:.*}", self.kv_put)
         r.add_delete("/v1/kv/{key:.*}", self.kv_delete)
@@ -164,6 +165,27 @@ class DevAgent:
                 f"Permission denied: anonymous token lacks permission '{permission}' on "
                 f'"{resource}"', status=403,
             )
+
+    # (for the routes of other modules: node_routes)
+    def readable(self, request: web.Request) -> bool:
+        return self._can_read(request)
+
+    def require_read(self, request: web.Request) -> None:
+        self._require_write(request, "agent:read", self.state.node.name)
+
+    def indexed(self, data: Any, index: int, filtered: bool = False, status: int = 200,
+                body_null: bool = False) -> web.Response:  # fmt: skip
+        if body_null:  # Consul's JSON null (an unknown node), with the index headers
+            resp = web.Response(text="null", content_type="application/json", status=status)
+            index_headers(resp, index)
+            return resp
+        return self._indexed(data, index, filtered, status)
+
+    async def block_catalog(self, request: web.Request) -> int:
+        return await self._block(request, lambda: self.state.catalog_services()[0], topics=(CATALOG_TOPIC,))
+
+    async def block(self, request: web.Request, index_of: Callable[[], int], topics: tuple[Hashable, ...]) -> int:
+        return await self._block(request, index_of, topics)
 
     def _with_min_interval(self, check: CheckDef) -> CheckDef:
         """Consul raises intervals below its minimum (and says so in its log)."""
@@ -239,21 +261,14 @@ class DevAgent:
     # ---- status and agent ----------------------------------------------------------------------
 
     async def status_leader(self, request: web.Request) -> web.Response:
-        return web.json_response(LEADER)
+        return web.json_response(leader_addr(self.state.node))
 
     async def status_peers(self, request: web.Request) -> web.Response:
-        return web.json_response([LEADER])
+        return web.json_response([leader_addr(self.state.node)])
 
     async def agent_self(self, request: web.Request) -> web.Response:
         self._require_write(request, "agent:read", self.state.node.name)
-        node = self.state.node
-        return web.json_response({
-            "Config": {"Datacenter": node.datacenter, "NodeName": node.name, "NodeID": node.node_id,
-                       "Server": True, "Revision": "meshserve-dev", "Version": VERSION},
-            "Member": {"Name": node.name, "Addr": node.address, "Port": 8301, "Status": 1,
-                       "Tags": {"dc": node.datacenter, "role": "consul", "id": node.node_id}},
-            "Meta": {"consul-network-segment": ""},
-        })
+        return web.json_response(agent_self_json(self.state, self.config.acl_token is not None))
 
     async def service_register(self, request: web.Request) -> web.Response:
         body = await self._body_json(request)

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from meshserve.registry.dev.notify import Notifier
 from meshserve.registry.dev.schema import BadRequest, CheckDef, ServiceDef
+from meshserve.registry.dev.server_info import CONSUL_SERVICE, consul_service
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +18,7 @@ SERF_CHECK_ID = "serfHealth"
 NODE_MAINT_ID = "_node_maintenance"
 SERVICE_MAINT_PREFIX = "_service_maintenance:"
 CATALOG_TOPIC = "catalog"
+CHECKS_TOPIC = "checks"  # any check or service changed (reads over every check block on it)
 # Indexes handed out may run this far ahead of the last save; a restart resumes above it,
 # so an index a client has seen never comes back smaller, even after a SIGKILL.
 INDEX_RESERVE = 10_000
@@ -110,6 +112,10 @@ class DevState:
         self.catalog_index = 1
         self.kv_index = 1
         self.listeners: list[CheckListener] = []
+        # The server's own catalog entry: listed and healthy like any service, never a local one
+        # (not in agent/services, not saved, not deregistrable).
+        self.consul = ServiceState(consul_service(node), 1, 1)
+        self.service_index[CONSUL_SERVICE] = 1
         self.on_change: Callable[[], None] = lambda: None  # persistence hook
         self._add_check(CheckDef(check_id=SERF_CHECK_ID, name="Serf Health Status", kind="serf",
                                  status="passing"), output="Agent alive and reachable")
@@ -122,11 +128,12 @@ class DevState:
         return self.index
 
     def _touch_service_name(self, name: str, idx: int) -> None:
-        if any(s.definition.name == name for s in self.services.values()):
+        if name == CONSUL_SERVICE or any(s.definition.name == name for s in self.services.values()):
             self.service_index[name] = idx
         elif self.service_index.pop(name, None) is not None:
             self.extinction_index = idx
         self.notifier.notify(("svc", name))
+        self.notifier.notify(CHECKS_TOPIC)
 
     def _touch_for_check(self, check: CheckState, idx: int) -> None:
         if check.service_id:
@@ -134,11 +141,15 @@ class DevState:
             if svc is not None:
                 self._touch_service_name(svc.definition.name, idx)
         else:  # a node check changes the health of every service on the node
-            for name in {s.definition.name for s in self.services.values()}:
+            for name in {CONSUL_SERVICE, *(s.definition.name for s in self.services.values())}:
                 self._touch_service_name(name, idx)
 
     def health_index(self, name: str) -> int:
         return max(1, self.service_index.get(name, self.extinction_index))
+
+    def checks_index(self) -> int:
+        """The index of reads over every check (health by state or by node)."""
+        return max(1, self.extinction_index, *self.service_index.values())
 
     # ---- checks --------------------------------------------------------------------------------
 
@@ -351,7 +362,7 @@ class DevState:
 
     def health(self, name: str) -> tuple[int, list[HealthEntry]]:
         node_checks = self.node_checks()
-        entries = []
+        entries = [HealthEntry(self.consul, node_checks)] if name == CONSUL_SERVICE else []
         for svc in sorted(self.services.values(), key=lambda s: s.definition.service_id):
             if svc.definition.name != name:
                 continue
@@ -360,7 +371,7 @@ class DevState:
         return self.health_index(name), entries
 
     def catalog_services(self) -> tuple[int, dict[str, list[str]]]:
-        out: dict[str, list[str]] = {}
+        out: dict[str, list[str]] = {CONSUL_SERVICE: []}
         for svc in self.services.values():
             tags = out.setdefault(svc.definition.name, [])
             tags.extend(t for t in svc.definition.tags if t not in tags)

@@ -155,14 +155,14 @@ def test_grpc_check_follows_its_target_down_and_up(c: consul.Consul, spawn) -> N
 
     target.kill()
     noticed, check = wait_status(c, name, check_id, "critical", timeout=10)
-    assert noticed <= INTERVAL_S + TIMEOUT_S + 1.0, f"took {noticed:.2f}s to notice"
+    assert noticed <= INTERVAL_S + TIMEOUT_S + 3.0, f"took {noticed:.2f}s to notice"  # slack: a loaded machine
     assert c.health.service(name, passing=True)[1] == []
 
     time.sleep(1.5)  # let the agent's channel back off to its longest reconnect delay
     start_target(spawn, port)
     elapsed, _ = wait_status(c, name, check_id, "passing", timeout=10)
     # the channel's reconnect backoff is capped at 1 s
-    assert elapsed <= INTERVAL_S + TIMEOUT_S + 1.0 + 1.0, f"took {elapsed:.2f}s to recover"
+    assert elapsed <= INTERVAL_S + TIMEOUT_S + 1.0 + 3.0, f"took {elapsed:.2f}s to recover"
     print(f"noticed the target going in {noticed:.2f}s, coming back in {elapsed:.2f}s")
 
 
@@ -201,7 +201,7 @@ def test_ttl_pass_turns_passing_at_once_and_expiry_turns_critical(c: consul.Cons
     c.agent.check.ttl_pass(check_id)
     elapsed, check = wait_status(c, name, check_id, "critical", timeout=5)
     assert check["Output"] == "TTL expired"
-    assert 0.4 <= elapsed <= 3.0
+    assert 0.4 <= elapsed <= 6.0
 
 
 def test_http_check_maps_2xx_429_and_5xx(c: consul.Consul, http_target: HttpTarget) -> None:
@@ -324,7 +324,7 @@ def test_blocking_query_returns_promptly_on_change(c: consul.Consul) -> None:
     elapsed = time.monotonic() - start
     assert int(new_index) > int(index)
     assert entries[0]["Checks"][-1]["Status"] == "passing"
-    assert 0.2 <= elapsed < 2.0, f"woke after {elapsed:.2f}s"
+    assert 0.2 <= elapsed < 5.0, f"woke after {elapsed:.2f}s"  # on the change, not at the 10 s wait
 
     # the same for ?passing (filters do not change the index) and for a new service appearing
     other = unique("appears")
@@ -333,7 +333,7 @@ def test_blocking_query_returns_promptly_on_change(c: consul.Consul) -> None:
     threading.Timer(0.3, lambda: c.agent.service.register(other, check={"TTL": "9s"})).start()
     start = time.monotonic()
     new_index, _ = c.health.service(other, index=index, wait="10s", passing=True)
-    assert int(new_index) > int(index) and time.monotonic() - start < 2.0
+    assert int(new_index) > int(index) and time.monotonic() - start < 5.0
 
 
 def test_blocking_query_times_out_with_the_same_index(c: consul.Consul) -> None:
@@ -344,11 +344,11 @@ def test_blocking_query_times_out_with_the_same_index(c: consul.Consul) -> None:
     same, _ = c.health.service(name, index=index, wait="600ms")
     elapsed = time.monotonic() - start
     assert same == index
-    assert 0.6 <= elapsed < 0.6 + 0.6 / 16 + 1.0, elapsed
+    assert 0.6 <= elapsed < 0.6 + 0.6 / 16 + 4.0, elapsed  # the wait asked, far from the 5 min default
     # index absent or 0 never blocks
     start = time.monotonic()
     c.health.service(name, index=0, wait="5s")
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 3.0
 
 
 def test_index_is_never_zero_and_never_goes_backwards(c: consul.Consul) -> None:

@@ -88,14 +88,14 @@ def test_kv_blocking_get_wakes_on_put_and_on_create(c: consul.Consul) -> None:
     start = time.monotonic()
     new_index, entry = c.kv.get(f"{p}/cfg", index=index, wait="10s")
     assert entry["Value"] == b"v2" and int(new_index) > int(index)
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 5.0  # on the change, not at the 10 s wait
 
     index, entries = c.kv.get(f"{p}/", recurse=True)
     threading.Timer(0.3, lambda: c.kv.put(f"{p}/new", "x")).start()
     start = time.monotonic()
     new_index, entries = c.kv.get(f"{p}/", recurse=True, index=index, wait="10s")
     assert [e["Key"] for e in entries] == [f"{p}/cfg", f"{p}/new"]
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 5.0  # on the change, not at the 10 s wait
 
     index, missing = c.kv.get(f"{p}/later")
     assert missing is None
@@ -106,7 +106,7 @@ def test_kv_blocking_get_wakes_on_put_and_on_create(c: consul.Consul) -> None:
     index, _ = c.kv.get(f"{p}/cfg")
     start = time.monotonic()
     same, _ = c.kv.get(f"{p}/cfg", index=index, wait="500ms")
-    assert same == index and 0.5 <= time.monotonic() - start < 2.0
+    assert same == index and 0.5 <= time.monotonic() - start < 5.0
 
 
 # ---- ACL -------------------------------------------------------------------------------------

@@ -52,6 +52,10 @@ def home(trained_home: Path, tmp_path: Path) -> Iterator[Path]:
             pass
 
 
+# Two pipeline runs of up to 180 s each (cli's own limit) in one test.
+pytestmark = pytest.mark.timeout(600)
+
+
 def cli(home: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(meshserve_argv(*args), env={**os.environ, "MESHSERVE_HOME": str(home)},
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from prometheus_client import REGISTRY
@@ -54,14 +55,18 @@ async def test_agent_outage_keeps_last_set_stale_then_reconciles_after_restart(
         config, "meshserve-embedder", FAST_WATCH, on_change=lambda s: changes.append(s.stale)
     ) as watch:
         await watch.wait_for(lambda s: ports_of(s) == ports, timeout=CHECK_INTERVAL_S + 5)
-        # Give the agent time to persist the passing state (it writes on change).
-        await asyncio.sleep(0.3)
+        # The registrations are on disk before the agent dies (it saves before acknowledging).
+        saved = tmp_path / "consul-data" / "meshserve-dev-agent.json"
+        services = {s["def"]["port"] for s in json.loads(saved.read_text())["services"]}
+        assert ports <= services
 
         agent.kill()
         stale = await watch.wait_for(lambda s: s.stale, timeout=5)
         assert ports_of(stale) == ports, "the last known set must survive the outage"
         assert stale.stale_since is not None and stale.error
-        await asyncio.sleep(1.0)  # several failed reconnects with backoff
+        async with asyncio.timeout(30):  # several failed reconnects with backoff
+            while watch.staleness_s < 1.0:
+                await asyncio.sleep(0.05)
         assert watch.stale and ports_of(watch.snapshot) == ports
         assert watch.staleness_s >= 1.0
         gauge = REGISTRY.get_sample_value(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import grpc
@@ -12,7 +11,7 @@ import pytest
 from meshserve.v1 import prediction_pb2, tensor_pb2
 from meshserve.wire import tensors
 from tests.integration.identity_server import predict_request, start_identity, stub
-from tests.support import ManagedProcess
+from tests.support import ManagedProcess, wait_until
 
 DT = tensor_pb2.DataType
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -188,7 +187,8 @@ def test_expired_deadline_is_refused_and_never_computed(
         predict(predict_request(GOOD_X), timeout=5)  # connect + one computed call
         computed_before = server.metric("meshserve_server_batch_size_count")
         slow = predict.future(predict_request(GOOD_X, request_id="slow"), timeout=5)
-        time.sleep(0.05)  # let the slow call reach the model first
+        # the slow call is admitted (and, the queue being empty, computing) before the late one comes
+        wait_until(lambda: server.metric("meshserve_server_inflight") >= 1, timeout=10, interval=0.005)
         with pytest.raises(grpc.RpcError) as info:
             predict(predict_request(GOOD_X, request_id="late"), timeout=0.15)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

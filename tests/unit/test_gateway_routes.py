@@ -94,3 +94,21 @@ def test_versions_order_numbers_as_numbers_and_never_fail_on_mixed_kinds() -> No
 
     assert sorted(["20261126-170512", "20261126-90000", "2.10", "2.9", "emb-x"], key=_version_key) == [
         "2.9", "2.10", "20261126-90000", "20261126-170512", "emb-x"]
+
+
+async def test_readiness_follows_the_route_table() -> None:
+    routes = table()
+    told: list[bool] = []
+    routes.watch_readiness(told.append)
+    routes._apply("detector", (replica("detector", version="d1"),))
+    routes._apply("embedder", (replica("embedder", version="e1"),))
+    assert told == [False] and not routes.can_search()  # no shard yet
+    routes._apply("indexer", (replica("indexer", embedder_version="e1", shard="a"),
+                              replica("indexer", False, embedder_version="e1", shard="b")))  # fmt: skip
+    assert told == [False]  # shard b expected but not passing: incomplete
+    routes._apply("indexer", (replica("indexer", embedder_version="e1", shard="a"),
+                              replica("indexer", embedder_version="e1", shard="b")))  # fmt: skip
+    assert told == [False, True] and routes.can_search()
+    routes._apply("embedder", ())
+    assert told == [False, True, False]
+    await routes.close()

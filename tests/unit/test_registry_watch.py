@@ -119,11 +119,46 @@ async def test_index_going_backwards_resets_to_a_non_blocking_read(scripted):
         assert (await fake.next_request(4))["index"] == "3"
 
 
-async def test_zero_index_is_never_blocked_on(scripted):
+async def test_an_index_below_one_is_clamped_to_one_so_the_next_query_blocks(scripted):
     fake, config = scripted
     fake.answer(0, [entry("a", 1)])
-    async with ServiceWatch(config, "svc", FAST):
-        assert "index" not in await fake.next_request(2)
+    async with ServiceWatch(config, "svc", FAST) as watch:
+        second = await fake.next_request(2)
+        assert second["index"] == "1" and second["wait"] == "5s"
+        assert [i.id for i in watch.instances] == ["a"]
+
+
+class ZeroIndexConsul:
+    """A Consul whose index stays 0 (the server bug Consul's docs warn clients of), blocking the
+    way Consul does: a query whose `index` is at or above the current one waits for `wait`."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        if int(request.query.get("index", "0")) >= 1:
+            await asyncio.sleep(float(request.query["wait"].rstrip("s")))
+        return web.Response(text=json.dumps([entry("a", 1)]), headers={"X-Consul-Index": "0"})
+
+
+async def test_a_registry_answering_index_zero_costs_a_request_per_wait_not_a_busy_loop() -> None:
+    fake = ZeroIndexConsul()
+    app = web.Application()
+    app.router.add_get("/v1/health/service/{name}", fake.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    config = RegistryConfig(http_addr=f"http://127.0.0.1:{port}", request_timeout_s=2)
+    try:
+        # the production rate limit (20/s), which alone would allow ~40 requests in the window
+        async with ServiceWatch(config, "svc", WatchConfig(wait_s=5)) as watch:
+            assert [i.id for i in watch.instances] == ["a"]
+            await asyncio.sleep(2.0)  # the window over which requests are counted
+            assert fake.requests <= 2, fake.requests  # the first read, then one blocking query
+    finally:
+        await runner.cleanup()
 
 
 async def test_errors_keep_the_last_set_marked_stale_and_recovery_reconciles(scripted):
