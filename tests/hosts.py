@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from tests.support import running
 NS_PREFIX = "meshserve-test-"
 LINK_PREFIX = "mst"
 SUPERNET = ipaddress.ip_network("10.213.0.0/16")
-_LOCK = Path("/tmp/meshserve-test-hosts.lock")  # serialises subnet choice between parallel runs
+_LOCK = Path(tempfile.gettempdir()) / "meshserve-test-hosts.lock"  # serialises subnet choice between parallel runs
 _STALE_NS = re.compile(rf"^{NS_PREFIX}(\d+)-")
 _STALE_LINK = re.compile(rf"^{LINK_PREFIX}(\d+)[a-z]")
 _created = 0  # networks made by this process, for unique names
