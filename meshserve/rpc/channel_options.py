@@ -25,6 +25,9 @@ def client_options(max_message_bytes: int | None = None) -> Options:
     options = [
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # Recent gRPC cores wait for any ping's ack this long (default 60 s), keepalive pings too:
+        # without it a silent peer was noticed after 70 s, not 15.
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),  # 0: keep pinging an idle connection
         ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
@@ -45,4 +48,5 @@ def server_options() -> Options:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ]
