@@ -14,6 +14,7 @@ import grpc
 
 from meshserve.gateway.policy import CallPolicy, RetryBudget
 from meshserve.registry.instances import Instance
+from meshserve.rpc.channel_options import client_options
 from meshserve.v1 import prediction_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -23,16 +24,11 @@ CLOSE_GRACE_S = 30.0
 
 
 def insecure_channel(target: str, max_message_bytes: int = 16 * 1024 * 1024) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            # Keep idle channels warm so the first call after a quiet spell is not a handshake.
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.enable_retries", 0),  # retries are the policy's, not the channel's
-        ],
-    )
+    options = [
+        *client_options(max_message_bytes),
+        ("grpc.enable_retries", 0),  # retries are the policy's, not the channel's
+    ]
+    return grpc.aio.insecure_channel(target, options=options)
 
 
 @dataclass(eq=False)

@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 
+from meshserve.rpc.channel_options import client_options
 from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
 
 
@@ -17,7 +18,7 @@ def search_photo(target: str, image: bytes, top_k: int = 10, timeout: float = 10
                  min_score: float = 0.0) -> photo_search_pb2.SearchResponse:
     """One Search call with a deadline; raises SearchFailed with the gateway's status and message.
     `min_score` 0 means the gateway's default detection threshold."""
-    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 16 * 1024 * 1024)]) as channel:
+    with grpc.insecure_channel(target, options=client_options(16 * 1024 * 1024)) as channel:
         stub = photo_search_pb2_grpc.PhotoSearchStub(channel)
         try:
             request = photo_search_pb2.SearchRequest(image=image, top_k=top_k, min_detection_score=min_score)

@@ -60,7 +60,9 @@ def check(target: HealthTarget) -> tuple[bool, str]:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     # A proxy from the environment must never sit between a probe and the server it probes.
-    options = [("grpc.enable_http_proxy", 0)]
+    from meshserve.rpc.channel_options import client_options
+
+    options = [*client_options(), ("grpc.enable_http_proxy", 0)]
     with grpc.insecure_channel(target.address, options=options) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:

@@ -52,8 +52,14 @@ class WatchConfig:
     # `consistent` costs a quorum round trip per read and is meant for locks/elections.
     # The watch needs availability during outages more than linearizability.
     consistency: str = "stale"
+    # While a blocking query waits, ask the agent this often (s) whether it answers at all: a hung
+    # agent (process stopped, host cut off) keeps a blocking query silent for its whole wait, so
+    # without probes it would go unnoticed (and the watch not stale) for up to wait_s. 0: no probes.
+    probe_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
+        if self.probe_interval_s < 0:
+            raise ValueError(f"probe_interval_s must be >= 0, got {self.probe_interval_s}")
         if not 0 < self.wait_s <= 600:
             raise ValueError(f"wait_s must be in (0, 600] (Consul caps waits at 10m), got {self.wait_s}")
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
@@ -187,6 +193,30 @@ class _Feed:
         )
         return _index_of(raw_index), _PARSED.get(self.kind, body, self.parse)
 
+    async def _answer(self, params: list[tuple[str, Any]], budget: float) -> tuple[int, Any]:
+        """The query's answer within `budget` s; a blocking query is given up as soon as a probe
+        of the agent goes unanswered."""
+        interval = self.watch_config.probe_interval_s
+        async with asyncio.timeout(budget):
+            query = asyncio.ensure_future(self._query(params))
+            try:
+                while interval and self.index > 0:
+                    done, _ = await asyncio.wait({query}, timeout=interval)
+                    if done:
+                        break
+                    await self._probe()
+                return await query
+            finally:
+                query.cancel()
+
+    async def _probe(self) -> None:
+        """Any answer to a cheap request shows the agent alive; none within the request timeout
+        raises TimeoutError (a failure like any other: the watch goes stale and re-reads)."""
+        assert self._consul is not None
+        async with asyncio.timeout(self.config.request_timeout_s):
+            await self._consul.http.get(lambda response: None, "/v1/status/leader",
+                                        headers=self._consul.prepare_headers())  # fmt: skip
+
     async def _run(self) -> None:
         try:
             await self._loop()
@@ -210,8 +240,7 @@ class _Feed:
             if self.index > 0:
                 budget += cfg.wait_s * 17 / 16
             try:
-                async with asyncio.timeout(budget):
-                    new_index, value = await self._query(params)
+                new_index, value = await self._answer(params, budget)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the watch must outlive any failure

@@ -1,2 +1,3 @@
-"""One gRPC process for every meshserve server: the lifecycle (`process`) and the interceptor that
-maps the error tree to statuses, spans and metrics (`interceptor`)."""
+"""One gRPC process for every meshserve server: the lifecycle (`process`), the interceptor that
+maps the error tree to statuses, spans and metrics (`interceptor`), and the keepalive and
+connection options of every channel and server (`channel_options`)."""

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from meshserve import telemetry
 from meshserve.errors import InvalidInput
 from meshserve.registry.config import RegistryConfig, ServiceInstance
+from meshserve.rpc.channel_options import server_options
 from meshserve.rpc.interceptor import Observe, StatusInterceptor
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ class GrpcProcess:
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a port already taken fails loudly instead of being shared
+            *server_options(),
         ]
         server = grpc.aio.server(interceptors=(self._interceptor,), options=options)
         self.workload.add_to_server(server)
