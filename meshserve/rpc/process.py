@@ -127,15 +127,21 @@ class GrpcProcess:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         registration: asyncio.Task[None] | None = None
+        following: asyncio.Task[None] | None = None
         try:
             if await self._start() and not self._stop.is_set():
                 for name in ("", *services):
                     await health.set(name, SERVING)
                 log.info("serving on port %d", self.port)
+                # A workload whose services can lose their footing while serving keeps their health true.
+                if (follow := getattr(self.workload, "follow_health", None)) is not None:
+                    following = asyncio.create_task(follow(health))
                 if cfg.registry is not None:
                     registration = asyncio.create_task(self._register_until_done(cfg.registry))
                 await self._stop.wait()
         finally:
+            if following is not None:
+                following.cancel()
             await self._shutdown(server, health, registration)
         return self._exit_code
 
