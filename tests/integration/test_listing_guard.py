@@ -22,7 +22,7 @@ from tests.integration.guard_mesh import (
     status_name,
     verdicts,
 )
-from tests.support import DevAgent, Spawner, meshserve_argv, wait_until
+from tests.support import DevAgent, Spawner, free_port, meshserve_argv, wait_serving, wait_until
 
 # Thresholds no score reaches (1.0 is the top of a probability): every classifier says allow.
 NEVER = {"review_threshold": 1.0, "block_threshold": 1.0}
@@ -241,6 +241,26 @@ def test_verdict_cache_never_serves_another_model_or_policy_version(mesh: GuardM
         if not old.alive():
             mesh.models["counterfeit"], _ = mesh.serve("classifier", "--model", "counterfeit", name="counterfeit")
     assert 'meshserve_gateway_verdict_cache_lookups_total{result="hit"}' in mesh.metrics()
+
+
+@pytest.mark.parametrize("mode", ["nan", "shape"])
+def test_garbage_from_a_model_is_an_error_verdict_not_a_failed_check(mesh: GuardMesh, clean_policy: None,
+                                                                     mode: str) -> None:  # fmt: skip
+    # A newer "prohibited" whose model answers garbage; the gateway routes to the newest version.
+    port, version = free_port(), "99991231T000000-000"  # sorts after any trained version
+    garbage = mesh.spawn([sys.executable, "-m", "tests.integration.garbage_classifier", mode, "prohibited",
+                          version, str(port), mesh.agent.http_addr], name=f"garbage-{mode}")  # fmt: skip
+    try:
+        wait_serving(f"127.0.0.1:{port}", garbage, timeout=60)
+        request = listing(title=f"mug listing for the garbage test {mode}")
+        answer = wait_until(lambda: (a := mesh.check(request)) and verdicts(a)["prohibited"].version == version
+                            and a, timeout=20, what="the garbage replica in the route")  # fmt: skip
+        bad = verdicts(answer)["prohibited"]
+        assert status_name(bad) == "ERROR" and "score" in bad.detail, bad
+        assert answer.partial
+        assert all(status_name(verdicts(answer)[m]) == "OK" for m in ("counterfeit", "contact_info"))
+    finally:
+        garbage.stop()
 
 
 @pytest.mark.parametrize("change, field", [
