@@ -114,3 +114,50 @@ def test_verdict_cache_keys_on_model_and_policy_version_and_stays_bounded() -> N
     for n in range(100):
         small.put(VerdictKey(f"h{n}", "counterfeit", "v1", "10"), _verdict("counterfeit", 0.3))
     assert 0 < small.bytes <= 4000 and len(small) < 100
+
+
+def _docs(**docs: tuple[str, int]) -> object:
+    from types import MappingProxyType
+
+    from meshserve.registry.watch import KVSnapshot
+
+    value = MappingProxyType({f"meshserve/config/{flow.replace('_', '-')}": doc for flow, doc in docs.items()})
+    return KVSnapshot(target="meshserve/config/", value=value, version=1, index=1, ready=True, stale=False,
+                      stale_since=None, last_contact=None)  # fmt: skip
+
+
+def test_flow_configs_apply_valid_documents_and_keep_the_last_valid_one() -> None:
+    from prometheus_client import REGISTRY
+
+    from meshserve.gateway.flow_config import FlowConfigs
+    from meshserve.registry.config import RegistryConfig
+
+    applied: list[object] = []
+    configs = FlowConfigs(RegistryConfig(), on_apply={"listing-guard": applied.append})
+
+    def refused_total() -> float:
+        return REGISTRY.get_sample_value("meshserve_gateway_policy_rejected_total", {"flow": "listing-guard"}) or 0.0
+
+    configs._changed(_docs(listing_guard=('{"top_k": 5}', 7)))  # type: ignore[arg-type]
+    assert configs.state("listing-guard").version == "7" and configs.policy("listing-guard").top_k == 5
+    assert len(applied) == 1
+
+    before = refused_total()
+    for _ in range(3):  # the same refused version again and again: refused (and counted) once
+        configs._changed(_docs(listing_guard=('{"top_k": 0}', 8)))  # type: ignore[arg-type]
+    state = configs.state("listing-guard")
+    assert state.version == "7" and state.policy.top_k == 5
+    assert state.refused_version == "8" and "top_k" in (state.refused_reason or "")
+    assert refused_total() == before + 1 and len(applied) == 1
+
+    configs._changed(_docs())  # type: ignore[arg-type]
+    assert configs.state("listing-guard").version == "default" and configs.policy("listing-guard") == GuardPolicy()
+
+
+def test_photo_search_defaults_reach_the_gateways_search() -> None:
+    from meshserve.gateway.server import Gateway, GatewayConfig
+    from meshserve.registry.config import RegistryConfig
+
+    gateway = Gateway(GatewayConfig(registry=RegistryConfig()))
+    gateway.guard.configs._changed(_docs(photo_search=('{"top_k": 4, "min_detection_score": 0.6}', 3)))  # type: ignore[arg-type]
+    assert (gateway.search.config.default_top_k, gateway.search.config.default_min_score) == (4, 0.6)
