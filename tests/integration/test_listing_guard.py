@@ -102,7 +102,8 @@ def test_decision_follows_thresholds_and_policy_changes_live(mesh: GuardMesh, cl
                                                 "counterfeit": {"review_threshold": 0.0, "block_threshold": 0.0}}})
     blocked = mesh.wait_policy(str(block_version), request)
     in_force_s = time.monotonic() - written
-    assert in_force_s < 3.0, f"policy took {in_force_s:.2f}s to apply"
+    print(f"policy write → in force in the next answer: {in_force_s * 1000:.0f} ms")
+    assert in_force_s < 3.0, f"policy took {in_force_s:.2f}s to apply"  # goal 1 s; generous on a loaded box
     assert decision_name(blocked) == "BLOCK" and blocked.flagged
     assert any(r.startswith("counterfeit") for r in blocked.reasons)
     assert not verdicts(blocked)["counterfeit"].cached  # a new policy version never reuses a verdict
@@ -167,8 +168,10 @@ def test_slow_classifier_times_out_and_the_others_answer(mesh: GuardMesh, clean_
             assert status_name(found["prohibited"]) == "TIMEOUT", found["prohibited"]
             assert answer.partial
             assert all(status_name(found[m]) == "OK" for m in ("counterfeit", "contact_info", "shipping"))
+        print("Check with one classifier at 300 ms, timeout 100 ms: " + ", ".join(f"{t * 1000:.0f}" for t in timings)
+              + " ms")  # fmt: skip
         # 100 ms timeout, well under the slow model's 300 ms (generous for a loaded 2-core machine).
-        assert sorted(timings)[len(timings) // 2] < 0.25, timings
+        assert sorted(timings)[len(timings) // 2] < 0.2, timings
     finally:
         slow.stop()
 
