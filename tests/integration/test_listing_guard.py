@@ -188,6 +188,9 @@ def test_caller_deadline_shorter_than_every_timeout(mesh: GuardMesh, clean_polic
         error = mesh.refused(listing(title="mug listing for the deadline test 2"), timeout=0.2)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.perf_counter() - started < 1.5
+        # The gateway itself said so (a few ms before the caller would have given up), not only the client.
+        wait_until(lambda: 'meshserve_gateway_requests_total{code="DEADLINE_EXCEEDED",method="Check"}'
+                   in mesh.metrics(), timeout=10, what="the gateway's DEADLINE_EXCEEDED")  # fmt: skip
         assert mesh.check(request).policy_version == str(version)  # still serving
     finally:
         slow.stop()
