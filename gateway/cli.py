@@ -19,8 +19,9 @@ environment:
 
 def add_commands(subparsers: Any) -> None:
     gateway = subparsers.add_parser(
-        "gateway", help="run the gateway (photo search over the discovered mesh)",
-        description="Discover model servers and shards in Consul and serve meshserve.v1.PhotoSearch.",
+        "gateway", help="run the gateway (photo search and listing checks over the discovered mesh)",
+        description="Discover model servers and shards in Consul and serve meshserve.v1.PhotoSearch and "
+                    "meshserve.v1.ListingGuard (policies live from Consul KV meshserve/config/<flow>).",
         epilog=_ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     gateway.add_argument("--addr", help="HOST:PORT to listen on (default 127.0.0.1:50050; overrides --host/--port)")
@@ -47,7 +48,7 @@ def add_commands(subparsers: Any) -> None:
     gateway.set_defaults(func=_gateway)
 
     status = subparsers.add_parser(
-        "status", help="services, replicas, health, versions, shards and coverage",
+        "status", help="services, replicas, health, versions, shards and coverage, flow policies",
         description="Read the mesh from the registry (works against real Consul too).",
         epilog=_ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip

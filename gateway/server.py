@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
 from meshserve.gateway.enrich import CatalogueEnricher
+from meshserve.gateway.flow_policy import PhotoSearchDefaults
+from meshserve.gateway.guard_service import LISTING_GUARD_SERVICE, GuardService
 from meshserve.gateway.photo_search import PhotoSearch, SearchConfig
 from meshserve.gateway.policy import default_policies
 from meshserve.gateway.routes import RouteTable
@@ -50,28 +53,28 @@ class GatewayConfig:
 class Gateway:
     """The gateway's part of a GrpcProcess: PhotoSearch over routes discovered in the registry."""
 
-    services = (PHOTO_SEARCH,)
+    services = (PHOTO_SEARCH, LISTING_GUARD_SERVICE)
 
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.routes = RouteTable(config.registry, default_policies(config.hedge_after_ms))
         enricher = CatalogueEnricher(config.catalogue_home, config.catalogue_ttl_s)
         self.search = PhotoSearch(self.routes, enricher, config.search)
+        self.guard = GuardService(config.registry, self.routes, self.routes.policies, self._photo_defaults)
+        self._following: asyncio.Task[None] | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         servicer = PhotoSearchServicer(self.search, self.config.default_deadline_s)
         photo_search_pb2_grpc.add_PhotoSearchServicer_to_server(servicer, server)
+        self.guard.add_to_server(server, self.config.default_deadline_s)
 
     async def start(self) -> None:
         if self.config.metrics_port is not None:
             start_http_server(self.config.metrics_port, addr=self.config.host)
         await self.routes.start()
+        await self.guard.start()
         log.info("gateway routes from registry %s%s", self.config.registry.http_addr,
                  " (stale)" if self.routes.stale else "")  # fmt: skip
-
-    def watch_readiness(self, report: Callable[[bool], None]) -> None:
-        """Health follows the route table: SERVING only while photo search can be served."""
-        self.routes.watch_readiness(report)
 
     def instance(self, port: int) -> ServiceInstance:
         cfg = self.config
@@ -89,7 +92,27 @@ class Gateway:
     def in_flight(self) -> int:
         return 0  # the server's own stop(grace) waits for running searches
 
+    def watch_readiness(self, report: Callable[[str, bool], None]) -> None:
+        """Health follows what each flow can serve: the whole server and PhotoSearch the route
+        table, ListingGuard its listing routes and policy."""
+
+        def photo_search(ready: bool) -> None:
+            report("", ready)
+            report(PHOTO_SEARCH, ready)
+
+        self.routes.watch_readiness(photo_search)
+        self._following = asyncio.create_task(self.guard.follow_readiness(report))
+
+    def _photo_defaults(self, defaults: PhotoSearchDefaults) -> None:
+        # Live from KV (meshserve/config/photo-search): what a search without top_k/min score gets.
+        self.search.config = replace(self.search.config, default_top_k=defaults.top_k,
+                                     default_min_score=defaults.min_detection_score)
+
     async def close(self) -> None:
+        if self._following is not None:
+            self._following.cancel()
+            await asyncio.gather(self._following, return_exceptions=True)
+        await self.guard.close()
         await self.routes.close()
 
 

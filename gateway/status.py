@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from meshserve.gateway.discovery import Registered, registered_from_health
+from meshserve.gateway.flow_store import read_all
 from meshserve.gateway.policy import default_policies
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
@@ -39,6 +40,7 @@ async def read_status(config: RegistryConfig) -> dict[str, Any]:
         for role, name in SERVICE_NAMES.items():
             _, entries = await client.call(f"read {name}", client.consul.health.service(name))
             registered[role] = registered_from_health(entries)
+        flows = await read_all(client)
     for role, found in registered.items():
         services[role] = [ReplicaStatus(r.instance.id, r.instance.target, r.status,
                                         r.instance.meta.get("version", ""), dict(r.instance.meta))
@@ -57,6 +59,7 @@ async def read_status(config: RegistryConfig) -> dict[str, Any]:
         "services": {role: [asdict(r) for r in replicas] for role, replicas in services.items()},
         "shard_sets": [{**asdict(s), "coverage": round(s.coverage, 4)} for s in shard_sets],
         "policies": {role: p.describe() for role, p in default_policies().items()},
+        "flows": {flow: doc.describe() for flow, doc in flows.items()},
     }
 
 
@@ -84,6 +87,11 @@ def render(status: dict[str, Any]) -> str:
     for role, policy in status["policies"].items():
         described = ", ".join(f"{k}={v}" for k, v in policy.items())
         lines.append(f"  {role:<11} {described}")
+    lines.append("")
+    lines.append("flow policies (KV meshserve/config/<flow>)")
+    for flow, doc in status.get("flows", {}).items():
+        state = "valid" if doc["valid"] else f"REFUSED, the gateway keeps the last valid one: {doc['error']}"
+        lines.append(f"  {flow:<14} version {doc['version']:<8} {state}")
     return "\n".join(lines)
 
 

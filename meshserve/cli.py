@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from meshserve import health_cli
 from meshserve.gateway import cli as gateway_cli
+from meshserve.gateway import guard_cli
 from meshserve.local import bench_cli, search_cli
 from meshserve.local import cli as local_cli
 from meshserve.registry.dev import cli as registry_cli
@@ -26,6 +27,7 @@ ROOM_COMMANDS = (
     shard_cli,  # shard build|publish|retire|list
     train_cli,  # train
     gateway_cli,  # gateway, status
+    guard_cli,  # guard check, config get|set|validate
     search_cli,  # search IMAGE
     local_cli,  # up, demo
     bench_cli,  # bench [NAME]

@@ -131,6 +131,10 @@ def run_demo(config: MeshConfig, out: Path, queries: int = 6, min_score: float =
         say(f"coverage {coverage.shards_answered}/{coverage.shards_expected}  versions {dict(first.versions)}")
         say(f"\ntrace {first.trace_id} (one search, every stage and shard):")
         say(waterfall(read_trace(info.trace_file or config.run_dir / "traces.jsonl", first.trace_id)))
+
+        from meshserve.local.guard_demo import run_guard_demo
+
+        run_guard_demo(info, config.home, say)
         return 0
     finally:
         say("\nstopping the mesh …")

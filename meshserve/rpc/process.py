@@ -3,8 +3,8 @@
 listen (health NOT_SERVING) → workload.start() (load and warm, or discover) → SERVING → register in
 Consul and stay registered → … SIGTERM/SIGINT → NOT_SERVING → deregister → drain in-flight calls
 within the grace period → stop the server → workload.close() → exit code. A workload whose ability
-to serve comes and goes after start (the gateway without a route) reports it (ReportsReadiness), and
-health follows those reports instead of turning SERVING once.
+to serve comes and goes after start (the gateway without a route) reports it per service
+(ReportsReadiness), and health follows those reports instead of turning SERVING once.
 
 The workload says what is served and what starting and draining mean for it; the process owns the
 grpc.aio server, health, reflection, the StatusInterceptor over the workload's services, signals
@@ -69,8 +69,9 @@ class Workload(Protocol):
 class ReportsReadiness(Protocol):
     """A workload that can be started yet unable to serve (the gateway while it has no route)."""
 
-    def watch_readiness(self, report: Callable[[bool], None]) -> None:
-        """Call `report(ready)` now and again whenever readiness changes, until close()."""
+    def watch_readiness(self, report: Callable[[str, bool], None]) -> None:
+        """Call `report(service, ready)` for the whole server ("") and each of its services now,
+        and again whenever one of them changes, until close()."""
 
 
 @dataclass(frozen=True)
@@ -144,9 +145,9 @@ class GrpcProcess:
         try:
             if await self._start() and not self._stop.is_set():
                 if isinstance(self.workload, ReportsReadiness):
-                    self.workload.watch_readiness(lambda ready: self._report(health, services, ready))
+                    self.workload.watch_readiness(lambda name, ready: self._report(health, name, ready))
                 else:
-                    await self._set_health(health, services, True)
+                    await self._set_health(health, ("", *services), True)
                 if cfg.registry is not None:
                     registration = asyncio.create_task(self._register_until_done(cfg.registry))
                 await self._stop.wait()
@@ -154,20 +155,21 @@ class GrpcProcess:
             await self._shutdown(server, health, registration)
         return self._exit_code
 
-    def _report(self, health: health_aio.HealthServicer, services: tuple[str, ...], ready: bool) -> None:
+    def _report(self, health: health_aio.HealthServicer, name: str, ready: bool) -> None:
         # (a report after shutdown began changes nothing: health stays NOT_SERVING)
-        task = asyncio.get_running_loop().create_task(self._set_health(health, services, ready))
+        task = asyncio.get_running_loop().create_task(self._set_health(health, (name,), ready))
         self._health_updates.add(task)
         task.add_done_callback(self._health_updates.discard)
 
-    async def _set_health(self, health: health_aio.HealthServicer, services: tuple[str, ...], ready: bool) -> None:
+    async def _set_health(self, health: health_aio.HealthServicer, names: tuple[str, ...], ready: bool) -> None:
         async with self._health_lock:
-            for name in ("", *services):
+            for name in names:
                 await health.set(name, SERVING if ready else NOT_SERVING)
+        described = ", ".join(name or "the server" for name in names)
         if ready:
-            log.info("serving on port %d", self.port)
+            log.info("serving %s on port %d", described, self.port)
         else:
-            log.warning("not serving: %s cannot serve now (health NOT_SERVING)", ", ".join(services))
+            log.warning("not serving: %s cannot serve now (health NOT_SERVING)", described)
 
     async def _start(self) -> bool:
         """workload.start(), unless stopped first; a stop during start waits for it to finish."""

@@ -15,12 +15,23 @@ class VerdictStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VERDICT_STATUS_UNAVAILABLE: _ClassVar[VerdictStatus]
     VERDICT_STATUS_DISABLED: _ClassVar[VerdictStatus]
     VERDICT_STATUS_ERROR: _ClassVar[VerdictStatus]
+
+class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECISION_UNSPECIFIED: _ClassVar[Decision]
+    DECISION_ALLOW: _ClassVar[Decision]
+    DECISION_REVIEW: _ClassVar[Decision]
+    DECISION_BLOCK: _ClassVar[Decision]
 VERDICT_STATUS_UNSPECIFIED: VerdictStatus
 VERDICT_STATUS_OK: VerdictStatus
 VERDICT_STATUS_TIMEOUT: VerdictStatus
 VERDICT_STATUS_UNAVAILABLE: VerdictStatus
 VERDICT_STATUS_DISABLED: VerdictStatus
 VERDICT_STATUS_ERROR: VerdictStatus
+DECISION_UNSPECIFIED: Decision
+DECISION_ALLOW: Decision
+DECISION_REVIEW: Decision
+DECISION_BLOCK: Decision
 
 class Listing(_message.Message):
     __slots__ = ("listing_id", "title", "description", "images", "price_cents", "category", "attributes")
@@ -56,7 +67,7 @@ class CheckRequest(_message.Message):
     def __init__(self, listing: _Optional[_Union[Listing, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("model", "version", "score", "flagged", "status", "threshold", "detail")
+    __slots__ = ("model", "version", "score", "flagged", "status", "threshold", "detail", "review_threshold", "label", "latency_ms", "cached")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +75,10 @@ class Verdict(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     score: float
@@ -71,16 +86,45 @@ class Verdict(_message.Message):
     status: VerdictStatus
     threshold: float
     detail: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., score: _Optional[float] = ..., flagged: _Optional[bool] = ..., status: _Optional[_Union[VerdictStatus, str]] = ..., threshold: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
+    review_threshold: float
+    label: str
+    latency_ms: float
+    cached: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., score: _Optional[float] = ..., flagged: _Optional[bool] = ..., status: _Optional[_Union[VerdictStatus, str]] = ..., threshold: _Optional[float] = ..., detail: _Optional[str] = ..., review_threshold: _Optional[float] = ..., label: _Optional[str] = ..., latency_ms: _Optional[float] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class CategorySuggestion(_message.Message):
+    __slots__ = ("category", "score")
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    category: str
+    score: float
+    def __init__(self, category: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class CheckResponse(_message.Message):
-    __slots__ = ("verdicts", "partial", "flagged", "trace_id")
+    __slots__ = ("verdicts", "partial", "flagged", "trace_id", "decision", "reasons", "policy_version", "versions", "suggestions")
+    class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     FLAGGED_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    SUGGESTIONS_FIELD_NUMBER: _ClassVar[int]
     verdicts: _containers.RepeatedCompositeFieldContainer[Verdict]
     partial: bool
     flagged: bool
     trace_id: str
-    def __init__(self, verdicts: _Optional[_Iterable[_Union[Verdict, _Mapping]]] = ..., partial: _Optional[bool] = ..., flagged: _Optional[bool] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    decision: Decision
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    policy_version: str
+    versions: _containers.ScalarMap[str, str]
+    suggestions: _containers.RepeatedCompositeFieldContainer[CategorySuggestion]
+    def __init__(self, verdicts: _Optional[_Iterable[_Union[Verdict, _Mapping]]] = ..., partial: _Optional[bool] = ..., flagged: _Optional[bool] = ..., trace_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., policy_version: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., suggestions: _Optional[_Iterable[_Union[CategorySuggestion, _Mapping]]] = ...) -> None: ...

@@ -319,6 +319,11 @@ def test_demo_searches_draws_prints_the_waterfall_and_leaves_nothing(
         assert re.search(r"meshserve-gateway: shard base-\d", waterfall), waterfall
         for server in ("detector", "embedder", "indexer"):
             assert f"meshserve-{server}: meshserve.v1.PredictionService/Predict" in waterfall, (server, waterfall)
+        # Listing checks: one allowed listing, then the same with a classifier stopped → partial.
+        checks = output.split("listing checks (meshserve guard check)", 1)[1]
+        assert re.search(r"allowed: .*\n\s+→ ALLOW ", checks), checks
+        assert re.search(r"with a classifier stopped: .*\n\s+→ \w+  \(partial\)", checks), checks
+        assert re.search(r"\s(counterfeit|prohibited|contact_info)\s+unavailable", checks), checks
         assert len(seen) >= 9  # registry + 8 servers + gateway were seen running
         assert survivors(seen) == set()
         assert not listening(registry_port) and not listening(gateway_port)

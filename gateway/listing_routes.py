@@ -1,0 +1,92 @@
+"""The listing models' routes: per model name (registry meta `model`) and version, the passing
+replicas of the violation classifiers and the shipping estimator, kept live from the registry."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from meshserve.gateway.balancer import ChannelFactory, ReplicaSet, insecure_channel
+from meshserve.gateway.discovery import Registered, RegisteredWatch
+from meshserve.gateway.flow_policy import SHIPPING
+from meshserve.gateway.policy import CallPolicy
+from meshserve.gateway.routes import _version_key
+from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
+from meshserve.registry.watch import ServiceSnapshot, WatchConfig
+
+# Services the guard routes to here (the detector comes from the gateway's RouteTable).
+LISTING_SERVICES = ("classifier", "shipping")
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    model: str
+    version: str
+    replicas: ReplicaSet
+
+
+class ListingRoutes:
+    def __init__(
+        self,
+        registry: RegistryConfig,
+        policies: dict[str, CallPolicy],
+        channel_factory: ChannelFactory = insecure_channel,
+        watch_config: WatchConfig | None = None,
+    ):
+        self.registry = registry
+        self.policies = policies
+        self._factory = channel_factory
+        self._watch_config = watch_config
+        self._watches: list[RegisteredWatch] = []
+        # model name → version → passing replicas
+        self._sets: dict[str, dict[str, ReplicaSet]] = defaultdict(dict)
+
+    async def start(self) -> None:
+        for service in LISTING_SERVICES:
+            def on_change(snap: ServiceSnapshot, service: str = service) -> None:
+                if not snap.stale:  # the registry is away: keep routing on what we had
+                    self._apply(service, snap.value)  # type: ignore[arg-type]
+
+            watch = RegisteredWatch(self.registry, SERVICE_NAMES[service], self._watch_config, on_change)
+            self._watches.append(watch)
+            await watch.start()
+
+    async def close(self) -> None:
+        for watch in self._watches:
+            await watch.stop()
+        for by_version in self._sets.values():
+            for replicas in by_version.values():
+                await replicas.close()
+
+    def _apply(self, service: str, registered: tuple[Registered, ...]) -> None:
+        wanted: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        for r in registered:
+            if r.passing:
+                meta = r.instance.meta
+                # The shipping estimator answers to one name in the policy, whatever its card says.
+                model = SHIPPING if service == "shipping" else meta.get("model", "")
+                wanted[model][meta.get("version", "")].append(r.instance)
+        models = {m for m, s in self._sets.items() if s and self._service_of(m) == service} | set(wanted)
+        for model in models:
+            sets = self._sets[model]
+            for version in set(sets) | set(wanted.get(model, {})):
+                if version not in sets:
+                    sets[version] = ReplicaSet(f"{model}@{version}", self.policies[service], self._factory)
+                sets[version].update(wanted.get(model, {}).get(version, []))
+
+    @staticmethod
+    def _service_of(model: str) -> str:
+        return "shipping" if model == SHIPPING else "classifier"
+
+    def route(self, model: str) -> ModelRoute | None:
+        """The newest version of `model` with passing replicas (a new version takes over as soon
+        as it passes; the old one serves until then)."""
+        versions = [v for v, s in self._sets.get(model, {}).items() if len(s)]
+        if not versions:
+            return None
+        version = max(versions, key=_version_key)
+        return ModelRoute(model, version, self._sets[model][version])
+
+    def describe(self) -> dict[str, dict[str, list[str]]]:
+        return {model: {v: [r.id for r in s.replicas] for v, s in sets.items()}
+                for model, sets in self._sets.items()}  # fmt: skip
