@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from meshserve import health_cli
 from meshserve.gateway import cli as gateway_cli
-from meshserve.local import bench_cli, search_cli
+from meshserve.local import bench_cli, ops_cli, search_cli
 from meshserve.local import cli as local_cli
 from meshserve.registry.dev import cli as registry_cli
 from meshserve.servers import cli as servers_cli
@@ -30,6 +30,7 @@ ROOM_COMMANDS = (
     local_cli,  # up, demo
     bench_cli,  # bench [NAME]
     health_cli,  # health HOST:PORT
+    ops_cli,  # prometheus sd|run, top, trace
 )
 
 

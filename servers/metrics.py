@@ -75,9 +75,10 @@ class ServerMetrics(BatchObserver, Collector):
         ).labels(model=model, version=version)
         self.registry.register(self)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Expose /metrics on `port` (a daemon thread)."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Expose /metrics on `port` (0: any free port) from a daemon thread; return the bound port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)
 
     # -- per request -----------------------------------------------------------------------
 

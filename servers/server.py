@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from meshserve.registry.config import RegistryConfig, ServiceInstance
+from meshserve.registry.config import METRICS_PORT_META, RegistryConfig, ServiceInstance
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
 from meshserve.servers.batching import Admission, Batcher, BatchingConfig
 from meshserve.servers.metrics import ServerMetrics
@@ -37,7 +37,7 @@ class ServerConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     max_message_bytes: int = 8 * 1024 * 1024
     grace_s: float = 10.0  # drain budget after SIGTERM
-    metrics_port: int | None = None
+    metrics_port: int | None = None  # None: no /metrics; 0: any free port (registered in the meta)
     register: bool = True
     registry: RegistryConfig | None = None
     instance_id: str | None = None
@@ -76,6 +76,7 @@ class ModelServer:
         self._batcher = Batcher(model, config.batching, self.metrics)
         self._servicer = PredictionServicer(model, self._batcher, self._admission, config.batching.max_batch_size)
         self.metrics.watch_inflight(lambda: self._admission.count)
+        self._metrics_port: int | None = None  # bound once run() serves /metrics
         process = ProcessConfig(
             service_name=config.service_name, host=config.host, port=config.port,
             max_message_bytes=config.max_message_bytes, grace_s=config.grace_s,
@@ -96,7 +97,7 @@ class ModelServer:
         cfg = self.config
         keep_message_buffers(cfg.max_message_bytes)
         if cfg.metrics_port is not None:
-            self.metrics.serve(cfg.metrics_port)
+            self._metrics_port = self.metrics.serve(cfg.metrics_port)
         return await self._process.run()
 
     # -- the Workload protocol (meshserve.rpc.process) ---------------------------------------
@@ -119,6 +120,8 @@ class ModelServer:
         address = cfg.registered_address
         meta = {"model": self.model.name, "version": self.model.version, "role": self.model.role}
         meta.update(self.model.meta())
+        if self._metrics_port is not None:
+            meta[METRICS_PORT_META] = str(self._metrics_port)
         return ServiceInstance(
             name=cfg.service_name,
             instance_id=cfg.instance_id or f"{cfg.service_name}-{address}-{port}",

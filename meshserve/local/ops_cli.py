@@ -1,0 +1,98 @@
+"""The operator's commands: `prometheus sd|run`, `top` and `trace`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_commands(subparsers: Any) -> None:
+    prometheus = subparsers.add_parser(
+        "prometheus", help="Prometheus over the mesh: service discovery from the registry, a local server",
+        description="Prometheus finds every replica through the registry: `sd` answers Prometheus's HTTP "
+        "service discovery (http_sd_configs) with the passing replicas of every meshserve-* service that "
+        "registered a metrics_port; `run` starts the `prometheus` binary with a config pointing at it.",
+    )  # fmt: skip
+    commands = prometheus.add_subparsers(dest="prometheus_command", metavar="COMMAND", required=True)
+    sd = commands.add_parser(
+        "sd", help="serve http_sd targets (GET /targets) computed from the registry",
+        description="Serve Prometheus HTTP service discovery at http://HOST:PORT/targets: one target group per "
+        "passing replica (host:metrics_port), labelled service, instance_id, model, version, role, shard, "
+        "embedder_version, index from its registration. 503 while the registry does not answer (Prometheus "
+        "then keeps the targets it had).",
+    )  # fmt: skip
+    sd.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sd.add_argument("--port", type=int, default=9091, help="port (default 9091; 0 = any free port)")
+    sd.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    sd.add_argument("--consul", help="Consul HTTP address (default: $CONSUL_HTTP_ADDR or http://127.0.0.1:8500)")
+    sd.set_defaults(func=_sd)
+
+    run = commands.add_parser(
+        "run", help="write a config under --dir and run the `prometheus` binary with it",
+        description="Write DIR/prometheus.yml (one job discovered through --sd-url, short scrape and refresh "
+        "intervals, the rules of deploy/prometheus/rules) and exec `prometheus` with it, its data in DIR/data.",
+    )  # fmt: skip
+    run.add_argument("--sd-url", required=True, help="the http_sd endpoint, e.g. http://127.0.0.1:9091/targets")
+    run.add_argument("--listen", default="127.0.0.1:9090", help="Prometheus's HOST:PORT (default 127.0.0.1:9090)")
+    run.add_argument("--dir", type=Path, help="config and data directory (default $MESHSERVE_HOME/up/prometheus)")
+    run.add_argument("--scrape-interval", type=float, default=2.0, help="seconds between scrapes (default 2)")
+    run.add_argument("--refresh-interval", type=float, default=2.0,
+                     help="seconds between service-discovery refreshes (default 2)")
+    run.add_argument("--rules", type=Path, help="directory of rule files (default: the repository's "
+                     "deploy/prometheus/rules when present)")  # fmt: skip
+    run.set_defaults(func=_run)
+
+
+def _sd(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from meshserve.registry.config import RegistryConfig
+    from meshserve.registry.prometheus_sd import SDServerConfig, serve_sd
+
+    try:
+        config = SDServerConfig(RegistryConfig.from_env(http_addr=args.consul), host=args.host, port=args.port,
+                                port_file=args.port_file)  # fmt: skip
+    except ValueError as exc:
+        print(f"meshserve prometheus sd: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_sd(config, stop)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:  # the port is taken, or the like
+        print(f"meshserve prometheus sd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from meshserve.local.prometheus import REPO_RULES, PrometheusConfig, parse_addr, prometheus_argv, write_config
+
+    try:
+        directory = args.dir or _home() / "up" / "prometheus"
+        config = PrometheusConfig(args.sd_url, scrape_interval_s=args.scrape_interval,
+                                  refresh_interval_s=args.refresh_interval, rules_dir=args.rules or REPO_RULES)
+        parse_addr(args.listen)  # the form only: Prometheus says so itself if the port is taken
+        argv = prometheus_argv(write_config(config, directory), args.listen, directory / "data")
+    except (ValueError, RuntimeError) as exc:
+        print(f"meshserve prometheus run: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)  # keeps the pid, so supervisors and the parent-death signal still reach it
+
+
+def _home() -> Path:
+    from meshserve.inference.artifacts import meshserve_home
+
+    return meshserve_home()
