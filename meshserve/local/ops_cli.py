@@ -45,6 +45,28 @@ def add_commands(subparsers: Any) -> None:
                      "deploy/prometheus/rules when present)")  # fmt: skip
     run.set_defaults(func=_run)
 
+    top = subparsers.add_parser(
+        "top", help="live table of services, replicas, health, rates, errors, latency and coverage",
+        description="Every replica of every meshserve-* service in the registry with its health, and what its "
+        "/metrics say (read directly, no Prometheus needed): requests/s, errors/s, p50/p99 per service and per "
+        "gateway stage, coverage, versions. Refreshes until Ctrl-C.",
+    )  # fmt: skip
+    top.add_argument("--consul", help="Consul HTTP address (default: $CONSUL_HTTP_ADDR or http://127.0.0.1:8500)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between frames (default 2)")
+    top.add_argument("--once", action="store_true", help="print one frame (totals since start) and exit")
+    top.set_defaults(func=_top)
+
+    trace = subparsers.add_parser(
+        "trace", help="print the waterfall of one trace from the trace file",
+        description="Print every span of TRACE_ID (from `search --json`'s trace_id or a log line) as a "
+        "waterfall, read from the JSON-lines trace file the processes write.",
+    )  # fmt: skip
+    trace.add_argument("trace_id", metavar="TRACE_ID", help="32 hex digits")
+    trace.add_argument("--trace-file", type=Path,
+                       help="JSON-lines span file (default: $MESHSERVE_TRACE_FILE, else "
+                       "$MESHSERVE_HOME/up/traces.jsonl, where `meshserve up` writes)")  # fmt: skip
+    trace.set_defaults(func=_trace)
+
 
 def _sd(args: argparse.Namespace) -> int:
     import asyncio
@@ -96,3 +118,64 @@ def _home() -> Path:
     from meshserve.inference.artifacts import meshserve_home
 
     return meshserve_home()
+
+
+def _top(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from meshserve.errors import MeshError
+    from meshserve.local.top import frames, render
+    from meshserve.registry.config import RegistryConfig
+
+    try:
+        if not args.interval > 0:
+            raise ValueError(f"--interval {args.interval}: must be > 0")
+        config = RegistryConfig.from_env(http_addr=args.consul)
+    except ValueError as exc:
+        print(f"meshserve top: {exc}", file=sys.stderr)
+        return 2
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+
+    async def main() -> None:
+        previous = None
+        async for frame in frames(config, args.interval):
+            text = render(frame, previous, config.http_addr)
+            sys.stdout.write(f"{clear}{text}\n" + ("" if clear or args.once else "\n"))
+            sys.stdout.flush()
+            if args.once:
+                return
+            previous = frame
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        return 0
+    except MeshError as exc:
+        print(f"meshserve top: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    import re
+
+    from meshserve.local.demo import read_trace, waterfall
+    from meshserve.telemetry import TRACE_FILE_ENV
+
+    trace_id = args.trace_id.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{32}", trace_id):
+        print(f"meshserve trace: {args.trace_id!r} is not a trace id (32 hex digits)", file=sys.stderr)
+        return 2
+    env_file = os.environ.get(TRACE_FILE_ENV)
+    path = args.trace_file or (Path(env_file) if env_file else _home() / "up" / "traces.jsonl")
+    if not path.is_file():
+        print(f"meshserve trace: no trace file at {path} (pass --trace-file)", file=sys.stderr)
+        return 1
+    spans = read_trace(path, trace_id, settle_s=1.0)
+    if not spans:
+        print(f"meshserve trace: no span of trace {trace_id} in {path}", file=sys.stderr)
+        return 1
+    services = sorted({str(s.get("service")) for s in spans})
+    print(f"trace {trace_id}: {len(spans)} spans from {', '.join(services)}")
+    print(waterfall(spans))
+    return 0
