@@ -32,6 +32,7 @@ class Replica:
     target: str  # host:port of its gRPC server
     health: str  # Consul's worst check status: passing, warning, critical
     version: str
+    what: str  # the model it serves, or the shard for an indexer
     metrics: str | None  # host:metrics_port, None when it serves no /metrics
 
 
@@ -56,7 +57,7 @@ def replica_from_entry(entry: Mapping[str, Any]) -> Replica:
     port = str(meta.get(METRICS_PORT_META, ""))
     return Replica(service=str(service.get("Service", "")), instance_id=str(service.get("ID", "")),
                    target=f"{host}:{service.get('Port', 0)}", health=_worst(entry.get("Checks") or ()),
-                   version=str(meta.get("version", "")),
+                   version=str(meta.get("version", "")), what=str(meta.get("shard") or meta.get("model") or ""),
                    metrics=f"{host}:{port}" if port.isdigit() else None)  # fmt: skip
 
 
@@ -185,7 +186,7 @@ def render(frame: Frame, previous: Frame | None, registry: str) -> str:
     before = {s.replica.instance_id: s for s in previous.scrapes} if previous else {}
     lines = [f"meshserve top — registry {registry} — {time.strftime('%H:%M:%S', time.localtime(frame.at))}"
              f"{'' if dt else ' (totals since start; rates from the next frame)'}", ""]
-    header = f"{'SERVICE':<22} {'REPLICAS':>8}  {'VERSIONS':<16} {'REQ/S':>9} {'ERR/S':>9} {'P50 ms':>8} {'P99 ms':>8}"
+    header = f"{'SERVICE':<22} {'REPLICAS':>8}  {'VERSIONS':<28} {'REQ/S':>9} {'ERR/S':>9} {'P50 ms':>8} {'P99 ms':>8}"
     lines.append(header)
     by_service: dict[str, list[Scrape]] = defaultdict(list)
     for s in frame.scrapes:
@@ -205,12 +206,13 @@ def render(frame: Frame, previous: Frame | None, registry: str) -> str:
                 latency[le] += v
         req_s = _rate(req, req0 if known_before else None, dt)
         err_s = _rate(err, err0 if known_before else None, dt)
-        lines.append(f"{service:<22} {f'{passing}/{len(scrapes)}':>8}  {versions[:16]:<16} {req_s:>9} {err_s:>9} "
+        lines.append(f"{service:<22} {f'{passing}/{len(scrapes)}':>8}  {versions[:28]:<28} {req_s:>9} {err_s:>9} "
                      f"{_ms(quantile(0.5, latency)):>8} {_ms(quantile(0.99, latency)):>8}")  # fmt: skip
-    lines += ["", f"{'REPLICA':<46} {'HEALTH':<9} {'GRPC':<22} METRICS"]
+    lines += ["", f"{'REPLICA':<46} {'MODEL/SHARD':<16} {'HEALTH':<9} {'REQ/S':>9}  METRICS"]
     for s in frame.scrapes:
-        r = s.replica
-        lines.append(f"{r.instance_id[:46]:<46} {r.health:<9} {r.target:<22} {s.error or 'ok'}")
+        r, old = s.replica, before.get(s.replica.instance_id)
+        req_s = _rate(replica_figures(s).requests, replica_figures(old).requests if old else None, dt)
+        lines.append(f"{r.instance_id[:46]:<46} {r.what[:16]:<16} {r.health:<9} {req_s:>9}  {s.error or 'ok'}")
     lines += _gateway_lines(frame, previous)
     return "\n".join(lines)
 
