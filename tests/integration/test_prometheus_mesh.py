@@ -202,6 +202,28 @@ def test_top_shows_every_service_of_the_running_mesh_in_a_terminal(mesh: Mesh, s
         os.close(master)
 
 
+def test_trace_prints_the_waterfall_of_a_search(mesh: Mesh) -> None:
+    local, info = mesh
+    photo = held_out_photos(local.config.home, 1)[0]
+    reply = search_photo(info.gateway, photo.jpeg, top_k=5, timeout=30, min_score=0.01)
+    assert len(reply.trace_id) == 32
+    argv = [sys.executable, "-m", "meshserve.cli", "trace", reply.trace_id, "--trace-file", str(info.trace_file)]
+
+    def printed() -> str:  # spans reach the file within the exporters' flush delay
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        return done.stdout if done.returncode == 0 and "meshserve-indexer" in done.stdout else ""
+
+    out = wait_until(printed, timeout=30, interval=0.5, what=f"trace {reply.trace_id} in {info.trace_file}")
+    assert out.startswith(f"trace {reply.trace_id}: ")
+    for service in ("meshserve-gateway", "meshserve-detector", "meshserve-embedder", "meshserve-indexer"):
+        assert f"{service}: " in out
+    assert "█" in out
+    unknown = subprocess.run([*argv[:4], "0" * 32, *argv[5:]], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 1 and "no span of trace" in unknown.stderr
+    bad = subprocess.run([*argv[:4], "not-a-trace", *argv[5:]], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "32 hex digits" in bad.stderr
+
+
 def start_server(local: LocalMesh, name: str, *args: str) -> Child:
     port_file = local.config.run_dir / "ports" / f"{name}.port"
     started = local.supervisor.start(ChildSpec(name, (*args, "--port", "0", "--port-file", str(port_file),
