@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
+from meshserve import telemetry
 from meshserve.gateway.enrich import CatalogueEnricher
 from meshserve.gateway.photo_search import PhotoSearch, SearchConfig
 from meshserve.gateway.policy import default_policies
@@ -94,8 +95,10 @@ class Gateway:
 
 
 def observe_request(method: str, code: str, seconds: float) -> None:
+    """Called inside the call's trace context: the latency carries its trace id as an exemplar."""
     REQUESTS.labels(method, code).inc()
-    LATENCY.labels(method).observe(seconds)
+    trace_id = telemetry.trace_id_of()
+    LATENCY.labels(method).observe(seconds, {"trace_id": trace_id} if trace_id else None)
 
 
 async def run_gateway(config: GatewayConfig) -> int:

@@ -73,7 +73,8 @@ def prometheus_argv(config_file: Path, listen: str, data_dir: Path) -> list[str]
     if binary is None:
         raise RuntimeError("no `prometheus` binary on PATH: install it (Debian: apt-get install prometheus)")
     return [binary, f"--config.file={config_file}", f"--web.listen-address={listen}",
-            f"--storage.tsdb.path={data_dir}", "--storage.tsdb.retention.time=1d"]  # fmt: skip
+            f"--storage.tsdb.path={data_dir}", "--storage.tsdb.retention.time=1d",
+            "--enable-feature=exemplar-storage"]  # fmt: skip
 
 
 def _bindable(host: str, port: int) -> bool:

@@ -145,6 +145,21 @@ def test_every_dashboard_query_evaluates_and_returns_series_after_searches(mesh:
     assert {"detect", "embed", "search", "merge", "enrich"} <= stages
 
 
+def test_latency_histograms_carry_trace_id_exemplars_into_prometheus(mesh: Mesh, served: int) -> None:
+    _, info = mesh
+    now = time.time()
+
+    def exemplars(selector: str) -> set[str]:
+        data = prometheus(info, "/api/v1/query_exemplars", query=selector, start=str(now - 600), end=str(now + 600))
+        return {e["labels"].get("trace_id", "") for series in data for e in series["exemplars"]}
+
+    for selector in ("meshserve_gateway_latency_seconds_bucket", "meshserve_gateway_stage_seconds_bucket",
+                     'meshserve_server_latency_seconds_bucket{service="meshserve-indexer"}'):  # fmt: skip
+        found = wait_until(lambda sel=selector: exemplars(sel), timeout=30, interval=0.5,
+                           what=f"exemplars of {selector}")  # fmt: skip
+        assert all(len(t) == 32 and int(t, 16) for t in found), found
+
+
 def test_the_rules_are_loaded_and_healthy(mesh: Mesh) -> None:
     _, info = mesh
     groups = prometheus(info, "/api/v1/rules")["groups"]
