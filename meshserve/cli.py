@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -41,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a gateway that discovers them, photo search over sharded indexes.",
     )
     parser.add_argument(
-        "--log-level", default="INFO", help="Python logging level (default: INFO)"
+        "--log-level", default="INFO",
+        help="Python logging level (default: INFO); lines are JSON when stderr is not a terminal "
+        "(MESHSERVE_LOG_FORMAT=json|text to choose)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for room in ROOM_COMMANDS:
@@ -55,10 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from meshserve.logs import configure_logging
+
+    try:  # JSON lines with trace ids when stderr is not a terminal
+        configure_logging(args.log_level)
+    except ValueError as exc:
+        print(f"meshserve: {exc}", file=sys.stderr)
+        return 2
     result = args.func(args)
     return int(result or 0)
 
