@@ -192,29 +192,38 @@ def render(frame: Frame, previous: Frame | None, registry: str) -> str:
     for s in frame.scrapes:
         by_service[s.replica.service].append(s)
     for service, scrapes in sorted(by_service.items()):
-        passing = sum(1 for s in scrapes if s.replica.health == "passing")
-        versions = ",".join(sorted({s.replica.version for s in scrapes if s.replica.version}))
-        req = err = req0 = err0 = 0.0
-        latency: dict[float, float] = defaultdict(float)
-        known_before = bool(before)
-        for s in scrapes:
-            now, old = replica_figures(s), (replica_figures(before[s.replica.instance_id])
-                                            if s.replica.instance_id in before else None)  # fmt: skip
-            req, err = req + now.requests, err + now.errors
-            req0, err0 = req0 + (old.requests if old else now.requests), err0 + (old.errors if old else now.errors)
-            for le, v in delta(now.latency, old.latency if old else None).items():
-                latency[le] += v
-        req_s = _rate(req, req0 if known_before else None, dt)
-        err_s = _rate(err, err0 if known_before else None, dt)
-        lines.append(f"{service:<22} {f'{passing}/{len(scrapes)}':>8}  {versions[:28]:<28} {req_s:>9} {err_s:>9} "
-                     f"{_ms(quantile(0.5, latency)):>8} {_ms(quantile(0.99, latency)):>8}")  # fmt: skip
+        lines.append(_service_row(service, scrapes, before, dt))
     lines += ["", f"{'REPLICA':<46} {'MODEL/SHARD':<16} {'HEALTH':<9} {'REQ/S':>9}  METRICS"]
     for s in frame.scrapes:
-        r, old = s.replica, before.get(s.replica.instance_id)
-        req_s = _rate(replica_figures(s).requests, replica_figures(old).requests if old else None, dt)
+        r, prior = s.replica, before.get(s.replica.instance_id)
+        req_s = _rate(replica_figures(s).requests, replica_figures(prior).requests if prior else None, dt)
         lines.append(f"{r.instance_id[:46]:<46} {r.what[:16]:<16} {r.health:<9} {req_s:>9}  {s.error or 'ok'}")
     lines += _gateway_lines(frame, previous)
     return "\n".join(lines)
+
+
+def _service_row(service: str, scrapes: list[Scrape], before: Mapping[str, Scrape], dt: float | None) -> str:
+    """One service summed over its replicas; a replica new since the last frame adds no rate yet."""
+    passing = sum(1 for s in scrapes if s.replica.health == "passing")
+    versions = ",".join(sorted({s.replica.version for s in scrapes if s.replica.version}))
+    req = err = req0 = err0 = 0.0
+    latency: dict[float, float] = defaultdict(float)
+    for s in scrapes:
+        now = replica_figures(s)
+        prior = before.get(s.replica.instance_id)
+        old = replica_figures(prior) if prior is not None else None
+        req, err = req + now.requests, err + now.errors
+        req0, err0 = req0 + (old or now).requests, err0 + (old or now).errors
+        for le, v in delta(now.latency, old.latency if old else None).items():
+            latency[le] += v
+    req_s = _rate(req, req0 if before else None, dt)
+    err_s = _rate(err, err0 if before else None, dt)
+    return (f"{service:<22} {f'{passing}/{len(scrapes)}':>8}  {versions[:28]:<28} {req_s:>9} {err_s:>9} "
+            f"{_ms(quantile(0.5, latency)):>8} {_ms(quantile(0.99, latency)):>8}")  # fmt: skip
+
+
+def _stage_is(stage: str) -> Callable[[dict[str, str]], bool]:
+    return lambda labels: labels.get("stage") == stage
 
 
 def _gateway_lines(frame: Frame, previous: Frame | None) -> list[str]:
@@ -226,10 +235,9 @@ def _gateway_lines(frame: Frame, previous: Frame | None) -> list[str]:
     for stage in STAGES:
         hist: dict[float, float] = defaultdict(float)
         for g in gateways:
-            now = buckets(g.samples, "meshserve_gateway_stage_seconds", lambda la, st=stage: la.get("stage") == st)
+            now = buckets(g.samples, "meshserve_gateway_stage_seconds", _stage_is(stage))
             then = old.get(g.replica.instance_id)
-            then_b = buckets(then, "meshserve_gateway_stage_seconds",
-                             lambda la, st=stage: la.get("stage") == st) if then is not None else None  # fmt: skip
+            then_b = buckets(then, "meshserve_gateway_stage_seconds", _stage_is(stage)) if then is not None else None
             for le, v in delta(now, then_b).items():
                 hist[le] += v
         lines.append(f"{stage:<14} {_ms(quantile(0.5, hist)):>8} {_ms(quantile(0.99, hist)):>8}")
