@@ -109,6 +109,10 @@ class LocalMesh:
 
     def start(self) -> MeshInfo:
         cfg = self.config
+        if cfg.prometheus_addr is not None:  # say so before minutes of bring-up, not after
+            from meshserve.local.prometheus import require_binary
+
+            require_binary()
         self.trace_file.unlink(missing_ok=True)
         registry_child = None
         if cfg.consul is None:

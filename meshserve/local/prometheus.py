@@ -68,11 +68,15 @@ def write_config(config: PrometheusConfig, directory: Path) -> Path:
     return path
 
 
-def prometheus_argv(config_file: Path, listen: str, data_dir: Path) -> list[str]:
+def require_binary() -> str:
     binary = shutil.which(PROMETHEUS_BINARY)
     if binary is None:
         raise RuntimeError("no `prometheus` binary on PATH: install it (Debian: apt-get install prometheus)")
-    return [binary, f"--config.file={config_file}", f"--web.listen-address={listen}",
+    return binary
+
+
+def prometheus_argv(config_file: Path, listen: str, data_dir: Path) -> list[str]:
+    return [require_binary(), f"--config.file={config_file}", f"--web.listen-address={listen}",
             f"--storage.tsdb.path={data_dir}", "--storage.tsdb.retention.time=1d",
             "--enable-feature=exemplar-storage"]  # fmt: skip
 
@@ -115,8 +119,7 @@ def start_prometheus(supervisor: Supervisor, directory: Path, registry_addr: str
                      timeout_s: float = 60.0) -> str:  # fmt: skip
     """Start the service discovery and Prometheus as children of `supervisor`; return Prometheus's URL
     once it is ready."""
-    if shutil.which(PROMETHEUS_BINARY) is None:
-        raise RuntimeError("--prometheus needs the `prometheus` binary on PATH (Debian: apt-get install prometheus)")
+    require_binary()
     directory.mkdir(parents=True, exist_ok=True)
     sd_port_file = directory / "sd.port"
     # A fixed port, not 0: a restarted discovery child must answer where Prometheus looks.
