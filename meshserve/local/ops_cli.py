@@ -59,12 +59,15 @@ def add_commands(subparsers: Any) -> None:
     trace = subparsers.add_parser(
         "trace", help="print the waterfall of one trace from the trace file",
         description="Print every span of TRACE_ID (from `search --json`'s trace_id or a log line) as a "
-        "waterfall, read from the JSON-lines trace file the processes write.",
+        "waterfall, read from the JSON-lines trace file the processes write, or from Jaeger's query API "
+        "when --jaeger or $MESHSERVE_TRACE_QUERY names it (spans sent over OTLP end up there).",
     )  # fmt: skip
     trace.add_argument("trace_id", metavar="TRACE_ID", help="32 hex digits")
     trace.add_argument("--trace-file", type=Path,
                        help="JSON-lines span file (default: $MESHSERVE_TRACE_FILE, else "
                        "$MESHSERVE_HOME/up/traces.jsonl, where `meshserve up` writes)")  # fmt: skip
+    trace.add_argument("--jaeger", metavar="URL",
+                       help="Jaeger query service, e.g. http://127.0.0.1:16686 (default: $MESHSERVE_TRACE_QUERY)")
     trace.set_defaults(func=_trace)
 
 
@@ -158,22 +161,33 @@ def _top(args: argparse.Namespace) -> int:
 
 def _trace(args: argparse.Namespace) -> int:
     import re
+    import urllib.error
 
-    from meshserve.local.demo import read_trace, waterfall
+    from meshserve.local.demo import waterfall
+    from meshserve.local.traces import QUERY_ENV, from_file, from_jaeger
     from meshserve.telemetry import TRACE_FILE_ENV
 
     trace_id = args.trace_id.strip().lower()
     if not re.fullmatch(r"[0-9a-f]{32}", trace_id):
         print(f"meshserve trace: {args.trace_id!r} is not a trace id (32 hex digits)", file=sys.stderr)
         return 2
-    env_file = os.environ.get(TRACE_FILE_ENV)
-    path = args.trace_file or (Path(env_file) if env_file else _home() / "up" / "traces.jsonl")
-    if not path.is_file():
-        print(f"meshserve trace: no trace file at {path} (pass --trace-file)", file=sys.stderr)
-        return 1
-    spans = read_trace(path, trace_id, settle_s=1.0)
+    query = args.jaeger or os.environ.get(QUERY_ENV)
+    if query and not args.trace_file:
+        where = query
+        try:
+            spans = from_jaeger(query, trace_id)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            print(f"meshserve trace: Jaeger at {query} did not answer: {exc}", file=sys.stderr)
+            return 1
+    else:
+        env_file = os.environ.get(TRACE_FILE_ENV)
+        path = args.trace_file or (Path(env_file) if env_file else _home() / "up" / "traces.jsonl")
+        if not path.is_file():
+            print(f"meshserve trace: no trace file at {path} (pass --trace-file or --jaeger)", file=sys.stderr)
+            return 1
+        where, spans = str(path), from_file(path, trace_id)
     if not spans:
-        print(f"meshserve trace: no span of trace {trace_id} in {path}", file=sys.stderr)
+        print(f"meshserve trace: no span of trace {trace_id} in {where}", file=sys.stderr)
         return 1
     services = sorted({str(s.get("service")) for s in spans})
     print(f"trace {trace_id}: {len(spans)} spans from {', '.join(services)}")
