@@ -20,7 +20,6 @@ from meshserve.local.supervisor import ChildSpec, Supervisor
 
 REPO_RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules"
 JOB = "meshserve"
-SD_PORT = 9091  # the discovery's preferred port (any free one when taken)
 PROMETHEUS_BINARY = "prometheus"
 
 
@@ -121,14 +120,15 @@ def start_prometheus(supervisor: Supervisor, directory: Path, registry_addr: str
     once it is ready."""
     require_binary()
     directory.mkdir(parents=True, exist_ok=True)
+    listen = listen_address(wanted_addr)
+    # The discovery next to it (9091 beside 9090), on a fixed port: a restarted discovery child must
+    # answer where Prometheus looks.
+    _, sd_port = parse_addr(listen_address(f"127.0.0.1:{parse_addr(listen)[1] % 65535 + 1}"))
     sd_port_file = directory / "sd.port"
-    # A fixed port, not 0: a restarted discovery child must answer where Prometheus looks.
-    _, sd_port = parse_addr(listen_address(f"127.0.0.1:{SD_PORT}"))
     sd = supervisor.start(ChildSpec("prometheus-sd", ("prometheus", "sd", "--port", str(sd_port), "--port-file",
                                                       str(sd_port_file), "--consul", registry_addr),
                                     port_file=sd_port_file))  # fmt: skip
     supervisor.wait_port(sd, timeout_s)
-    listen = listen_address(wanted_addr)
     server = supervisor.start(ChildSpec("prometheus", ("prometheus", "run", "--sd-url",
                                                        f"http://127.0.0.1:{sd_port}/targets",
                                                        "--listen", listen, "--dir", str(directory))))  # fmt: skip

@@ -33,8 +33,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "meshserve.json"
-# Panels that stay empty while nothing goes wrong (no errors, retries, misses) or that this test's
-# searches do not reach (no_cache is not set by the client, but the first lookups may all be misses).
+# Panels that stay empty while nothing goes wrong: no errors, no retries or ejections, no shard misses.
 MAY_BE_EMPTY = {"Predict errors per service version", "Retries, hedges and ejections", "Shard misses by reason"}
 Mesh = tuple[LocalMesh, MeshInfo]
 
