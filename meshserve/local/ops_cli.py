@@ -57,7 +57,7 @@ def add_commands(subparsers: Any) -> None:
     top.set_defaults(func=_top)
 
     trace = subparsers.add_parser(
-        "trace", help="print the waterfall of one trace from the trace file",
+        "trace", help="print the waterfall of one trace (from the trace file or Jaeger)",
         description="Print every span of TRACE_ID (from `search --json`'s trace_id or a log line) as a "
         "waterfall, read from the JSON-lines trace file the processes write, or from Jaeger's query API "
         "when --jaeger or $MESHSERVE_TRACE_QUERY names it (spans sent over OTLP end up there).",
