@@ -169,6 +169,7 @@ def replica_figures(scraped: Scrape) -> Figures:
 class Frame:
     at: float
     scrapes: list[Scrape]
+    stale: str = ""  # why the replica list is the last known one ("" when the registry answered)
 
 
 def _ms(seconds: float) -> str:
@@ -186,6 +187,8 @@ def render(frame: Frame, previous: Frame | None, registry: str) -> str:
     before = {s.replica.instance_id: s for s in previous.scrapes} if previous else {}
     lines = [f"meshserve top — registry {registry} — {time.strftime('%H:%M:%S', time.localtime(frame.at))}"
              f"{'' if dt else ' (totals since start; rates from the next frame)'}", ""]
+    if frame.stale:
+        lines[-1:] = [f"STALE: {frame.stale}; showing the replicas it last listed", ""]
     header = f"{'SERVICE':<22} {'REPLICAS':>8}  {'VERSIONS':<28} {'REQ/S':>9} {'ERR/S':>9} {'P50 ms':>8} {'P99 ms':>8}"
     lines.append(header)
     by_service: dict[str, list[Scrape]] = defaultdict(list)
@@ -255,13 +258,23 @@ def _gateway_lines(frame: Frame, previous: Frame | None) -> list[str]:
 
 
 async def frames(config: RegistryConfig, interval_s: float, scrape_timeout_s: float = 2.0) -> Any:
-    """Yield one Frame per interval, forever (the registry's errors propagate)."""
+    """Yield one Frame per interval, forever. While the registry does not answer, the replicas it last
+    listed are still scraped (their /metrics do not depend on it) and the frame says it is stale."""
     import aiohttp
 
+    from meshserve.registry.consul_http import RegistryUnavailable
+
+    replicas: list[Replica] | None = None
     async with RegistryClient(config) as client, aiohttp.ClientSession() as session:
         while True:
             began = time.monotonic()
-            replicas = await list_replicas(client)
+            stale = ""
+            try:
+                replicas = await list_replicas(client)
+            except RegistryUnavailable as exc:
+                if replicas is None:  # never listed anything: nothing to show
+                    raise
+                stale = str(exc)
             scrapes = await asyncio.gather(*(scrape(session, r, scrape_timeout_s) for r in replicas))
-            yield Frame(time.time(), list(scrapes))
+            yield Frame(time.time(), list(scrapes), stale)
             await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - began)))
