@@ -160,3 +160,17 @@ def test_consul_sd_relabelling_gives_the_labels_of_our_http_sd(meta: dict[str, s
                     meta=MappingProxyType(without_port))  # fmt: skip
     assert target_group(bare) is None
     assert relabel(consul_sd_target(bare, "passing"), job["relabel_configs"]) is None
+
+
+def test_compose_prometheus_mounts_the_consul_config_and_the_rules_it_names() -> None:
+    compose = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
+    prometheus = compose["services"]["prometheus"]
+    mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in prometheus["volumes"])
+    for source in mounts:
+        assert (REPO / "deploy" / source).exists(), source
+    config_file = next(a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file="))
+    assert mounts["./prometheus/prometheus-consul.yml"] == config_file
+    consul = yaml.safe_load((PROMETHEUS / "prometheus-consul.yml").read_text())
+    (rules_glob,) = consul["rule_files"]  # relative to the config file's directory
+    assert str(Path(config_file).parent / rules_glob).startswith(mounts["./prometheus/rules"])
+    assert consul["scrape_configs"][0]["consul_sd_configs"][0]["server"] == "consul:8500"
