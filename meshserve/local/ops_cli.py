@@ -105,6 +105,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         directory = args.dir or _home() / "up" / "prometheus"
+        if args.rules is not None and not args.rules.is_dir():
+            raise ValueError(f"--rules {args.rules}: not a directory")
         config = PrometheusConfig(args.sd_url, scrape_interval_s=args.scrape_interval,
                                   refresh_interval_s=args.refresh_interval, rules_dir=args.rules or REPO_RULES)
         parse_addr(args.listen)  # the form only: Prometheus says so itself if the port is taken

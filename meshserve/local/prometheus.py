@@ -34,6 +34,8 @@ class PrometheusConfig:
     rules_dir: Path | None = REPO_RULES  # None (or missing): no rules loaded
 
     def __post_init__(self) -> None:
+        if not self.sd_url.startswith(("http://", "https://")):
+            raise ValueError(f"--sd-url {self.sd_url!r} is not an http(s):// URL")
         for name in ("scrape_interval_s", "refresh_interval_s", "evaluation_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
