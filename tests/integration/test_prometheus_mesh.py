@@ -33,8 +33,10 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "meshserve.json"
-# Panels that stay empty while nothing goes wrong: no errors, no retries or ejections, no shard misses.
-MAY_BE_EMPTY = {"Predict errors per service version", "Retries, hedges and ejections", "Shard misses by reason"}
+# Panels that stay empty while nothing goes wrong: no errors, no retries or ejections, no shard misses,
+# no alert.
+MAY_BE_EMPTY = {"Predict errors per service version", "Retries, hedges and ejections", "Shard misses by reason",
+                "Alerts pending or firing"}
 Mesh = tuple[LocalMesh, MeshInfo]
 
 
