@@ -308,7 +308,9 @@ class PhotoSearch:
 
         def __exit__(self, *exc: object) -> None:
             self.span_cm.__exit__(*exc)  # type: ignore[arg-type]
-            STAGE_SECONDS.labels(self.name).observe(time.perf_counter() - self.started)
+            trace_id = telemetry.trace_id_of()
+            STAGE_SECONDS.labels(self.name).observe(time.perf_counter() - self.started,
+                                                    {"trace_id": trace_id} if trace_id else None)  # fmt: skip
 
     def _stage(self, name: str) -> PhotoSearch._StageTimer:
         return PhotoSearch._StageTimer(name)

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
+from meshserve import telemetry
 from meshserve.gateway.enrich import CatalogueEnricher
 from meshserve.gateway.flow_policy import PhotoSearchDefaults
 from meshserve.gateway.guard_service import LISTING_GUARD_SERVICE, GuardService
@@ -18,7 +19,7 @@ from meshserve.gateway.photo_search import PhotoSearch, SearchConfig
 from meshserve.gateway.policy import default_policies
 from meshserve.gateway.routes import RouteTable
 from meshserve.gateway.servicer import PhotoSearchServicer
-from meshserve.registry.config import SERVICE_NAMES, RegistryConfig, ServiceInstance
+from meshserve.registry.config import METRICS_PORT_META, SERVICE_NAMES, RegistryConfig, ServiceInstance
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
 from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
 
@@ -62,6 +63,7 @@ class Gateway:
         self.search = PhotoSearch(self.routes, enricher, config.search)
         self.guard = GuardService(config.registry, self.routes, self.routes.policies, self._photo_defaults)
         self._following: asyncio.Task[None] | None = None
+        self._metrics_port: int | None = None  # bound by start(); 0 in the config means any free port
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         servicer = PhotoSearchServicer(self.search, self.config.default_deadline_s)
@@ -70,7 +72,8 @@ class Gateway:
 
     async def start(self) -> None:
         if self.config.metrics_port is not None:
-            start_http_server(self.config.metrics_port, addr=self.config.host)
+            metrics, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
+            self._metrics_port = int(metrics.server_port)
         await self.routes.start()
         await self.guard.start()
         log.info("gateway routes from registry %s%s", self.config.registry.http_addr,
@@ -79,9 +82,12 @@ class Gateway:
     def instance(self, port: int) -> ServiceInstance:
         cfg = self.config
         address = cfg.advertise_address or cfg.host
+        meta = {"model": "gateway", "version": "1", "role": "gateway"}
+        if self._metrics_port is not None:
+            meta[METRICS_PORT_META] = str(self._metrics_port)
         return ServiceInstance(
             name=SERVICE_NAMES["gateway"], instance_id=f"{SERVICE_NAMES['gateway']}-{address}-{port}",
-            address=address, port=port, meta={"model": "gateway", "version": "1", "role": "gateway"},
+            address=address, port=port, meta=meta,
             check_interval_s=cfg.check_interval_s, check_timeout_s=cfg.check_interval_s,
             grpc_health_service=PHOTO_SEARCH,
         )  # fmt: skip
@@ -117,8 +123,10 @@ class Gateway:
 
 
 def observe_request(method: str, code: str, seconds: float) -> None:
+    """Called inside the call's trace context: the latency carries its trace id as an exemplar."""
     REQUESTS.labels(method, code).inc()
-    LATENCY.labels(method).observe(seconds)
+    trace_id = telemetry.trace_id_of()
+    LATENCY.labels(method).observe(seconds, {"trace_id": trace_id} if trace_id else None)
 
 
 async def run_gateway(config: GatewayConfig) -> int:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from meshserve import health_cli
 from meshserve.gateway import cli as gateway_cli
 from meshserve.gateway import guard_cli
-from meshserve.local import bench_cli, search_cli
+from meshserve.local import bench_cli, ops_cli, search_cli
 from meshserve.local import cli as local_cli
 from meshserve.registry.dev import cli as registry_cli
 from meshserve.servers import cli as servers_cli
@@ -32,6 +31,7 @@ ROOM_COMMANDS = (
     local_cli,  # up, demo
     bench_cli,  # bench [NAME]
     health_cli,  # health HOST:PORT
+    ops_cli,  # prometheus sd|run, top, trace
 )
 
 
@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a gateway that discovers them, photo search over sharded indexes.",
     )
     parser.add_argument(
-        "--log-level", default="INFO", help="Python logging level (default: INFO)"
+        "--log-level", default="INFO",
+        help="Python logging level (default: INFO); lines are JSON when stderr is not a terminal "
+        "(MESHSERVE_LOG_FORMAT=json|text to choose)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for room in ROOM_COMMANDS:
@@ -56,10 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from meshserve.logs import configure_logging
+
+    try:  # JSON lines with trace ids when stderr is not a terminal
+        configure_logging(args.log_level)
+    except ValueError as exc:
+        print(f"meshserve: {exc}", file=sys.stderr)
+        return 2
     result = args.func(args)
     return int(result or 0)
 

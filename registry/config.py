@@ -18,6 +18,10 @@ SERVICE_NAMES = {
     "gateway": "meshserve-gateway",
 }
 
+# Meta key of every server serving /metrics: the port Prometheus and `meshserve top` scrape
+# (the registered address, this port, /metrics).
+METRICS_PORT_META = "metrics_port"
+
 
 @dataclass(frozen=True)
 class RegistryConfig:

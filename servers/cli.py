@@ -182,7 +182,9 @@ def _add_common_arguments(parser: argparse.ArgumentParser, kind: Kind) -> None:
         help="seconds between checks that the Consul agent still lists this server (re-registers if not)",
     )  # fmt: skip
     reg.add_argument(
-        "--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off)"
+        "--metrics-port", type=int,
+        help="serve Prometheus /metrics on this port, 0 for any free one; registered as meta metrics_port "
+        "(default: off)",
     )
     reg.add_argument(
         "--trace-file",

@@ -20,8 +20,10 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
+from meshserve import telemetry
 from meshserve.servers.batching import BatchObserver
 
 _LATENCY_BUCKETS = (
@@ -31,23 +33,32 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class _Histogram:
-    """Counts per bucket (`le` semantics, the last one +Inf) and a sum; one writer thread."""
+    """Counts per bucket (`le` semantics, the last one +Inf) and a sum; one writer thread.
 
-    __slots__ = ("bounds", "counts", "sum")
+    Each bucket also keeps the trace id of its latest observation made inside a trace: an
+    OpenMetrics exemplar, so a latency spike on a dashboard leads to one trace that shows it."""
+
+    __slots__ = ("bounds", "counts", "sum", "exemplars")
 
     def __init__(self, bounds: tuple[float, ...]):
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
+        self.exemplars: list[Exemplar | None] = [None] * (len(bounds) + 1)
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
+    def observe(self, value: float, trace_id: str = "") -> None:
+        i = bisect_left(self.bounds, value)
+        self.counts[i] += 1
         self.sum += value
+        if trace_id:
+            self.exemplars[i] = Exemplar({"trace_id": trace_id}, value, time.time())
 
-    def buckets(self) -> list[tuple[str, float]]:
+    def buckets(self) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
         """Cumulative buckets as the exposition wants them, from one snapshot of the counts."""
         les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
-        return list(zip(les, accumulate(list(self.counts)), strict=True))
+        exemplars = list(self.exemplars)
+        return [(le, n) if ex is None else (le, n, ex)
+                for le, n, ex in zip(les, accumulate(list(self.counts)), exemplars, strict=True)]  # fmt: skip
 
 
 class ServerMetrics(BatchObserver, Collector):
@@ -76,9 +87,10 @@ class ServerMetrics(BatchObserver, Collector):
         ).labels(model=model, version=version)
         self.registry.register(self)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Expose /metrics on `port` (a daemon thread)."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Expose /metrics on `port` (0: any free port) from a daemon thread; return the bound port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)
 
     # -- per request -----------------------------------------------------------------------
 
@@ -88,7 +100,7 @@ class ServerMetrics(BatchObserver, Collector):
         hist = self._latency.get(method)
         if hist is None:
             hist = self._latency[method] = _Histogram(_LATENCY_BUCKETS)
-        hist.observe(seconds)
+        hist.observe(seconds, telemetry.trace_id_of())
 
     # -- BatchObserver ---------------------------------------------------------------------
 

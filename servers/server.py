@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from meshserve.registry.config import RegistryConfig, ServiceInstance
+from meshserve.registry.config import METRICS_PORT_META, RegistryConfig, ServiceInstance
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
 from meshserve.servers.batching import Admission, Batcher, BatchingConfig
 from meshserve.servers.metrics import ServerMetrics
@@ -38,7 +38,7 @@ class ServerConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     max_message_bytes: int = 8 * 1024 * 1024
     grace_s: float = 10.0  # drain budget after SIGTERM
-    metrics_port: int | None = None
+    metrics_port: int | None = None  # None: no /metrics; 0: any free port (registered in the meta)
     http_port: int | None = None  # Open Inference Protocol over HTTP/REST on this port (None: off)
     register: bool = True
     registry: RegistryConfig | None = None
@@ -81,6 +81,7 @@ class ModelServer:
         self._oip = OipServicer(self._servicer)
         self._http_port = config.http_port  # the bound one once listening (config may say 0: any)
         self.metrics.watch_inflight(lambda: self._admission.count)
+        self._metrics_port: int | None = None  # bound once run() serves /metrics
         process = ProcessConfig(
             service_name=config.service_name, host=config.host, port=config.port,
             max_message_bytes=config.max_message_bytes, grace_s=config.grace_s,
@@ -101,7 +102,7 @@ class ModelServer:
         cfg = self.config
         keep_message_buffers(cfg.max_message_bytes)
         if cfg.metrics_port is not None:
-            self.metrics.serve(cfg.metrics_port)
+            self._metrics_port = self.metrics.serve(cfg.metrics_port)
         if cfg.http_port is None:
             return await self._process.run()
         from meshserve.servers.oip_http import OipHttp
@@ -140,6 +141,8 @@ class ModelServer:
         meta = {"model": self.model.name, "version": self.model.version, "role": self.model.role}
         meta.update(self.model.meta())
         meta.update(protocol_meta(self._http_port))
+        if self._metrics_port is not None:
+            meta[METRICS_PORT_META] = str(self._metrics_port)
         return ServiceInstance(
             name=cfg.service_name,
             instance_id=cfg.instance_id or f"{cfg.service_name}-{address}-{port}",

@@ -18,6 +18,12 @@ def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedders", type=int, default=2, help="embedder replicas (default 2)")
     parser.add_argument("--shards", type=int, default=4, help="index shards over the catalogue (default 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model server (default 1)")
+    parser.add_argument("--prometheus", action="store_true",
+                        help="also run Prometheus (the `prometheus` binary) scraping every replica found through "
+                        "the registry, with the alert rules; prints its URL")
+    parser.add_argument("--prometheus-addr", default="127.0.0.1:9090",
+                        help="where Prometheus listens with --prometheus (default 127.0.0.1:9090, or a free port "
+                        "when that one is taken)")
 
 
 def add_commands(subparsers: Any) -> None:
@@ -52,7 +58,8 @@ def _config(args: argparse.Namespace) -> Any:
 
     return MeshConfig(home=meshserve_home(), consul=args.consul, registry_addr=args.registry_addr,
                       gateway_addr=args.gateway_addr, detectors=args.detectors, embedders=args.embedders,
-                      shards=args.shards, threads=args.threads)  # fmt: skip
+                      shards=args.shards, threads=args.threads,
+                      prometheus_addr=args.prometheus_addr if args.prometheus else None)  # fmt: skip
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -131,6 +131,8 @@ def run_demo(config: MeshConfig, out: Path, queries: int = 6, min_score: float =
         say(f"coverage {coverage.shards_answered}/{coverage.shards_expected}  versions {dict(first.versions)}")
         say(f"\ntrace {first.trace_id} (one search, every stage and shard):")
         say(waterfall(read_trace(info.trace_file or config.run_dir / "traces.jsonl", first.trace_id)))
+        say(f"\n(any trace again: meshserve trace {first.trace_id}; to watch the mesh live, run `meshserve up "
+            "--prometheus` and open the URL it prints, or `meshserve top` beside a running `meshserve up`)")
 
         from meshserve.local.guard_demo import run_guard_demo
 

@@ -39,6 +39,7 @@ class MeshConfig:
     trace_file: Path | None = None
     gateway_metrics_port: int | None = None
     gateway_args: tuple[str, ...] = ()  # extra `meshserve gateway` flags
+    prometheus_addr: str | None = None  # start Prometheus there (or on a free port), see prometheus.py
 
     def __post_init__(self) -> None:
         if self.detectors < 1 or self.embedders < 1 or self.shards < 1:
@@ -68,6 +69,7 @@ class MeshInfo:
     trace_file: Path | None = None
     versions: dict[str, str] = field(default_factory=dict)
     registry_child: Child | None = None  # None when the mesh uses an outside Consul
+    prometheus: str | None = None  # its URL, when started
 
     def table(self) -> str:
         registry_pid = f"   pid {self.registry_child.proc.pid}" if self.registry_child else ""
@@ -76,7 +78,9 @@ class MeshInfo:
         for e in self.endpoints:
             lines.append(f"{e.role:<10} {e.target:<22} {e.name:<18} pid {e.child.proc.pid:<7} log {e.child.log_path}")
         if self.trace_file:
-            lines.append(f"traces     {self.trace_file}")
+            lines.append(f"traces     {self.trace_file}   (meshserve trace TRACE_ID)")
+        if self.prometheus:
+            lines.append(f"prometheus {self.prometheus}   (meshserve top: the same live, in this terminal)")
         return "\n".join(lines)
 
 
@@ -105,6 +109,10 @@ class LocalMesh:
 
     def start(self) -> MeshInfo:
         cfg = self.config
+        if cfg.prometheus_addr is not None:  # say so before minutes of bring-up, not after
+            from meshserve.local.prometheus import require_binary
+
+            require_binary()
         self.trace_file.unlink(missing_ok=True)
         registry_child = None
         if cfg.consul is None:
@@ -122,8 +130,8 @@ class LocalMesh:
         gateway_port_file = self._ports / "gateway.port"
         gateway_args = ["gateway", "--host", host, "--port", gateway_port, "--port-file", str(gateway_port_file),
                         "--check-interval", str(cfg.check_interval_s), *cfg.gateway_args]
-        if cfg.gateway_metrics_port is not None:
-            gateway_args += ["--metrics-port", str(cfg.gateway_metrics_port)]
+        # Every server serves /metrics (registered as meta metrics_port): Prometheus and `top` find it.
+        gateway_args += ["--metrics-port", str(cfg.gateway_metrics_port or 0)]
         gateway = self.supervisor.start(ChildSpec("gateway", tuple(gateway_args), port_file=gateway_port_file))
         self.supervisor.wait_port(gateway, cfg.ready_timeout_s)
         gateway_endpoint = Endpoint("gateway", "gateway", cfg.gateway_addr, gateway)
@@ -139,7 +147,8 @@ class LocalMesh:
         for role, name, args in plan:
             port_file = self._ports / f"{name}.port"
             spec = ChildSpec(name, (*args, "--port", "0", "--port-file", str(port_file), "--threads",
-                                    str(cfg.threads), "--check-interval", str(cfg.check_interval_s)),
+                                    str(cfg.threads), "--check-interval", str(cfg.check_interval_s),
+                                    "--metrics-port", "0"),
                              port_file=port_file)  # fmt: skip
             info.endpoints.append(Endpoint(role, name, "", self.supervisor.start(spec)))
         for endpoint in info.endpoints:
@@ -149,6 +158,11 @@ class LocalMesh:
 
         self._wait_passing([gateway_endpoint])
         info.endpoints.append(gateway_endpoint)
+        if cfg.prometheus_addr is not None:
+            from meshserve.local.prometheus import start_prometheus
+
+            info.prometheus = start_prometheus(self.supervisor, cfg.run_dir / "prometheus", self.registry_addr,
+                                               cfg.prometheus_addr)  # fmt: skip
         return info
 
     def _start_registry(self) -> Child:
