@@ -10,13 +10,15 @@ import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
 from meshserve.gateway.enrich import CatalogueEnricher
+from meshserve.gateway.jobs import JOBS, JobQueueLink, JobsServicer, check_listing
 from meshserve.gateway.photo_search import PhotoSearch, SearchConfig
 from meshserve.gateway.policy import default_policies
 from meshserve.gateway.routes import RouteTable
-from meshserve.gateway.servicer import PhotoSearchServicer
+from meshserve.gateway.servicer import PhotoSearchServicer, to_query
+from meshserve.queue.config import QueueConfig
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig, ServiceInstance
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
-from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
+from meshserve.v1 import jobs_pb2_grpc, photo_search_pb2, photo_search_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +46,33 @@ class GatewayConfig:
     port_file: Path | None = None
     trace_file: Path | None = None
     search: SearchConfig = field(default_factory=SearchConfig)
+    jobs: QueueConfig = field(default_factory=QueueConfig.from_env)
+    nats_url: str | None = None  # None: $NATS_URL, else the registry's meshserve-nats, else the default
 
 
 class Gateway:
     """The gateway's part of a GrpcProcess: PhotoSearch over routes discovered in the registry."""
 
-    services = (PHOTO_SEARCH,)
+    services = (PHOTO_SEARCH, JOBS)
 
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.routes = RouteTable(config.registry, default_policies(config.hedge_after_ms))
         enricher = CatalogueEnricher(config.catalogue_home, config.catalogue_ttl_s)
         self.search = PhotoSearch(self.routes, enricher, config.search)
+        self.jobs = JobQueueLink(config.registry, config.jobs, config.nats_url)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         servicer = PhotoSearchServicer(self.search, self.config.default_deadline_s)
         photo_search_pb2_grpc.add_PhotoSearchServicer_to_server(servicer, server)
+        validators = {"search": lambda request: self.search.validate(to_query(request)), "check": check_listing}
+        jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(self.jobs, validators), server)
 
     async def start(self) -> None:
         if self.config.metrics_port is not None:
             start_http_server(self.config.metrics_port, addr=self.config.host)
         await self.routes.start()
+        self.jobs.start()
         log.info("gateway routes from registry %s%s", self.config.registry.http_addr,
                  " (stale)" if self.routes.stale else "")  # fmt: skip
 
@@ -85,6 +93,7 @@ class Gateway:
         return 0  # the server's own stop(grace) waits for running searches
 
     async def close(self) -> None:
+        await self.jobs.close()
         await self.routes.close()
 
 
