@@ -99,7 +99,7 @@ def _nats(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _fail(what: str, exc: BaseException) -> int:
+def _fail(what: str, exc: BaseException | str) -> int:
     print(f"meshserve jobs {what}: {exc}", file=sys.stderr)
     return 1
 

