@@ -215,3 +215,148 @@ def test_unknown_and_malformed_job_ids(mesh: JobsMesh, photos: list[bytes]) -> N
     with grpc.insecure_channel(mesh.gateway) as channel, pytest.raises(grpc.RpcError) as empty:
         jobs_pb2_grpc.JobsStub(channel).Submit(jobs_pb2.SubmitJobRequest(job_id="nothing"), timeout=10)
     assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "payload" in empty.value.details()
+
+
+# -- faults -------------------------------------------------------------------------------------
+
+
+def poison(photo: bytes) -> bytes:
+    """A photo whose header passes the gateway's checks but whose body the detector cannot decode:
+    every run of it fails in the model server."""
+    return photo[: len(photo) // 2]
+
+
+def test_a_worker_killed_mid_job_loses_nothing_and_stores_one_result(mesh: JobsMesh, photos: list[bytes],
+                                                                     worker: Child) -> None:  # fmt: skip
+    detector = mesh.child("detector-0")
+    detector.proc.send_signal(signal.SIGSTOP)  # the run hangs in the detector: the worker is mid-job
+    try:
+        submit(mesh, search_request(photos[1], no_cache=True), job_id="killed-mid-job")
+        running = wait_state(mesh, "killed-mid-job", {jobs_pb2.JOB_STATE_RUNNING}, timeout=30)
+        assert running.attempts == 1
+        worker.proc.send_signal(signal.SIGKILL)
+        worker.proc.wait(timeout=10)
+    finally:
+        detector.proc.send_signal(signal.SIGCONT)
+    mesh.start_worker(f"worker-b-{time.monotonic_ns()}")
+    job = wait_state(mesh, "killed-mid-job", set(FINAL))
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert job.attempts >= 2  # redelivered to the second worker after the first died holding it
+    assert job.search.coverage.shards_expected == 2
+    assert results_stored(mesh, "killed-mid-job") == 1
+
+
+def test_a_poison_job_is_dead_lettered_and_requeue_runs_it_again(mesh: JobsMesh, photos: list[bytes],
+                                                                 worker: Child) -> None:  # fmt: skip
+    with grpc.insecure_channel(mesh.gateway) as channel, pytest.raises(grpc.RpcError) as synchronous:
+        photo_search_pb2_grpc.PhotoSearchStub(channel).Search(search_request(poison(photos[2])), timeout=10)
+    assert synchronous.value.code() != grpc.StatusCode.OK  # the model errors on it, every time
+    submit(mesh, search_request(poison(photos[2]), no_cache=True), job_id="poison")
+    good = [submit(mesh, search_request(photos[i % 4], no_cache=True)).job_id for i in range(6)]
+
+    dead = wait_state(mesh, "poison", set(FINAL))
+    assert dead.state == jobs_pb2.JOB_STATE_DEAD_LETTERED
+    assert dead.attempts == MAX_DELIVERIES and synchronous.value.code().name in dead.error
+    for job_id in good:
+        assert wait_state(mesh, job_id, set(FINAL)).state == jobs_pb2.JOB_STATE_SUCCEEDED
+
+    listed = meshserve("jobs", "dead-letter", "--nats", mesh.nats_url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    parked = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(j["job_id"], j["state"]) for j in parked] == [("poison", "dead_lettered")] and parked[0]["error"]
+
+    requeued = meshserve("jobs", "dead-letter", "--nats", mesh.nats_url, "--requeue", "poison")
+    assert requeued.returncode == 0, requeued.stderr
+    assert get(mesh, "poison").state in {jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING}
+    again = wait_until(lambda: (j := get(mesh, "poison")).state == jobs_pb2.JOB_STATE_DEAD_LETTERED and j,
+                       timeout=60, interval=0.1, what="the requeued poison job dead-lettered again")
+    assert again.attempts == MAX_DELIVERIES and again.updated_at > dead.updated_at
+    again_twice = meshserve("jobs", "dead-letter", "--nats", mesh.nats_url, "--requeue", "no-such-job")
+    assert again_twice.returncode == 1 and "not dead-lettered" in again_twice.stderr
+
+
+def test_get_answers_from_the_stored_state_after_the_gateway_restarts(mesh: JobsMesh, photos: list[bytes]) -> None:
+    submit(mesh, search_request(photos[3]), job_id="across-restart")
+    gateway = mesh.child("gateway")
+    gateway.proc.send_signal(signal.SIGTERM)
+    gateway.proc.wait(timeout=30)
+    port_file = gateway.spec.port_file
+    restarted = mesh.local.supervisor.start(gateway.spec)
+    mesh.local.supervisor.wait_port(restarted, 60)
+    assert port_file is not None
+    job = wait_until(lambda: get(mesh, "across-restart"), timeout=30, what="Get on the restarted gateway")
+    assert job.state == jobs_pb2.JOB_STATE_QUEUED and job.kind == "search"  # no worker yet: still queued
+    mesh.start_worker(f"worker-c-{time.monotonic_ns()}")
+    try:
+        assert wait_state(mesh, "across-restart", set(FINAL)).state == jobs_pb2.JOB_STATE_SUCCEEDED
+    finally:
+        mesh.stop_workers()
+
+
+def test_a_full_stream_answers_resource_exhausted_at_once_and_drops_nothing(mesh: JobsMesh,
+                                                                            photos: list[bytes]) -> None:
+    queued = mesh.queue(lambda q: q.depth()).queued  # type: ignore[attr-defined]
+    accepted = []
+    for i in range(MAX_JOBS - queued):
+        accepted.append(submit(mesh, search_request(photos[i % 4]), job_id=f"full-{i}").job_id)
+    began = time.monotonic()
+    with pytest.raises(grpc.RpcError) as full:
+        submit(mesh, search_request(photos[0]), job_id="one-too-many")
+    assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in full.value.details()
+    assert time.monotonic() - began < 2.0  # refused at once, not after waiting for room
+    with pytest.raises(grpc.RpcError) as refused:
+        get(mesh, "one-too-many")
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND  # refused means not queued, not dropped later
+    # every accepted job is there; a worker empties the queue
+    mesh.start_worker(f"worker-d-{time.monotonic_ns()}")
+    try:
+        wait_until(lambda: all(get(mesh, j).state in FINAL for j in accepted), timeout=240, interval=1,
+                   what="every accepted job final")  # fmt: skip
+    finally:
+        mesh.stop_workers()
+    assert all(get(mesh, j).state == jobs_pb2.JOB_STATE_SUCCEEDED for j in accepted)
+
+
+def test_nats_killed_and_restarted_with_200_jobs_queued_loses_none_and_runs_none_twice(
+    mesh: JobsMesh, photos: list[bytes]
+) -> None:
+    ids = [submit(mesh, search_request(photos[i % 4]), job_id=f"restart-{i}").job_id for i in range(200)]
+    for name in ("worker-e", "worker-f"):
+        mesh.start_worker(f"{name}-{time.monotonic_ns()}")
+    try:
+        # some done, most still queued: then NATS dies hard (its whole process group) and comes back
+        wait_until(lambda: mesh.queue(lambda q: q.depth()).queued < 190, timeout=60, interval=0.2,  # type: ignore[attr-defined]
+                   what="the workers under way")  # fmt: skip
+        nats = mesh.child("nats")
+        os.killpg(nats.proc.pid, signal.SIGKILL)
+        nats.proc.wait(timeout=10)
+        restarted = mesh.local.supervisor.start(nats.spec)
+        host, _, port = mesh.local.config.nats_addr.rpartition(":")  # type: ignore[union-attr]
+        wait_until(lambda: _accepts(host, int(port)), timeout=30, what="NATS back")
+        assert restarted.alive
+
+        def final_states() -> dict[int, int]:
+            counts: dict[int, int] = {}
+            for job in mesh.queue(lambda q: q.list(limit=10_000)):  # type: ignore[attr-defined]
+                if job.job_id.startswith("restart-"):
+                    counts[job.state] = counts.get(job.state, 0) + 1
+            return counts
+
+        states = wait_until(lambda: (c := final_states()).get(jobs_pb2.JOB_STATE_SUCCEEDED, 0) == 200 and c,
+                            timeout=180, interval=1, what="all 200 jobs SUCCEEDED after the restart")
+        assert states == {jobs_pb2.JOB_STATE_SUCCEEDED: 200}
+    finally:
+        mesh.stop_workers()
+    twice = [j for j in ids if results_stored(mesh, j) != 1]
+    assert not twice, f"jobs whose result was stored other than once: {twice[:5]}"
+    assert mesh.queue(lambda q: q.depth()).queued == 0  # type: ignore[attr-defined]
+
+
+def _accepts(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
