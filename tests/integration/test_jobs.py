@@ -53,10 +53,10 @@ class JobsMesh:
     def child(self, name: str) -> Child:
         return next(c for c in self.local.supervisor.children if c.spec.name == name and c.alive)
 
-    def start_worker(self, name: str) -> Child:
+    def start_worker(self, name: str, *args: str) -> Child:
         port_file = self.local.config.run_dir / "ports" / f"{name}.port"
         child = self.local.supervisor.start(ChildSpec(name, ("worker", "--port", str(free_port()), "--port-file",
-                                                             str(port_file)), port_file=port_file))  # fmt: skip
+                                                             str(port_file), *args), port_file=port_file))  # fmt: skip
         self.local.supervisor.wait_port(child, 60)
         self.workers.append(child)
         return child
@@ -273,6 +273,48 @@ def test_a_poison_job_is_dead_lettered_and_requeue_runs_it_again(mesh: JobsMesh,
     assert again.attempts == MAX_DELIVERIES and again.updated_at > dead.updated_at
     again_twice = meshserve("jobs", "dead-letter", "--nats", mesh.nats_url, "--requeue", "no-such-job")
     assert again_twice.returncode == 1 and "not dead-lettered" in again_twice.stderr
+
+
+def test_a_drained_worker_hands_back_the_job_it_cannot_finish_in_its_grace(mesh: JobsMesh,
+                                                                           photos: list[bytes]) -> None:
+    worker = mesh.start_worker(f"worker-grace-{time.monotonic_ns()}", "--grace", "1")
+    detector = mesh.child("detector-0")
+    detector.proc.send_signal(signal.SIGSTOP)
+    try:
+        submit(mesh, search_request(photos[0], no_cache=True), job_id="handed-back")
+        wait_state(mesh, "handed-back", {jobs_pb2.JOB_STATE_RUNNING}, timeout=30)
+        began = time.monotonic()
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(timeout=30) == 0
+        assert time.monotonic() - began < 15  # the grace, then the job goes back: not the job's 20 s deadline
+    finally:
+        detector.proc.send_signal(signal.SIGCONT)
+    mesh.start_worker(f"worker-next-{time.monotonic_ns()}")
+    try:
+        job = wait_state(mesh, "handed-back", set(FINAL))
+    finally:
+        mesh.stop_workers()
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED and job.attempts >= 2
+    assert results_stored(mesh, "handed-back") == 1
+
+
+def test_a_check_job_calls_listing_guard(mesh: JobsMesh, worker: Child) -> None:
+    """The worker runs `check` jobs through ListingGuard/Check. This gateway does not serve
+    ListingGuard yet, so the run fails UNIMPLEMENTED on every delivery and the job is dead-lettered:
+    the path is exercised, the verdicts are not."""
+    from meshserve.v1 import listing_guard_pb2
+
+    listing = listing_guard_pb2.Listing(listing_id="l-1", title="a lamp", price_cents=1200)
+    with grpc.insecure_channel(mesh.gateway) as channel:
+        stub = jobs_pb2_grpc.JobsStub(channel)
+        stub.Submit(jobs_pb2.SubmitJobRequest(job_id="check-1", check=listing_guard_pb2.CheckRequest(listing=listing)),
+                    timeout=10)  # fmt: skip
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.Submit(jobs_pb2.SubmitJobRequest(check=listing_guard_pb2.CheckRequest()), timeout=10)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "listing" in bad.value.details()
+    job = wait_state(mesh, "check-1", set(FINAL))
+    assert job.kind == "check" and job.state == jobs_pb2.JOB_STATE_DEAD_LETTERED
+    assert "UNIMPLEMENTED" in job.error and job.attempts == MAX_DELIVERIES
 
 
 def test_get_answers_from_the_stored_state_after_the_gateway_restarts(mesh: JobsMesh, photos: list[bytes]) -> None:
