@@ -9,7 +9,8 @@ One local mesh (dev registry, NATS JetStream from `meshserve nats dev`, 1 detect
 
 (a) synchronous: N PhotoSearch/Search calls, 16 in flight (grpc.aio, one channel); throughput and
     p50/p90/p99 of each call.
-(b) asynchronous, for W = 1, 2, 4 `meshserve worker` processes (each one job in hand at a time): N
+(b) asynchronous, for W = 1, 2, 4 `meshserve worker` processes with one job in hand each, and 4
+    workers with 4 each (16 in flight, as the synchronous side): N
     Jobs/Submit calls (16 in flight), then wait until every job is final. jobs/s is N over the time from
     the first submit to the last result stored; latency is each job's record: updated_at (result stored)
     − submitted_at (both written on this machine's clock).
@@ -73,15 +74,18 @@ async def run_sync(target: str, photos: list[bytes], n: int) -> tuple[float, lis
 
 
 async def run_async(target: str, photos: list[bytes], n: int, tag: str) -> tuple[float, list[float]]:
-    ids = [f"bench-{tag}-{i}" for i in range(n)]
+    ids = [f"bench-{tag}-{i}" for i in range(n)]  # tag is new every run: the job store persists
     async with grpc.aio.insecure_channel(target) as channel:
         stub = jobs_pb2_grpc.JobsStub(channel)
         todo = iter(enumerate(ids))
 
         async def lane() -> None:
             for i, job_id in todo:
-                await stub.Submit(jobs_pb2.SubmitJobRequest(job_id=job_id, search=request(photos[i % len(photos)])),
-                                  timeout=30)  # fmt: skip
+                reply = await stub.Submit(jobs_pb2.SubmitJobRequest(job_id=job_id,
+                                                                    search=request(photos[i % len(photos)])),
+                                          timeout=30)  # fmt: skip
+                if not reply.created:
+                    raise RuntimeError(f"job {job_id} existed before this run")
 
         await asyncio.gather(*(lane() for _ in range(CONCURRENCY)))
         final = {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_DEAD_LETTERED}
@@ -116,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a MESHSERVE_HOME with trained models (default $MESHSERVE_HOME)")
     parser.add_argument("--tiny-home", type=Path, help="train tiny models here if missing, and use it")
     parser.add_argument("--jobs", type=int, default=200, help="jobs (and synchronous calls) per row (default 200)")
-    parser.add_argument("--workers", default="1,2,4", help="worker counts (default 1,2,4)")
+    parser.add_argument("--workers", default="1,2,4,4x4",
+                        help="rows of W workers, or WxC: W workers with C jobs in hand each (default 1,2,4,4x4)")
     args = parser.parse_args(argv)
     home = args.tiny_home or args.home
     if home is None:
@@ -136,22 +141,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                         detectors=1, embedders=1, shards=2, nats_addr=f"127.0.0.1:{free_port()}")  # fmt: skip
     mesh = LocalMesh(config, say=lambda text: print(text, file=sys.stderr))
     rows = []
+    run = f"{int(time.time())}"
     try:
         info = mesh.start()
         asyncio.run(run_sync(info.gateway, photos, 16))  # warm every stage
         rate, lat = asyncio.run(run_sync(info.gateway, photos, args.jobs))
         rows.append(line(f"synchronous, {CONCURRENCY} in flight", rate, lat))
         print(rows[-1], file=sys.stderr)
-        for count in (int(w) for w in args.workers.split(",")):
+        for row in args.workers.split(","):
+            count, _, in_hand = row.partition("x")
             workers = []
-            for i in range(count):
-                port_file = config.run_dir / "ports" / f"bench-worker-{count}-{i}.port"
-                workers.append(mesh.supervisor.start(ChildSpec(f"bench-worker-{count}-{i}", (
-                    "worker", "--port", str(free_port()), "--port-file", str(port_file)), port_file=port_file)))
+            for i in range(int(count)):
+                name = f"bench-worker-{row}-{i}"
+                port_file = config.run_dir / "ports" / f"{name}.port"
+                workers.append(mesh.supervisor.start(ChildSpec(name, (
+                    "worker", "--port", str(free_port()), "--port-file", str(port_file), "--concurrency",
+                    in_hand or "1"), port_file=port_file)))
             for worker in workers:
                 mesh.supervisor.wait_port(worker, 60)
-            rate, lat = asyncio.run(run_async(info.gateway, photos, args.jobs, f"w{count}"))
-            rows.append(line(f"jobs, {count} worker(s)", rate, lat))
+            rate, lat = asyncio.run(run_async(info.gateway, photos, args.jobs, f"{run}-w{row}"))
+            rows.append(line(f"jobs, {count} worker(s) × {in_hand or 1} in hand", rate, lat))
             print(rows[-1], file=sys.stderr)
             for worker in workers:
                 worker.proc.send_signal(signal.SIGTERM)

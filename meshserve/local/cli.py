@@ -20,7 +20,8 @@ def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model server (default 1)")
     parser.add_argument("--nats-addr", default="127.0.0.1:4222",
                         help="where `nats dev` (the job queue) listens (default 127.0.0.1:4222; 'none' = no NATS)")
-    parser.add_argument("--workers", type=int, default=1, help="job workers (default 1; 0 with --nats-addr none)")
+    parser.add_argument("--workers", type=int,
+                        help="job workers (default 1, or 0 with --nats-addr none; they find NATS by NATS_URL then)")
 
 
 def add_commands(subparsers: Any) -> None:
@@ -56,7 +57,8 @@ def _config(args: argparse.Namespace) -> Any:
     return MeshConfig(home=meshserve_home(), consul=args.consul, registry_addr=args.registry_addr,
                       gateway_addr=args.gateway_addr, detectors=args.detectors, embedders=args.embedders,
                       shards=args.shards, threads=args.threads,
-                      nats_addr=None if args.nats_addr == "none" else args.nats_addr, workers=args.workers)  # fmt: skip
+                      nats_addr=None if args.nats_addr == "none" else args.nats_addr,
+                      workers=args.workers if args.workers is not None else int(args.nats_addr != "none"))  # fmt: skip
 
 
 def _up(args: argparse.Namespace) -> int:
