@@ -90,7 +90,7 @@ class Worker:
                                   filter_subject=f"{q.subject_prefix}.*")  # fmt: skip
         self._sub = await self.queue.js.pull_subscribe(f"{q.subject_prefix}.*", durable=q.consumer,
                                                        stream=q.stream, config=consumer)  # fmt: skip
-        self._tasks = [asyncio.create_task(self._take_jobs()) for _ in range(cfg.concurrency)]
+        self._tasks = [asyncio.create_task(self._take_jobs())]
         self._tasks.append(asyncio.create_task(self._report_depth()))
 
     async def _open_queue(self) -> JobQueue:
@@ -137,26 +137,47 @@ class Worker:
     # -- the loop -------------------------------------------------------------------------------
 
     async def _take_jobs(self) -> None:
+        """One fetch loop (a pull subscription serves one fetch at a time), a job task per message,
+        at most `concurrency` in hand."""
         import nats.errors
 
-        while not self._draining:
-            try:
-                msgs = await self._sub.fetch(1, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            except Exception as exc:  # noqa: BLE001 - NATS away: wait for the reconnect
-                log.warning("fetching jobs: %s", exc)
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
-                if self._draining:
-                    await _quietly(msg.nak())  # hand it back at once: another worker takes it
-                    continue
-                self._in_hand += 1
+        slots = asyncio.Semaphore(self.config.concurrency)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not self._draining:
+                await slots.acquire()
                 try:
-                    await self._handle(msg)
-                finally:
-                    self._in_hand -= 1
+                    msgs = await self._sub.fetch(1, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    slots.release()
+                    continue
+                except Exception as exc:  # noqa: BLE001 - NATS away: wait for the reconnect
+                    slots.release()
+                    log.warning("fetching jobs: %s", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    if self._draining:
+                        await _quietly(msg.nak())  # hand it back at once: another worker takes it
+                        slots.release()
+                        continue
+                    task = asyncio.create_task(self._hold(msg))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                    task.add_done_callback(lambda _: slots.release())
+            while running:  # draining: the jobs in hand finish (close() cancels them after the grace)
+                await asyncio.wait(set(running))
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _hold(self, msg: Any) -> None:
+        self._in_hand += 1
+        try:
+            await self._handle(msg)
+        finally:
+            self._in_hand -= 1
 
     async def _handle(self, msg: Any) -> None:
         request = jobs_pb2.SubmitJobRequest()
