@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
 
 from meshserve import telemetry
-from meshserve.errors import InvalidInput, NotReady
+from meshserve.errors import InvalidInput, MeshError, NotReady
 from meshserve.queue.config import QueueConfig
 from meshserve.queue.connect import connect, find_nats
 from meshserve.queue.store import JobQueue
@@ -25,6 +26,7 @@ JOBS = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name
 Validators = Mapping[str, Callable[[Any], object]]
 
 MAX_CHECK_IMAGES = 20
+MAX_WATCH_S = 600.0  # a Watch without a deadline ends after this (the caller watches again)
 MAX_CHECK_TEXT = 20_000
 
 
@@ -105,3 +107,18 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         if not request.job_id:
             raise InvalidInput("job_id: empty")
         return await self.link.queue.require(request.job_id)
+
+    async def Watch(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.Job]:
+        # Streams pass the StatusInterceptor by (it wraps unary calls): map the error tree here.
+        remaining = context.time_remaining()
+        until = time.monotonic() + min(MAX_WATCH_S, MAX_WATCH_S if remaining is None else remaining)
+        try:
+            if not request.job_id:
+                raise InvalidInput("job_id: empty")
+            await self.link.queue.require(request.job_id)
+            async for job in self.link.queue.watch(request.job_id, until):
+                yield job
+        except MeshError as exc:
+            await context.abort(exc.code, str(exc))

@@ -71,6 +71,7 @@ def add_commands(subparsers: Any) -> None:
 
     get = sub.add_parser("get", help="a job's state, attempts, result or error (Jobs/Get)")
     get.add_argument("job_id", metavar="ID")
+    get.add_argument("--watch", action="store_true", help="print every change until the job is final (Jobs/Watch)")
     _common(get)
     get.set_defaults(func=_get)
 
@@ -158,9 +159,15 @@ def _submit(args: argparse.Namespace) -> int:
 def _get(args: argparse.Namespace) -> int:
     import grpc
 
-    from meshserve.jobs.client import get, job_json, render
+    from meshserve.jobs.client import get, job_json, render, render_line
 
     try:
+        if args.watch:
+            from meshserve.jobs.client import watch
+
+            for job in watch(args.gateway, args.job_id):
+                print(job_json(job, compact=True) if args.json else render_line(job), flush=True)
+            return 0
         job = get(args.gateway, args.job_id, args.timeout)
     except grpc.RpcError as exc:
         return _fail("get", _grpc_text(exc))

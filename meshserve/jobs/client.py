@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -28,6 +29,12 @@ def submit(gateway: str, request: jobs_pb2.SubmitJobRequest, timeout: float) -> 
 def get(gateway: str, job_id: str, timeout: float) -> jobs_pb2.Job:
     with grpc.insecure_channel(gateway, options=[("grpc.max_receive_message_length", 16 << 20)]) as channel:
         return jobs_pb2_grpc.JobsStub(channel).Get(jobs_pb2.GetJobRequest(job_id=job_id), timeout=timeout)
+
+
+def watch(gateway: str, job_id: str) -> Iterator[jobs_pb2.Job]:
+    """The job now and every change of it until final (the gateway ends a watch after 10 minutes)."""
+    with grpc.insecure_channel(gateway, options=[("grpc.max_receive_message_length", 16 << 20)]) as channel:
+        yield from jobs_pb2_grpc.JobsStub(channel).Watch(jobs_pb2.GetJobRequest(job_id=job_id))
 
 
 def wait_final(gateway: str, job_id: str, timeout: float, wait_s: float) -> jobs_pb2.Job:

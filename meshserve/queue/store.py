@@ -8,7 +8,7 @@ import builtins
 import contextlib
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +144,29 @@ class JobQueue:
                     jobs.append(job)
         jobs.sort(key=lambda j: j.submitted_at)
         return jobs[:limit]
+
+    async def watch(self, job_id: str, until: float) -> AsyncIterator[jobs_pb2.Job]:
+        """The record now, then each change of it, until it is final or `until` (monotonic) passes."""
+        import nats.errors
+
+        with queue_errors(f"watch {job_id}"):
+            watcher = await self.kv.watch(check_job_id(job_id))
+        try:
+            while (left := until - time.monotonic()) > 0:
+                with queue_errors(f"watch {job_id}"):
+                    try:
+                        entry = await watcher.updates(timeout=min(left, 5.0))
+                    except nats.errors.TimeoutError:  # no change yet
+                        continue
+                if entry is None or not entry.value:  # the initial "nothing pending" marker, deletes
+                    continue
+                job = _parse(entry.value)
+                yield job
+                if job.state in FINAL:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
 
     async def history(self, job_id: str) -> builtins.list[jobs_pb2.Job]:
         """The record's kept revisions, oldest first (tests count results stored with it)."""

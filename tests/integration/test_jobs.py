@@ -181,6 +181,27 @@ def test_a_search_job_gives_the_synchronous_answer_in_one_trace(mesh: JobsMesh, 
     assert json.loads(shown.stdout)["state"] == "succeeded"
 
 
+def test_watch_streams_the_changes_of_a_job_until_it_is_final(mesh: JobsMesh, photos: list[bytes]) -> None:
+    submit(mesh, search_request(photos[2], no_cache=True), job_id="watched")
+    watcher = subprocess.Popen([sys.executable, "-m", "meshserve.cli", "jobs", "get", "watched", "--watch", "--json",
+                                "--gateway", mesh.gateway], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, **QUEUE_ENV})  # fmt: skip
+    try:
+        assert watcher.stdout is not None
+        first = json.loads(watcher.stdout.readline())  # the job as it is: no worker yet
+        assert first["state"] == "queued"
+        mesh.start_worker(f"worker-w-{time.monotonic_ns()}")
+        out, _ = watcher.communicate(timeout=90)  # ends by itself once the job is final
+    finally:
+        watcher.kill()
+        mesh.stop_workers()
+    states = [first["state"], *(json.loads(line)["state"] for line in out.splitlines())]
+    assert watcher.returncode == 0 and states[-1] == "succeeded" and "running" in states, states
+    with grpc.insecure_channel(mesh.gateway) as channel, pytest.raises(grpc.RpcError) as unknown:
+        list(jobs_pb2_grpc.JobsStub(channel).Watch(jobs_pb2.GetJobRequest(job_id="no-such-job"), timeout=10))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 # -- bad input: the synchronous call's statuses, at once ------------------------------------------
 
 
