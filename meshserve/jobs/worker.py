@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from meshserve import telemetry
+from meshserve.errors import InvalidInput
 from meshserve.jobs.runners import GatewayRunner, RunFailed
-from meshserve.queue.config import WORKER_SERVICE, QueueConfig
+from meshserve.queue.config import WORKER_SERVICE, QueueConfig, check_job_id
 from meshserve.queue.connect import connect, find_nats
 from meshserve.queue.store import SUBMITTED_HEADER, Claim, JobQueue
 from meshserve.registry.config import RegistryConfig, ServiceInstance
@@ -29,8 +31,8 @@ from meshserve.v1 import jobs_pb2
 log = logging.getLogger(__name__)
 _TRACER = trace.get_tracer("meshserve.jobs")
 
-RUNS = Counter("meshserve_jobs_runs_total", "Runs of jobs by kind and outcome "
-               "(succeeded, retried, dead_lettered, already_done, handed_back, store_failed)", ["kind", "outcome"])
+RUNS = Counter("meshserve_jobs_runs_total", "Runs of jobs by kind and outcome (succeeded, retried, "
+               "dead_lettered, already_done, handed_back, store_failed, not_a_job)", ["kind", "outcome"])
 ATTEMPTS = Histogram("meshserve_jobs_attempts", "Deliveries a job took to reach its final state", ["kind"],
                      buckets=(1, 2, 3, 4, 5, 8, 13, 21))
 RUN_SECONDS = Histogram("meshserve_jobs_run_seconds", "Time of one run of a job", ["kind"],
@@ -181,8 +183,17 @@ class Worker:
 
     async def _handle(self, msg: Any) -> None:
         request = jobs_pb2.SubmitJobRequest()
-        request.ParseFromString(msg.data)
-        kind = request.WhichOneof("payload") or "unknown"
+        try:
+            request.ParseFromString(msg.data)
+            check_job_id(request.job_id)
+            kind = request.WhichOneof("payload") or ""
+            if not kind:
+                raise InvalidInput("no payload")
+        except (DecodeError, InvalidInput) as exc:  # not a job any gateway queued: never deliver it again
+            log.error("dropping a message on %s that is not a job (%s)", msg.subject, exc)
+            await _quietly(msg.term())
+            RUNS.labels("unknown", "not_a_job").inc()
+            return
         headers = dict(msg.headers or {})
         parent = telemetry.extract_context(headers.items())
         attempt = msg.metadata.num_delivered

@@ -138,7 +138,7 @@ class JobQueue:
             except nats.js.errors.NoKeysError:
                 return []
             jobs = []
-            for key in keys:
+            for key in sorted(set(keys)):  # a key updated while they are listed comes twice
                 entry = await self._entry(key)
                 if entry is not None and (job := _parse(entry.value)) and (not states or job.state in states):
                     jobs.append(job)
@@ -169,9 +169,22 @@ class JobQueue:
                 await watcher.stop()
 
     async def history(self, job_id: str) -> builtins.list[jobs_pb2.Job]:
-        """The record's kept revisions, oldest first (tests count results stored with it)."""
+        """The record's kept revisions, oldest first, read straight from the bucket's stream (tests
+        count the results stored with it)."""
+        import nats.js.errors
+
+        stream, subject = f"KV_{self.config.bucket}", f"$KV.{self.config.bucket}.{check_job_id(job_id)}"
+        revisions: builtins.list[jobs_pb2.Job] = []
+        seq = 1
         with queue_errors(f"read {job_id}"):
-            return [_parse(e.value) for e in await self.kv.history(check_job_id(job_id)) if e.value]
+            while True:
+                try:
+                    raw = await self.js.get_msg(stream, seq=seq, subject=subject, next=True)
+                except nats.js.errors.NotFoundError:
+                    return revisions
+                if raw.data:
+                    revisions.append(_parse(raw.data))
+                seq = (raw.seq or seq) + 1
 
     # -- a worker's run -------------------------------------------------------------------------
 

@@ -338,6 +338,17 @@ def test_a_check_job_calls_listing_guard(mesh: JobsMesh, worker: Child) -> None:
     assert "UNIMPLEMENTED" in job.error and job.attempts == MAX_DELIVERIES
 
 
+def test_a_message_that_is_no_job_is_dropped_once_and_blocks_nothing(mesh: JobsMesh, photos: list[bytes],
+                                                                      worker: Child) -> None:  # fmt: skip
+    config = QueueConfig.from_env()
+    mesh.queue(lambda q: q.js.publish(config.subject("search"), b"\xff not a protobuf", stream=config.stream))
+    submit(mesh, search_request(photos[1]), job_id="after-garbage")
+    assert wait_state(mesh, "after-garbage", set(FINAL)).state == jobs_pb2.JOB_STATE_SUCCEEDED
+    wait_until(lambda: mesh.queue(lambda q: q.depth()).queued == 0, timeout=30,  # type: ignore[attr-defined]
+               what="the garbage message terminated, not redelivered")  # fmt: skip
+    assert "is not a job" in Path(worker.log_path).read_text()
+
+
 def test_get_answers_from_the_stored_state_after_the_gateway_restarts(mesh: JobsMesh, photos: list[bytes]) -> None:
     submit(mesh, search_request(photos[3]), job_id="across-restart")
     gateway = mesh.child("gateway")
