@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -181,6 +182,24 @@ def test_a_search_job_gives_the_synchronous_answer_in_one_trace(mesh: JobsMesh, 
     assert json.loads(shown.stdout)["state"] == "succeeded"
 
 
+def test_the_jobs_commands_submit_wait_and_list(mesh: JobsMesh, photos: list[bytes], worker: Child,
+                                                 tmp_path: Path) -> None:  # fmt: skip
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(photos[3])
+    done = meshserve("jobs", "submit", "search", str(photo), "--min-score", str(MIN_SCORE), "--job-id", "cli-1",
+                     "--wait", "--json", "--gateway", mesh.gateway)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["job_id"] == "cli-1" and job["state"] == "succeeded" and job["search"]["detections"]
+    listed = meshserve("jobs", "list", "--state", "succeeded", "--nats", mesh.nats_url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert "cli-1" in {json.loads(line)["job_id"] for line in listed.stdout.splitlines()}
+    missing = meshserve("jobs", "submit", "search", str(tmp_path / "nope.jpg"), "--gateway", mesh.gateway)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    bad = meshserve("jobs", "submit", "search", str(photo), "--top-k", "1000", "--gateway", mesh.gateway)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "top_k" in bad.stderr
+
+
 def test_watch_streams_the_changes_of_a_job_until_it_is_final(mesh: JobsMesh, photos: list[bytes]) -> None:
     submit(mesh, search_request(photos[2], no_cache=True), job_id="watched")
     watcher = subprocess.Popen([sys.executable, "-m", "meshserve.cli", "jobs", "get", "watched", "--watch", "--json",
@@ -267,8 +286,30 @@ def test_a_worker_killed_mid_job_loses_nothing_and_stores_one_result(mesh: JobsM
     assert results_stored(mesh, "killed-mid-job") == 1
 
 
-def test_a_poison_job_is_dead_lettered_and_requeue_runs_it_again(mesh: JobsMesh, photos: list[bytes],
-                                                                 worker: Child) -> None:  # fmt: skip
+def test_a_poison_job_is_dead_lettered_and_requeue_runs_it_again(mesh: JobsMesh, photos: list[bytes]) -> None:
+    metrics_port = free_port()
+    mesh.start_worker(f"worker-m-{time.monotonic_ns()}", "--metrics-port", str(metrics_port))
+    try:
+        poison_job_and_requeue(mesh, photos)
+        wait_until(lambda: worker_metric(metrics_port, "meshserve_jobs_dead_letters") == 1, timeout=30,
+                   what="the dead-letter gauge")  # fmt: skip
+        assert worker_metric(metrics_port, "meshserve_jobs_runs_total", 'kind="search",outcome="dead_lettered"') == 2
+        assert worker_metric(metrics_port, "meshserve_jobs_runs_total", 'kind="search",outcome="retried"') == \
+            2 * (MAX_DELIVERIES - 1)  # fmt: skip
+        assert worker_metric(metrics_port, "meshserve_jobs_attempts_count", 'kind="search"') >= 8
+        assert worker_metric(metrics_port, "meshserve_jobs_queue_depth") == 0
+    finally:
+        mesh.stop_workers()
+
+
+def worker_metric(port: int, name: str, labels: str = "") -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
+    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def poison_job_and_requeue(mesh: JobsMesh, photos: list[bytes]) -> None:
     with grpc.insecure_channel(mesh.gateway) as channel, pytest.raises(grpc.RpcError) as synchronous:
         photo_search_pb2_grpc.PhotoSearchStub(channel).Search(search_request(poison(photos[2])), timeout=10)
     assert synchronous.value.code() != grpc.StatusCode.OK  # the model errors on it, every time
