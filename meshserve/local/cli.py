@@ -30,7 +30,8 @@ def add_commands(subparsers: Any) -> None:
     up = subparsers.add_parser(
         "up", help="run the whole mesh locally until Ctrl-C",
         description="Start the dev registry (or use --consul), train quick models if none exist, then "
-        "detectors, embedders, classifiers, the shipping estimator, the indexer shards and the gateway; "
+        "NATS JetStream for jobs, detectors, embedders, classifiers, the shipping estimator, the indexer shards, "
+        "the gateway and a job worker; "
         "print where everything listens; Ctrl-C stops everything.", epilog=epilog,
     )  # fmt: skip
     _add_mesh_arguments(up)
