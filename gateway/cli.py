@@ -14,6 +14,7 @@ environment:
   CONSUL_HTTP_TOKEN  Consul ACL token
   OTEL_EXPORTER_OTLP_ENDPOINT  send spans over OTLP/gRPC (else --trace-file, else no export)
   MESHSERVE_HOME     the catalogue used to enrich matches (default ~/.cache/meshserve)
+  NATS_URL           the job queue's NATS (default: the registry's meshserve-nats)
 """
 
 
@@ -45,6 +46,8 @@ def add_commands(subparsers: Any) -> None:
     gateway.add_argument("--cache-max-mb", type=float, default=64.0,
                          help="search results kept in the cache take at most this many MiB (default 64)")
     gateway.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM (default 10)")
+    gateway.add_argument("--nats", help="NATS URL of the job queue (default: $NATS_URL, else the registry's "
+                         "meshserve-nats, else nats://127.0.0.1:4222)")
     gateway.add_argument("--trace-file", type=Path, default=os.environ.get("MESHSERVE_TRACE_FILE") or None,
                          help="write spans as JSON lines here when no OTLP endpoint is set")
     gateway.set_defaults(func=_gateway)
@@ -98,6 +101,7 @@ def _gateway(args: argparse.Namespace) -> int:
             default_deadline_s=args.default_deadline, catalogue_ttl_s=args.cache_ttl,
             port_file=args.port_file, trace_file=args.trace_file, check_interval_s=args.check_interval,
             search=SearchConfig(cache_ttl_s=args.cache_ttl, cache_max_bytes=int(args.cache_max_mb * 1024 * 1024)),
+            nats_url=args.nats,
         )  # fmt: skip
     except ValueError as exc:
         print(f"meshserve gateway: {exc}", file=sys.stderr)

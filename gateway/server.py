@@ -15,13 +15,16 @@ from meshserve import telemetry
 from meshserve.gateway.enrich import CatalogueEnricher
 from meshserve.gateway.flow_policy import PhotoSearchDefaults
 from meshserve.gateway.guard_service import LISTING_GUARD_SERVICE, GuardService
+from meshserve.gateway.guard_servicer import to_listing
+from meshserve.gateway.jobs import JOBS, JobQueueLink, JobsServicer
 from meshserve.gateway.photo_search import PhotoSearch, SearchConfig
 from meshserve.gateway.policy import default_policies
 from meshserve.gateway.routes import RouteTable
-from meshserve.gateway.servicer import PhotoSearchServicer
+from meshserve.gateway.servicer import PhotoSearchServicer, to_query
+from meshserve.queue.config import QueueConfig
 from meshserve.registry.config import METRICS_PORT_META, SERVICE_NAMES, RegistryConfig, ServiceInstance
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
-from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
+from meshserve.v1 import jobs_pb2_grpc, photo_search_pb2, photo_search_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +52,14 @@ class GatewayConfig:
     port_file: Path | None = None
     trace_file: Path | None = None
     search: SearchConfig = field(default_factory=SearchConfig)
+    jobs: QueueConfig = field(default_factory=QueueConfig.from_env)
+    nats_url: str | None = None  # None: $NATS_URL, else the registry's meshserve-nats, else the default
 
 
 class Gateway:
     """The gateway's part of a GrpcProcess: PhotoSearch over routes discovered in the registry."""
 
-    services = (PHOTO_SEARCH, LISTING_GUARD_SERVICE)
+    services = (PHOTO_SEARCH, LISTING_GUARD_SERVICE, JOBS)
 
     def __init__(self, config: GatewayConfig):
         self.config = config
@@ -64,11 +69,17 @@ class Gateway:
         self.guard = GuardService(config.registry, self.routes, self.routes.policies, self._photo_defaults)
         self._following: asyncio.Task[None] | None = None
         self._metrics_port: int | None = None  # bound by start(); 0 in the config means any free port
+        self.jobs = JobQueueLink(config.registry, config.jobs, config.nats_url)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         servicer = PhotoSearchServicer(self.search, self.config.default_deadline_s)
         photo_search_pb2_grpc.add_PhotoSearchServicer_to_server(servicer, server)
         self.guard.add_to_server(server, self.config.default_deadline_s)
+        validators = {
+            "search": lambda request: self.search.validate(to_query(request)),
+            "check": lambda request: self.guard.guard.validate(to_listing(request), tuple(request.models)),
+        }
+        jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(self.jobs, validators), server)
 
     async def start(self) -> None:
         if self.config.metrics_port is not None:
@@ -76,6 +87,7 @@ class Gateway:
             self._metrics_port = int(metrics.server_port)
         await self.routes.start()
         await self.guard.start()
+        self.jobs.start()
         log.info("gateway routes from registry %s%s", self.config.registry.http_addr,
                  " (stale)" if self.routes.stale else "")  # fmt: skip
 
@@ -100,7 +112,7 @@ class Gateway:
 
     def watch_readiness(self, report: Callable[[str, bool], None]) -> None:
         """Health follows what each flow can serve: the whole server and PhotoSearch the route
-        table, ListingGuard its listing routes and policy."""
+        table, ListingGuard its listing routes and policy, Jobs whether the queue was reached."""
 
         def photo_search(ready: bool) -> None:
             report("", ready)
@@ -108,6 +120,7 @@ class Gateway:
 
         self.routes.watch_readiness(photo_search)
         self._following = asyncio.create_task(self.guard.follow_readiness(report))
+        self.jobs.watch_ready(lambda reachable: report(JOBS, reachable))
 
     def _photo_defaults(self, defaults: PhotoSearchDefaults) -> None:
         # Live from KV (meshserve/config/photo-search): what a search without top_k/min score gets.
@@ -119,6 +132,7 @@ class Gateway:
             self._following.cancel()
             await asyncio.gather(self._following, return_exceptions=True)
         await self.guard.close()
+        await self.jobs.close()
         await self.routes.close()
 
 

@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from meshserve import health_cli
 from meshserve.gateway import cli as gateway_cli
 from meshserve.gateway import guard_cli
+from meshserve.jobs import cli as jobs_cli
 from meshserve.local import bench_cli, ops_cli, search_cli
 from meshserve.local import cli as local_cli
+from meshserve.queue import cli as queue_cli
 from meshserve.registry.dev import cli as registry_cli
 from meshserve.servers import cli as servers_cli
 from meshserve.training import cli as training_cli
@@ -32,6 +34,8 @@ ROOM_COMMANDS = (
     bench_cli,  # bench [NAME]
     health_cli,  # health HOST:PORT
     ops_cli,  # prometheus sd|run, top, trace
+    queue_cli,  # nats dev
+    jobs_cli,  # worker, jobs submit|get|list|dead-letter
 )
 
 

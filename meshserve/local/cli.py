@@ -24,6 +24,10 @@ def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prometheus-addr", default="127.0.0.1:9090",
                         help="where Prometheus listens with --prometheus (default 127.0.0.1:9090, or a free port "
                         "when that one is taken)")
+    parser.add_argument("--nats-addr", default="127.0.0.1:4222",
+                        help="where `nats dev` (the job queue) listens (default 127.0.0.1:4222; 'none' = no NATS)")
+    parser.add_argument("--workers", type=int,
+                        help="job workers (default 1, or 0 with --nats-addr none; they find NATS by NATS_URL then)")
 
 
 def add_commands(subparsers: Any) -> None:
@@ -32,7 +36,8 @@ def add_commands(subparsers: Any) -> None:
     up = subparsers.add_parser(
         "up", help="run the whole mesh locally until Ctrl-C",
         description="Start the dev registry (or use --consul), train quick models if none exist, then "
-        "detectors, embedders, classifiers, the shipping estimator, the indexer shards and the gateway; "
+        "NATS JetStream for jobs, detectors, embedders, classifiers, the shipping estimator, the indexer shards, "
+        "the gateway and a job worker; "
         "print where everything listens; Ctrl-C stops everything.", epilog=epilog,
     )  # fmt: skip
     _add_mesh_arguments(up)
@@ -59,7 +64,9 @@ def _config(args: argparse.Namespace) -> Any:
     return MeshConfig(home=meshserve_home(), consul=args.consul, registry_addr=args.registry_addr,
                       gateway_addr=args.gateway_addr, detectors=args.detectors, embedders=args.embedders,
                       shards=args.shards, threads=args.threads,
-                      prometheus_addr=args.prometheus_addr if args.prometheus else None)  # fmt: skip
+                      prometheus_addr=args.prometheus_addr if args.prometheus else None,
+                      nats_addr=None if args.nats_addr == "none" else args.nats_addr,
+                      workers=args.workers if args.workers is not None else int(args.nats_addr != "none"))  # fmt: skip
 
 
 def _up(args: argparse.Namespace) -> int:

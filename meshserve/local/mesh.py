@@ -40,6 +40,8 @@ class MeshConfig:
     gateway_metrics_port: int | None = None
     gateway_args: tuple[str, ...] = ()  # extra `meshserve gateway` flags
     prometheus_addr: str | None = None  # start Prometheus there (or on a free port), see prometheus.py
+    nats_addr: str | None = None  # start `meshserve nats dev` here (None: the job queue is someone else's)
+    workers: int = 0  # `meshserve worker` processes for the job queue
 
     def __post_init__(self) -> None:
         if self.detectors < 1 or self.embedders < 1 or self.shards < 1:
@@ -124,6 +126,7 @@ class LocalMesh:
 
         info = MeshInfo(self.registry_addr, cfg.gateway_addr, trace_file=self.trace_file,
                         registry_child=registry_child)
+        nats = self._start_nats(cfg.nats_addr) if cfg.nats_addr is not None else None
         # The gateway first: it binds its fixed port before any model server takes a free one
         # (one of those could otherwise be handed the same port), and it discovers the rest.
         host, _, gateway_port = cfg.gateway_addr.rpartition(":")
@@ -163,7 +166,36 @@ class LocalMesh:
 
             info.prometheus = start_prometheus(self.supervisor, cfg.run_dir / "prometheus", self.registry_addr,
                                                cfg.prometheus_addr)  # fmt: skip
+        if nats is not None:
+            info.endpoints.append(nats)
+        for i in range(cfg.workers):
+            port_file = self._ports / f"worker-{i}.port"
+            worker = self.supervisor.start(ChildSpec(f"worker-{i}", ("worker", "--port-file", str(port_file),
+                                                                   "--check-interval", str(cfg.check_interval_s)),
+                                                     port_file=port_file))  # fmt: skip
+            port = self.supervisor.wait_port(worker, cfg.ready_timeout_s)
+            info.endpoints.append(Endpoint("worker", f"worker-{i}", f"127.0.0.1:{port}", worker))
         return info
+
+    def _start_nats(self, addr: str) -> Endpoint:
+        """`meshserve nats dev` (JetStream stored under $MESHSERVE_HOME/nats), listening before anyone looks."""
+        import socket
+
+        host, _, port = addr.rpartition(":")
+        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=1):
+            raise RuntimeError(f"something already listens on {addr}; stop it, or pass another --nats-addr")
+        child = self.supervisor.start(ChildSpec("nats", ("nats", "dev", "--host", host, "--port", port)))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError:
+                if not child.alive or time.monotonic() > deadline:
+                    raise RuntimeError(f"NATS did not come up: {self.supervisor.tail(child)}") from None
+                time.sleep(0.05)
+        self.say(f"NATS JetStream on nats://{addr}")
+        return Endpoint("nats", "nats", addr, child)
 
     def _start_registry(self) -> Child:
         if _leader_answers(self.registry_addr):
@@ -287,7 +319,7 @@ class LocalMesh:
         # The gateway first (no new searches), then the model servers, the registry last so
         # everyone can deregister.
         with _signals_ignored():
-            self.supervisor.stop_all(grace=15.0, first=("gateway",), last=("registry",))
+            self.supervisor.stop_all(grace=15.0, first=("gateway",), last=("nats", "registry"))
 
 
 @contextlib.contextmanager

@@ -26,15 +26,15 @@ from meshserve.v1 import listing_guard_pb2 as meshserve_dot_v1_dot_listing__guar
 from meshserve.v1 import photo_search_pb2 as meshserve_dot_v1_dot_photo__search__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17meshserve/v1/jobs.proto\x12\x0cmeshserve.v1\x1a meshserve/v1/listing_guard.proto\x1a\x1fmeshserve/v1/photo_search.proto\"\x8f\x01\n\x10SubmitJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12-\n\x06search\x18\x02 \x01(\x0b\x32\x1b.meshserve.v1.SearchRequestH\x00\x12+\n\x05\x63heck\x18\x03 \x01(\x0b\x32\x1a.meshserve.v1.CheckRequestH\x00\x42\t\n\x07payloadJ\x04\x08\x04\x10\x10\"4\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xf5\x01\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.meshserve.v1.JobState\x12.\n\x06search\x18\x03 \x01(\x0b\x32\x1c.meshserve.v1.SearchResponseH\x00\x12,\n\x05\x63heck\x18\x04 \x01(\x0b\x32\x1b.meshserve.v1.CheckResponseH\x00\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x14\n\x0csubmitted_at\x18\x07 \x01(\x01\x12\x12\n\nupdated_at\x18\x08 \x01(\x01\x42\x08\n\x06resultJ\x04\x08\t\x10\x15*\x9e\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x1b\n\x17JOB_STATE_DEAD_LETTERED\x10\x05\x32\x88\x01\n\x04Jobs\x12I\n\x06Submit\x12\x1e.meshserve.v1.SubmitJobRequest\x1a\x1f.meshserve.v1.SubmitJobResponse\x12\x35\n\x03Get\x12\x1b.meshserve.v1.GetJobRequest\x1a\x11.meshserve.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17meshserve/v1/jobs.proto\x12\x0cmeshserve.v1\x1a meshserve/v1/listing_guard.proto\x1a\x1fmeshserve/v1/photo_search.proto\"\x8f\x01\n\x10SubmitJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12-\n\x06search\x18\x02 \x01(\x0b\x32\x1b.meshserve.v1.SearchRequestH\x00\x12+\n\x05\x63heck\x18\x03 \x01(\x0b\x32\x1a.meshserve.v1.CheckRequestH\x00\x42\t\n\x07payloadJ\x04\x08\x04\x10\x10\"4\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x95\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.meshserve.v1.JobState\x12.\n\x06search\x18\x03 \x01(\x0b\x32\x1c.meshserve.v1.SearchResponseH\x00\x12,\n\x05\x63heck\x18\x04 \x01(\x0b\x32\x1b.meshserve.v1.CheckResponseH\x00\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x14\n\x0csubmitted_at\x18\x07 \x01(\x01\x12\x12\n\nupdated_at\x18\x08 \x01(\x01\x12\x0c\n\x04kind\x18\x15 \x01(\t\x12\x10\n\x08trace_id\x18\x16 \x01(\tB\x08\n\x06resultJ\x04\x08\t\x10\x15*\x9e\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x1b\n\x17JOB_STATE_DEAD_LETTERED\x10\x05\x32\xc3\x01\n\x04Jobs\x12I\n\x06Submit\x12\x1e.meshserve.v1.SubmitJobRequest\x1a\x1f.meshserve.v1.SubmitJobResponse\x12\x35\n\x03Get\x12\x1b.meshserve.v1.GetJobRequest\x1a\x11.meshserve.v1.Job\x12\x39\n\x05Watch\x12\x1b.meshserve.v1.GetJobRequest\x1a\x11.meshserve.v1.Job0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshserve.v1.jobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=590
-  _globals['_JOBSTATE']._serialized_end=748
+  _globals['_JOBSTATE']._serialized_start=622
+  _globals['_JOBSTATE']._serialized_end=780
   _globals['_SUBMITJOBREQUEST']._serialized_start=109
   _globals['_SUBMITJOBREQUEST']._serialized_end=252
   _globals['_SUBMITJOBRESPONSE']._serialized_start=254
@@ -42,7 +42,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETJOBREQUEST']._serialized_start=308
   _globals['_GETJOBREQUEST']._serialized_end=339
   _globals['_JOB']._serialized_start=342
-  _globals['_JOB']._serialized_end=587
-  _globals['_JOBS']._serialized_start=751
-  _globals['_JOBS']._serialized_end=887
+  _globals['_JOB']._serialized_end=619
+  _globals['_JOBS']._serialized_start=783
+  _globals['_JOBS']._serialized_end=978
 # @@protoc_insertion_point(module_scope)

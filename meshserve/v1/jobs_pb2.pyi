@@ -48,7 +48,7 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "search", "check", "error", "attempts", "submitted_at", "updated_at")
+    __slots__ = ("job_id", "state", "search", "check", "error", "attempts", "submitted_at", "updated_at", "kind", "trace_id")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SEARCH_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,8 @@ class Job(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     search: _photo_search_pb2.SearchResponse
@@ -65,4 +67,6 @@ class Job(_message.Message):
     attempts: int
     submitted_at: float
     updated_at: float
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., search: _Optional[_Union[_photo_search_pb2.SearchResponse, _Mapping]] = ..., check: _Optional[_Union[_listing_guard_pb2.CheckResponse, _Mapping]] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., submitted_at: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
+    kind: str
+    trace_id: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., search: _Optional[_Union[_photo_search_pb2.SearchResponse, _Mapping]] = ..., check: _Optional[_Union[_listing_guard_pb2.CheckResponse, _Mapping]] = ..., error: _Optional[str] = ..., attempts: _Optional[int] = ..., submitted_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., kind: _Optional[str] = ..., trace_id: _Optional[str] = ...) -> None: ...

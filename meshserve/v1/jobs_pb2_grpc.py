@@ -44,6 +44,11 @@ class JobsStub:
                 request_serializer=meshserve_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=meshserve_dot_v1_dot_jobs__pb2.Job.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/meshserve.v1.Jobs/Watch',
+                request_serializer=meshserve_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=meshserve_dot_v1_dot_jobs__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -61,6 +66,13 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """The job now, then every change of it, until it is final or the call's deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -71,6 +83,11 @@ def add_JobsServicer_to_server(servicer, server):
             ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
+                    request_deserializer=meshserve_dot_v1_dot_jobs__pb2.GetJobRequest.FromString,
+                    response_serializer=meshserve_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
                     request_deserializer=meshserve_dot_v1_dot_jobs__pb2.GetJobRequest.FromString,
                     response_serializer=meshserve_dot_v1_dot_jobs__pb2.Job.SerializeToString,
             ),
@@ -127,6 +144,33 @@ class Jobs:
             request,
             target,
             '/meshserve.v1.Jobs/Get',
+            meshserve_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
+            meshserve_dot_v1_dot_jobs__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshserve.v1.Jobs/Watch',
             meshserve_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
             meshserve_dot_v1_dot_jobs__pb2.Job.FromString,
             options,

@@ -21,7 +21,7 @@ import pytest
 
 from tests.support import ManagedProcess, descendants, free_port, meshserve_argv, wait_until
 
-SMALL_MESH = ("--detectors", "1", "--embedders", "1", "--shards", "2")
+SMALL_MESH = ("--detectors", "1", "--embedders", "1", "--shards", "2", "--nats-addr", "none")
 UP_TIMEOUT_S = 300  # eight servers importing torch at once on a shared 2-core box
 STOP_TIMEOUT_S = 120
 # A test may bring `up` up (its fixture), wait up to 180 s for a restart, and stop it: pytest's own
@@ -250,7 +250,7 @@ def test_ctrl_c_exits_0_and_nothing_it_started_survives(up: Up) -> None:
 @pytest.fixture
 def loading_up(home_copy: Callable[[], Path], tmp_path: Path) -> Iterator[Up]:
     """A one-shard `up` whose registry and model servers have all been started, none ready yet."""
-    mesh = Up(home_copy(), tmp_path, "--detectors", "1", "--embedders", "1", "--shards", "1")
+    mesh = Up(home_copy(), tmp_path, "--detectors", "1", "--embedders", "1", "--shards", "1", "--nats-addr", "none")
     try:
         assert len(mesh.wait_servers_spawned()) >= 8
         yield mesh
@@ -273,7 +273,7 @@ def test_sigterm_during_bring_up_stops_everything_without_finishing_it(loading_u
 def test_sigkill_of_up_takes_every_child_with_it(home_copy: Callable[[], Path], tmp_path: Path) -> None:
     """Killed once the whole mesh is up: every child gets the parent-death signal, stops, and exits
     promptly (they used to spend minutes in the interpreter's teardown, orphaned)."""
-    mesh = Up(home_copy(), tmp_path, "--detectors", "1", "--embedders", "1", "--shards", "1")
+    mesh = Up(home_copy(), tmp_path, "--detectors", "1", "--embedders", "1", "--shards", "1", "--nats-addr", "none")
     try:
         rows = mesh.wait_up()
         started = mesh.observe() | {r.pid for r in rows}
@@ -298,7 +298,8 @@ def test_demo_searches_draws_prints_the_waterfall_and_leaves_nothing(
     registry_port, gateway_port = free_port(), free_port()
     argv = meshserve_argv("demo", "--queries", "2", "-o", str(out), "--min-score", "0.01", *SMALL_MESH,
                           "--registry-addr", f"127.0.0.1:{registry_port}",
-                          "--gateway-addr", f"127.0.0.1:{gateway_port}")  # fmt: skip
+                          "--gateway-addr", f"127.0.0.1:{gateway_port}",
+                          "--nats-addr", f"127.0.0.1:{free_port()}", "--workers", "1")  # fmt: skip (NATS too)
     demo = ManagedProcess(argv, tmp_path / "demo.log", env={"MESHSERVE_HOME": str(home)})
     seen: set[int] = set()
     try:

@@ -30,19 +30,30 @@ LAYERS = {
     "gateway": ("meshserve.gateway",),
     "training": ("meshserve.training",),
     "local": ("meshserve.local",),
+    "queue": ("meshserve.queue",),
+    "jobs": ("meshserve.jobs",),
 }
 
 # importer layer → layers it must never import
 FORBIDDEN = {
-    "wire": {"inference", "warehouse", "rpc", "registry", "registry-dev", "servers", "gateway", "training", "local"},
-    "inference": {"warehouse", "rpc", "registry", "registry-dev", "servers", "gateway", "training", "local"},
-    "warehouse": {"wire", "rpc", "registry", "registry-dev", "servers", "gateway", "training", "local"},
-    "rpc": {"inference", "registry-dev", "servers", "gateway", "training", "local"},
-    "registry": {"wire", "inference", "rpc", "registry-dev", "servers", "gateway", "training", "local"},
-    "registry-dev": {"wire", "inference", "rpc", "servers", "gateway", "training", "local"},
-    "servers": {"gateway", "training", "local", "registry-dev"},
-    "gateway": {"servers", "training", "local", "inference", "registry-dev"},
-    "training": {"servers", "gateway", "local", "rpc"},
+    "wire": {"inference", "warehouse", "rpc", "registry", "registry-dev", "servers", "gateway", "training", "local",
+             "queue", "jobs"},
+    "inference": {"warehouse", "rpc", "registry", "registry-dev", "servers", "gateway", "training", "local",
+                  "queue", "jobs"},
+    "warehouse": {"wire", "rpc", "registry", "registry-dev", "servers", "gateway", "training", "local", "queue",
+                  "jobs"},
+    "rpc": {"inference", "registry-dev", "servers", "gateway", "training", "local", "queue", "jobs"},
+    "registry": {"wire", "inference", "rpc", "registry-dev", "servers", "gateway", "training", "local", "queue",
+                 "jobs"},
+    "registry-dev": {"wire", "inference", "rpc", "servers", "gateway", "training", "local", "queue", "jobs"},
+    "servers": {"gateway", "training", "local", "registry-dev", "queue", "jobs"},
+    "gateway": {"servers", "training", "local", "inference", "registry-dev", "jobs"},
+    "training": {"servers", "gateway", "local", "rpc", "queue", "jobs"},
+    # the job queue on NATS: records and streams, used by the gateway (Submit, Get) and the worker
+    "queue": {"wire", "inference", "warehouse", "rpc", "registry-dev", "servers", "gateway", "training", "local",
+              "jobs"},
+    # the worker: runs jobs through the gateway's gRPC API (meshserve.v1 stubs), found in the registry
+    "jobs": {"wire", "inference", "warehouse", "registry-dev", "servers", "gateway", "training", "local"},
 }
 
 
@@ -140,6 +151,12 @@ def test_no_forbidden_arrow() -> None:
         ("meshserve.local.x", "meshserve.training.detector", False),
         ("meshserve.gateway.enrich", "meshserve.warehouse", False),
         ("meshserve.warehouse", "meshserve.training.catalogue", True),
+        ("meshserve.jobs.worker", "meshserve.gateway.photo_search", True),
+        ("meshserve.jobs.worker", "meshserve.servers.model", True),
+        ("meshserve.jobs.worker", "meshserve.queue.store", False),
+        ("meshserve.gateway.jobs", "meshserve.queue.store", False),
+        ("meshserve.gateway.jobs", "meshserve.jobs.worker", True),
+        ("meshserve.queue.store", "meshserve.rpc.process", True),
     ],
 )
 def test_the_rules_say_what_the_design_says(importer: str, imported: str, forbidden: bool) -> None:
