@@ -360,23 +360,29 @@ def test_a_drained_worker_hands_back_the_job_it_cannot_finish_in_its_grace(mesh:
     assert results_stored(mesh, "handed-back") == 1
 
 
-def test_a_check_job_calls_listing_guard(mesh: JobsMesh, worker: Child) -> None:
-    """The worker runs `check` jobs through ListingGuard/Check. This gateway does not serve
-    ListingGuard yet, so the run fails UNIMPLEMENTED on every delivery and the job is dead-lettered:
-    the path is exercised, the verdicts are not."""
-    from meshserve.v1 import listing_guard_pb2
+def test_a_check_job_gives_the_synchronous_listing_check(mesh: JobsMesh, worker: Child) -> None:
+    """A `check` job runs through the gateway's ListingGuard/Check: its stored answer has the
+    decision and the verdicts of the same listing checked synchronously; a listing the
+    synchronous call refuses is refused at submit with the same field named."""
+    from meshserve.v1 import listing_guard_pb2, listing_guard_pb2_grpc
 
-    listing = listing_guard_pb2.Listing(listing_id="l-1", title="a lamp", price_cents=1200)
+    listing = listing_guard_pb2.Listing(listing_id="l-1", title="a lamp", description="brass, working",
+                                        price_cents=1200, category="home")  # fmt: skip
+    request = listing_guard_pb2.CheckRequest(listing=listing)
     with grpc.insecure_channel(mesh.gateway) as channel:
         stub = jobs_pb2_grpc.JobsStub(channel)
-        stub.Submit(jobs_pb2.SubmitJobRequest(job_id="check-1", check=listing_guard_pb2.CheckRequest(listing=listing)),
-                    timeout=10)  # fmt: skip
+        stub.Submit(jobs_pb2.SubmitJobRequest(job_id="check-1", check=request), timeout=10)
         with pytest.raises(grpc.RpcError) as bad:
-            stub.Submit(jobs_pb2.SubmitJobRequest(check=listing_guard_pb2.CheckRequest()), timeout=10)
-    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "listing" in bad.value.details()
+            stub.Submit(jobs_pb2.SubmitJobRequest(check=listing_guard_pb2.CheckRequest(
+                listing=listing_guard_pb2.Listing(title="a lamp", price_cents=-5))), timeout=10)  # fmt: skip
+        synchronous = listing_guard_pb2_grpc.ListingGuardStub(channel).Check(request, timeout=30)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "price_cents" in bad.value.details()
     job = wait_state(mesh, "check-1", set(FINAL))
-    assert job.kind == "check" and job.state == jobs_pb2.JOB_STATE_DEAD_LETTERED
-    assert "UNIMPLEMENTED" in job.error and job.attempts == MAX_DELIVERIES
+    assert job.kind == "check" and job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert job.check.decision == synchronous.decision
+    assert {(v.model, v.version, v.status) for v in job.check.verdicts} == {
+        (v.model, v.version, v.status) for v in synchronous.verdicts}
+    assert {v.model for v in job.check.verdicts} >= {"counterfeit", "prohibited", "contact_info"}
 
 
 def test_a_message_that_is_no_job_is_dropped_once_and_blocks_nothing(mesh: JobsMesh, photos: list[bytes],
