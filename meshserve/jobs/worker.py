@@ -24,7 +24,7 @@ from meshserve.jobs.runners import GatewayRunner, RunFailed
 from meshserve.queue.config import WORKER_SERVICE, QueueConfig, check_job_id
 from meshserve.queue.connect import connect, find_nats
 from meshserve.queue.store import SUBMITTED_HEADER, Claim, JobQueue
-from meshserve.registry.config import RegistryConfig, ServiceInstance
+from meshserve.registry.config import METRICS_PORT_META, RegistryConfig, ServiceInstance
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
 from meshserve.v1 import jobs_pb2
 
@@ -75,6 +75,7 @@ class Worker:
         self._draining = False
         self._in_hand = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_port: int | None = None  # bound by start(); 0 in the config means any free port
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """A worker serves no calls; the process's health tells whether it takes jobs."""
@@ -82,7 +83,8 @@ class Worker:
     async def start(self) -> None:
         cfg = self.config
         if cfg.metrics_port is not None:
-            start_http_server(cfg.metrics_port, addr=cfg.host)
+            metrics, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
+            self._metrics_port = int(metrics.server_port)
         self.queue = await self._open_queue()
         from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -112,9 +114,12 @@ class Worker:
 
     def instance(self, port: int) -> ServiceInstance:
         cfg = self.config
+        meta = {"model": "worker", "version": "1", "role": "worker", "concurrency": str(cfg.concurrency)}
+        if self._metrics_port is not None:
+            meta[METRICS_PORT_META] = str(self._metrics_port)
         return ServiceInstance(
             name=WORKER_SERVICE, instance_id=f"{WORKER_SERVICE}-{cfg.host}-{port}", address=cfg.host, port=port,
-            meta={"model": "worker", "version": "1", "role": "worker", "concurrency": str(cfg.concurrency)},
+            meta=meta,
             check_interval_s=cfg.check_interval_s, check_timeout_s=cfg.check_interval_s,
         )  # fmt: skip
 

@@ -171,7 +171,8 @@ class LocalMesh:
         for i in range(cfg.workers):
             port_file = self._ports / f"worker-{i}.port"
             worker = self.supervisor.start(ChildSpec(f"worker-{i}", ("worker", "--port-file", str(port_file),
-                                                                   "--check-interval", str(cfg.check_interval_s)),
+                                                                   "--check-interval", str(cfg.check_interval_s),
+                                                                   "--metrics-port", "0"),
                                                      port_file=port_file))  # fmt: skip
             port = self.supervisor.wait_port(worker, cfg.ready_timeout_s)
             info.endpoints.append(Endpoint("worker", f"worker-{i}", f"127.0.0.1:{port}", worker))
