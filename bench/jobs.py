@@ -1,7 +1,7 @@
 """Asynchronous jobs vs synchronous calls: jobs/s with 1, 2 and 4 workers, and submit → result-stored
-latency, beside the same searches called synchronously at concurrency 16 — in one run, one mesh.
+latency, beside the same calls made synchronously at concurrency 16 — in one run, one mesh.
 
-Run:  nice -n 10 python bench/jobs.py --home ~/.cache/meshserve --jobs 500
+Run:  nice -n 10 python bench/jobs.py --home ~/.cache/meshserve --jobs 500 --kind check
       nice -n 10 python bench/jobs.py --tiny-home /tmp/bench-home --jobs 120     # trains tiny models once
 
 One local mesh (dev registry, NATS JetStream from `meshserve nats dev`, 1 detector, 1 embedder,
@@ -15,8 +15,9 @@ One local mesh (dev registry, NATS JetStream from `meshserve nats dev`, 1 detect
     the first submit to the last result stored; latency is each job's record: updated_at (result stored)
     − submitted_at (both written on this machine's clock).
 
-Every search sets `no_cache=True`, so the gateway's prediction cache never answers. The job kind is
-`search`; listing checks join once ListingGuard is served by the gateway. The machine has 2 shared
+Every search sets `no_cache=True`, so the gateway's prediction cache never answers; with `--kind
+check` every job is a listing check (ListingGuard/Check, the three classifiers and the shipping
+estimator) of a listing whose text is new in the run, so no verdict comes from the cache. The machine has 2 shared
 cores: more workers than cores add queueing, not compute — the point is that the queue adds little
 beside what the synchronous path costs and loses nothing.
 """
@@ -35,7 +36,14 @@ from pathlib import Path
 
 import grpc
 
-from meshserve.v1 import jobs_pb2, jobs_pb2_grpc, photo_search_pb2, photo_search_pb2_grpc
+from meshserve.v1 import (
+    jobs_pb2,
+    jobs_pb2_grpc,
+    listing_guard_pb2,
+    listing_guard_pb2_grpc,
+    photo_search_pb2,
+    photo_search_pb2_grpc,
+)
 
 CONCURRENCY = 16
 MIN_SCORE = 0.01
@@ -56,16 +64,34 @@ def request(image: bytes) -> photo_search_pb2.SearchRequest:
     return photo_search_pb2.SearchRequest(image=image, min_detection_score=MIN_SCORE, no_cache=True)
 
 
-async def run_sync(target: str, photos: list[bytes], n: int) -> tuple[float, list[float]]:
+def listing(run: str, i: int) -> listing_guard_pb2.CheckRequest:
+    """A listing whose text no earlier call carried (the verdict cache keys on the content)."""
+    return listing_guard_pb2.CheckRequest(listing=listing_guard_pb2.Listing(
+        listing_id=f"{run}-{i}", title=f"brass table lamp no. {i} ({run})", category="home",
+        description="working, original shade; pick up or ship", price_cents=1500 + i,
+        attributes={"width_cm": "20", "height_cm": "45", "depth_cm": "20", "weight_kg": "1.5"}))  # fmt: skip
+
+
+def job(kind: str, photos: list[bytes], run: str, i: int, job_id: str) -> jobs_pb2.SubmitJobRequest:
+    if kind == "check":
+        return jobs_pb2.SubmitJobRequest(job_id=job_id, check=listing(run, i))
+    return jobs_pb2.SubmitJobRequest(job_id=job_id, search=request(photos[i % len(photos)]))
+
+
+async def run_sync(target: str, kind: str, photos: list[bytes], n: int, run: str) -> tuple[float, list[float]]:
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
-        stub = photo_search_pb2_grpc.PhotoSearchStub(channel)
+        search = photo_search_pb2_grpc.PhotoSearchStub(channel)
+        guard = listing_guard_pb2_grpc.ListingGuardStub(channel)
         todo = iter(range(n))
 
         async def lane() -> None:
             for i in todo:
                 began = time.perf_counter()
-                await stub.Search(request(photos[i % len(photos)]), timeout=60)
+                if kind == "check":
+                    await guard.Check(listing(run, i), timeout=60)
+                else:
+                    await search.Search(request(photos[i % len(photos)]), timeout=60)
                 latencies.append(time.perf_counter() - began)
 
         began = time.perf_counter()
@@ -73,7 +99,7 @@ async def run_sync(target: str, photos: list[bytes], n: int) -> tuple[float, lis
         return n / (time.perf_counter() - began), latencies
 
 
-async def run_async(target: str, photos: list[bytes], n: int, tag: str) -> tuple[float, list[float]]:
+async def run_async(target: str, kind: str, photos: list[bytes], n: int, tag: str) -> tuple[float, list[float]]:
     ids = [f"bench-{tag}-{i}" for i in range(n)]  # tag is new every run: the job store persists
     async with grpc.aio.insecure_channel(target) as channel:
         stub = jobs_pb2_grpc.JobsStub(channel)
@@ -81,9 +107,7 @@ async def run_async(target: str, photos: list[bytes], n: int, tag: str) -> tuple
 
         async def lane() -> None:
             for i, job_id in todo:
-                reply = await stub.Submit(jobs_pb2.SubmitJobRequest(job_id=job_id,
-                                                                    search=request(photos[i % len(photos)])),
-                                          timeout=30)  # fmt: skip
+                reply = await stub.Submit(job(kind, photos, tag, i, job_id), timeout=30)
                 if not reply.created:
                     raise RuntimeError(f"job {job_id} existed before this run")
 
@@ -120,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a MESHSERVE_HOME with trained models (default $MESHSERVE_HOME)")
     parser.add_argument("--tiny-home", type=Path, help="train tiny models here if missing, and use it")
     parser.add_argument("--jobs", type=int, default=200, help="jobs (and synchronous calls) per row (default 200)")
+    parser.add_argument("--kind", choices=("search", "check"), default="search",
+                        help="photo searches or listing checks (default search)")
     parser.add_argument("--workers", default="1,2,4,4x4",
                         help="rows of W workers, or WxC: W workers with C jobs in hand each (default 1,2,4,4x4)")
     args = parser.parse_args(argv)
@@ -144,8 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = f"{int(time.time())}"
     try:
         info = mesh.start()
-        asyncio.run(run_sync(info.gateway, photos, 16))  # warm every stage
-        rate, lat = asyncio.run(run_sync(info.gateway, photos, args.jobs))
+        asyncio.run(run_sync(info.gateway, args.kind, photos, 16, f"{run}-warm"))  # warm every stage
+        rate, lat = asyncio.run(run_sync(info.gateway, args.kind, photos, args.jobs, f"{run}-sync"))
         rows.append(line(f"synchronous, {CONCURRENCY} in flight", rate, lat))
         print(rows[-1], file=sys.stderr)
         for row in args.workers.split(","):
@@ -159,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     in_hand or "1"), port_file=port_file)))
             for worker in workers:
                 mesh.supervisor.wait_port(worker, 60)
-            rate, lat = asyncio.run(run_async(info.gateway, photos, args.jobs, f"{run}-w{row}"))
+            rate, lat = asyncio.run(run_async(info.gateway, args.kind, photos, args.jobs, f"{run}-w{row}"))
             rows.append(line(f"jobs, {count} worker(s) × {in_hand or 1} in hand", rate, lat))
             print(rows[-1], file=sys.stderr)
             for worker in workers:
@@ -168,8 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 worker.proc.wait(timeout=60)
     finally:
         mesh.stop()
-    print(f"\n{args.jobs} photo searches per row (no_cache); job latency is submit → result stored, "
-          "from the job records")
+    what = "listing checks (text new in every row)" if args.kind == "check" else "photo searches (no_cache)"
+    print(f"\n{args.jobs} {what} per row; job latency is submit → result stored, from the job records")
     print("\n".join(rows))
     return 0
 

@@ -54,14 +54,14 @@ class GuardService:
         await self.configs.stop()
         await self.listing_routes.close()
 
-    async def follow_readiness(self, report: Callable[[str, bool], None]) -> None:
-        """Report the ListingGuard service ready or not as whether the flow can be served changes."""
+    async def follow_readiness(self, report: Callable[[bool], None]) -> None:
+        """Report whether the listing check can be served, now and whenever that changes."""
         serving: bool | None = None
         while True:
             ok, why = self.guard.servable()
             if ok != serving:
                 log.info("ListingGuard %s (%s)", "SERVING" if ok else "NOT_SERVING", why)
-                report(LISTING_GUARD_SERVICE, ok)
+                report(ok)
                 serving = ok
             await asyncio.sleep(HEALTH_EVERY_S)
 

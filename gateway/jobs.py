@@ -65,7 +65,8 @@ class JobQueueLink:
                 self._on_ready(True)
                 return
             except Exception as exc:  # noqa: BLE001 - NATS not there yet: keep looking
-                log.warning("job queue at %s: %s; retrying in %.1fs", url, exc, delay)
+                say = log.warning if delay == 0.25 else log.debug  # once, not every few seconds for ever
+                say("job queue at %s not reachable (%r); Jobs answers UNAVAILABLE, retrying", url, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

@@ -101,7 +101,7 @@ class Gateway:
             name=SERVICE_NAMES["gateway"], instance_id=f"{SERVICE_NAMES['gateway']}-{address}-{port}",
             address=address, port=port, meta=meta,
             check_interval_s=cfg.check_interval_s, check_timeout_s=cfg.check_interval_s,
-            grpc_health_service=PHOTO_SEARCH,
+            grpc_health_service="",  # the whole server: SERVING while a flow can be served
         )  # fmt: skip
 
     def begin_draining(self) -> None:
@@ -111,15 +111,21 @@ class Gateway:
         return 0  # the server's own stop(grace) waits for running searches
 
     def watch_readiness(self, report: Callable[[str, bool], None]) -> None:
-        """Health follows what each flow can serve: the whole server and PhotoSearch the route
-        table, ListingGuard its listing routes and policy, Jobs whether the queue was reached."""
+        """Health follows what each flow can serve: PhotoSearch the route table, ListingGuard its
+        listing routes and policy, Jobs whether the queue was reached; the whole server ("", also
+        the gateway's Consul check) is SERVING while either synchronous flow can be served."""
+        flows = {PHOTO_SEARCH: False, LISTING_GUARD_SERVICE: False}
 
-        def photo_search(ready: bool) -> None:
-            report("", ready)
-            report(PHOTO_SEARCH, ready)
+        def flow(name: str) -> Callable[[bool], None]:
+            def told(ready: bool) -> None:
+                flows[name] = ready
+                report(name, ready)
+                report("", any(flows.values()))
 
-        self.routes.watch_readiness(photo_search)
-        self._following = asyncio.create_task(self.guard.follow_readiness(report))
+            return told
+
+        self.routes.watch_readiness(flow(PHOTO_SEARCH))
+        self._following = asyncio.create_task(self.guard.follow_readiness(flow(LISTING_GUARD_SERVICE)))
         self.jobs.watch_ready(lambda reachable: report(JOBS, reachable))
 
     def _photo_defaults(self, defaults: PhotoSearchDefaults) -> None:

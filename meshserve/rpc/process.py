@@ -111,6 +111,7 @@ class GrpcProcess:
         self._exit_code = 0
         self._health_lock = asyncio.Lock()  # FIFO: readiness reports reach health in their order
         self._health_updates: set[asyncio.Task[None]] = set()
+        self._reported: dict[str, bool] = {}  # the last readiness reported per service ("": the server)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -157,6 +158,9 @@ class GrpcProcess:
 
     def _report(self, health: health_aio.HealthServicer, name: str, ready: bool) -> None:
         # (a report after shutdown began changes nothing: health stays NOT_SERVING)
+        if self._reported.get(name) == ready:
+            return
+        self._reported[name] = ready
         task = asyncio.get_running_loop().create_task(self._set_health(health, (name,), ready))
         self._health_updates.add(task)
         task.add_done_callback(self._health_updates.discard)
@@ -165,9 +169,9 @@ class GrpcProcess:
         async with self._health_lock:
             for name in names:
                 await health.set(name, SERVING if ready else NOT_SERVING)
-        described = ", ".join(name or "the server" for name in names)
+        described = ", ".join(name or "the whole server" for name in names)
         if ready:
-            log.info("serving %s on port %d", described, self.port)
+            log.info("serving on port %d (%s)", self.port, described)
         else:
             log.warning("not serving: %s cannot serve now (health NOT_SERVING)", described)
 

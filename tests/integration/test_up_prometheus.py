@@ -23,9 +23,11 @@ def test_up_with_prometheus_prints_its_url_scrapes_every_server_and_stops_it(
 ) -> None:
     prometheus_port, home = free_port(), home_copy()
     up = Up(home, tmp_path, "--detectors", "1", "--embedders", "1", "--shards", "1", "--prometheus",
-            "--prometheus-addr", f"127.0.0.1:{prometheus_port}")  # fmt: skip
+            "--prometheus-addr", f"127.0.0.1:{prometheus_port}", "--nats-addr", f"127.0.0.1:{free_port()}")  # fmt: skip
     try:
-        rows = [r for r in up.wait_up() if r.role != "registry"]
+        # every meshserve process serves /metrics (the job worker too); the registry and NATS do not
+        rows = [r for r in up.wait_up() if r.role not in ("registry", "nats")]
+        assert "worker" in {r.role for r in rows}
         table = up.proc.output().split("meshserve is up:", 1)[1]
         url = re.search(r"^prometheus\s+(http://\S+)", table, re.M)
         assert url and url[1] == f"http://127.0.0.1:{prometheus_port}", table
