@@ -3,6 +3,7 @@ shards dropped, nothing emptied while the registry is away."""
 
 from __future__ import annotations
 
+import asyncio
 from types import MappingProxyType
 
 from meshserve.gateway.discovery import Registered, registered_from_health, worst_status
@@ -111,4 +112,39 @@ async def test_readiness_follows_the_route_table() -> None:
     assert told == [False, True] and routes.can_search()
     routes._apply("embedder", ())
     assert told == [False, True, False]
+    await routes.close()
+
+
+async def test_an_all_critical_answer_just_after_an_outage_is_held_then_applied(monkeypatch) -> None:
+    from meshserve.gateway import routes as routes_module
+
+    monkeypatch.setattr(routes_module, "SETTLE_AFTER_OUTAGE_S", 0.3)
+    routes = table()
+    detector, embedder = replica("detector", version="d1"), replica("embedder", version="e1")
+    routes._apply("detector", (detector,))
+    routes._apply("embedder", (embedder,))
+    routes._apply("indexer", (replica("indexer", embedder_version="e1", shard="a"),))
+    assert routes.can_search()
+
+    critical = (Registered(detector.instance, False, "critical"),)
+    routes._apply("detector", critical, stale=True)  # the registry goes away …
+    routes._apply("detector", critical)  # … and comes back with the checks it ran while cut off
+    assert routes.can_search()  # held: the last known detector still routes
+
+    routes._apply("detector", (detector,))  # its check passes again: applied at once
+    routes._apply("detector", critical)  # a real failure inside the window is held too …
+    assert routes.can_search()
+    routes._watches.clear()
+    await asyncio.sleep(0.4)
+    routes._apply("detector", critical)  # … but not past it
+    assert not routes.can_search()
+    await routes.close()
+
+
+async def test_an_all_critical_answer_without_an_outage_empties_the_stage() -> None:
+    routes = table()
+    detector = replica("detector", version="d1")
+    routes._apply("detector", (detector,))
+    routes._apply("detector", (Registered(detector.instance, False, "critical"),))
+    assert routes.newest("detector") is None
     await routes.close()
