@@ -72,7 +72,7 @@ def listing(run: str, i: int) -> listing_guard_pb2.CheckRequest:
         attributes={"width_cm": "20", "height_cm": "45", "depth_cm": "20", "weight_kg": "1.5"}))  # fmt: skip
 
 
-def job(kind: str, photos: list[bytes], run: str, i: int, job_id: str) -> jobs_pb2.SubmitJobRequest:
+def job_request(kind: str, photos: list[bytes], run: str, i: int, job_id: str) -> jobs_pb2.SubmitJobRequest:
     if kind == "check":
         return jobs_pb2.SubmitJobRequest(job_id=job_id, check=listing(run, i))
     return jobs_pb2.SubmitJobRequest(job_id=job_id, search=request(photos[i % len(photos)]))
@@ -107,7 +107,7 @@ async def run_async(target: str, kind: str, photos: list[bytes], n: int, tag: st
 
         async def lane() -> None:
             for i, job_id in todo:
-                reply = await stub.Submit(job(kind, photos, tag, i, job_id), timeout=30)
+                reply = await stub.Submit(job_request(kind, photos, tag, i, job_id), timeout=30)
                 if not reply.created:
                     raise RuntimeError(f"job {job_id} existed before this run")
 
