@@ -96,7 +96,7 @@ def test_a_slow_detector_past_the_deadline_gives_deadline_exceeded_and_drops_exp
 
         dropped_before = metric(detector_metrics, "meshserve_server_dropped_expired_total")
         seen = "meshserve_server_deadline_remaining_seconds"
-        within_before, all_before = histogram(detector_metrics, seen, "0.05")
+        within_before, _ = histogram(detector_metrics, seen, "0.05")
         ended_before = gateway_ended_at_deadline(gateway_metrics)
         callers = [threading.Thread(target=call) for _ in range(4)]
         for t in callers:
@@ -109,9 +109,11 @@ def test_a_slow_detector_past_the_deadline_gives_deadline_exceeded_and_drops_exp
           f"{', '.join(f'{1000 * e:.0f}' for e in sorted(elapsed))} ms")
     assert max(elapsed) < 1.0  # 50 ms asked: generous for a busy 2-core machine, short of 4 × 300 ms
     # the deadline reached the detector: each of the 4 calls arrived with at most the caller's 50 ms left
-    wait_until(lambda: histogram(detector_metrics, seen, "0.05")[1] >= all_before + 4, timeout=30)
-    within, total = histogram(detector_metrics, seen, "0.05")
-    assert within - within_before == total - all_before >= 4, (within - within_before, total - all_before)
+    # (a call without the caller's deadline would land above that bucket, or carry none at all; other
+    # calls the gateway still had in flight on a starved machine may land in the window, so count
+    # the short ones rather than asking that nothing else arrived)
+    wait_until(lambda: histogram(detector_metrics, seen, "0.05")[0] >= within_before + 4, timeout=30,
+               what="4 calls arriving at the detector with at most 50 ms left")  # fmt: skip
     # the gateway ended each call at the deadline too (it did not wait for the detector) …
     wait_until(lambda: gateway_ended_at_deadline(gateway_metrics) >= ended_before + 4, timeout=30)
     # … and the detector never computed the calls that expired while queued behind the slow one
