@@ -134,11 +134,10 @@ def _registry(args: argparse.Namespace) -> Any:
     return RegistryConfig.from_env(http_addr=args.consul)
 
 
-def _config_get(args: argparse.Namespace) -> int:
+def _stored_doc(args: argparse.Namespace) -> Any:
+    """The flow's policy document as stored in KV, with its version and validation result."""
     import asyncio
-    import json
 
-    from meshserve.errors import MeshError
     from meshserve.gateway.flow_store import read_doc
     from meshserve.registry.client import RegistryClient
 
@@ -146,8 +145,16 @@ def _config_get(args: argparse.Namespace) -> int:
         async with RegistryClient(_registry(args)) as client:
             return await read_doc(client, args.flow)
 
+    return asyncio.run(read())
+
+
+def _config_get(args: argparse.Namespace) -> int:
+    import json
+
+    from meshserve.errors import MeshError
+
     try:
-        doc = asyncio.run(read())
+        doc = _stored_doc(args)
     except (MeshError, ValueError) as exc:
         return _fail("config get", str(exc))
     if args.json:
@@ -186,12 +193,8 @@ def _config_set(args: argparse.Namespace) -> int:
 
 
 def _config_validate(args: argparse.Namespace) -> int:
-    import asyncio
-
     from meshserve.errors import MeshError
     from meshserve.gateway.flow_policy import PolicyError, validate
-    from meshserve.gateway.flow_store import read_doc
-    from meshserve.registry.client import RegistryClient
 
     if args.file is not None:
         try:
@@ -205,12 +208,8 @@ def _config_validate(args: argparse.Namespace) -> int:
         print(f"{args.flow}: valid")
         return 0
 
-    async def read() -> Any:
-        async with RegistryClient(_registry(args)) as client:
-            return await read_doc(client, args.flow)
-
     try:
-        doc = asyncio.run(read())
+        doc = _stored_doc(args)
     except (MeshError, ValueError) as exc:
         return _fail("config validate", str(exc))
     if doc.error is not None:

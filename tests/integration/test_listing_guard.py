@@ -246,7 +246,7 @@ def test_verdict_cache_never_serves_another_model_or_policy_version(mesh: GuardM
         new.stop()
         if not old.alive():
             mesh.models["counterfeit"], _ = mesh.serve("classifier", "--model", "counterfeit", name="counterfeit")
-    assert 'meshserve_gateway_verdict_cache_lookups_total{result="hit"}' in mesh.metrics()
+    assert 'meshserve_gateway_cache_lookups_total{cache="verdicts",result="hit"}' in mesh.metrics()
 
 
 @pytest.mark.parametrize("mode", ["nan", "shape"])
