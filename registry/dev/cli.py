@@ -47,8 +47,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     dev.add_argument("--http-addr", type=_host_port, default=("127.0.0.1", 8500),
                      help="address to listen on (default 127.0.0.1:8500)")
     dev.add_argument("--acl-token", default=None,
-                     help="enable ACLs: this token may do anything, requests without it are "
-                     "anonymous (writes refused, list reads filtered)")
+                     help="enable ACLs with this initial management token (it may do anything); requests "
+                     "without a token are anonymous (writes refused, list reads filtered)")
+    dev.add_argument("--acl-enabled", action="store_true",
+                     help="enable ACLs without a management token: get one with PUT /v1/acl/bootstrap "
+                     "(`meshserve acl bootstrap`)")
+    dev.add_argument("--acl-default-policy", choices=("deny", "allow"), default="deny",
+                     help="what a token may do where no rule says (Consul's acl.default_policy; default deny)")
     dev.add_argument("--data-dir", type=Path, default=None,
                      help="persist state here and restore it on start (default: memory only)")
     dev.add_argument("--node-name", default="", help="node name (default: the host name)")
@@ -73,6 +78,8 @@ def run_dev(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         acl_token=args.acl_token or None,
+        acl_enabled=args.acl_enabled,
+        acl_default_policy=args.acl_default_policy,
         data_dir=args.data_dir,
         node_name=args.node_name,
         datacenter=args.datacenter,

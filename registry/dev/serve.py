@@ -12,6 +12,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from meshserve.registry.dev import persist
+from meshserve.registry.dev.acl import AclStore
 from meshserve.registry.dev.agent import MAX_IN_FLIGHT, AgentConfig, DevAgent
 from meshserve.registry.dev.checks import CheckRunner
 from meshserve.registry.dev.state import DevState, NodeInfo
@@ -47,23 +48,28 @@ async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None)
     node_id = str(snapshot.get("node_id", "")) if snapshot else ""
     state = DevState(_node_info(config, node_id or str(uuid.uuid4())),
                      min_deregister_after=config.min_deregister_after)
+    acl = AclStore(enabled=config.acl_enabled or config.acl_token is not None,
+                   default_policy=config.acl_default_policy, initial_management=config.acl_token,
+                   bump=state.bump_index)
     if snapshot:
         try:
             state.restore(snapshot)
+            acl.restore(snapshot.get("acl", {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise SystemExit(f"the dev agent state in {config.data_dir} is damaged ({exc!r}); "
                              "move it away to start empty") from exc
     persister = None
     if config.data_dir is not None:
-        persister = persist.Persister(config.data_dir, state.snapshot)
+        persister = persist.Persister(config.data_dir, lambda: {**state.snapshot(), "acl": acl.snapshot()})
         state.on_change = persister.mark_dirty
+        acl.on_change = persister.mark_dirty
         persister.start()
         persister.mark_dirty()  # record the index reservation before answering anything
         await persister.flush()
     checks = CheckRunner(state, min_interval=config.min_check_interval)
     state.start_listeners()
     reaper = asyncio.get_running_loop().create_task(checks.reaper(config.reap_interval))
-    agent = DevAgent(config, state, persister)
+    agent = DevAgent(config, state, persister, acl)
     # handler_cancellation: a watcher that hangs up stops holding a parked blocking query.
     runner = web.AppRunner(agent.app(), access_log=None, handle_signals=False,
                            shutdown_timeout=0.2, handler_cancellation=True)
