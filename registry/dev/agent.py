@@ -63,6 +63,11 @@ class AgentConfig:
     acl_token: str | None = None  # the initial management token; given, it turns ACLs on
     acl_enabled: bool = False
     acl_default_policy: str = "deny"
+    # HTTPS on the HTTP address when cert_file/key_file are given (Consul's tls.defaults names)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    verify_incoming: bool = False  # require a client certificate signed by ca_file
     data_dir: Path | None = None
     node_name: str = ""
     datacenter: str = "dc1"

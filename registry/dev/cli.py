@@ -54,6 +54,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                      "(`meshserve acl bootstrap`)")
     dev.add_argument("--acl-default-policy", choices=("deny", "allow"), default="deny",
                      help="what a token may do where no rule says (Consul's acl.default_policy; default deny)")
+    for flag, what in (("--ca-file", "CA certificate (PEM) for verifying clients with --verify-incoming"),
+                       ("--cert-file", "certificate (PEM) to serve HTTPS with, on --http-addr"),
+                       ("--key-file", "private key (PEM) of --cert-file")):
+        dev.add_argument(flag, type=Path, default=None, help=what)
+    dev.add_argument("--verify-incoming", action="store_true",
+                     help="HTTPS clients must present a certificate signed by --ca-file")
     dev.add_argument("--data-dir", type=Path, default=None,
                      help="persist state here and restore it on start (default: memory only)")
     dev.add_argument("--node-name", default="", help="node name (default: the host name)")
@@ -80,6 +86,10 @@ def run_dev(args: argparse.Namespace) -> int:
         acl_token=args.acl_token or None,
         acl_enabled=args.acl_enabled,
         acl_default_policy=args.acl_default_policy,
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+        verify_incoming=args.verify_incoming,
         data_dir=args.data_dir,
         node_name=args.node_name,
         datacenter=args.datacenter,

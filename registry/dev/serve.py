@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
 import uuid
 from collections.abc import Callable
 
@@ -33,6 +34,28 @@ def _raise_fd_limit() -> None:
             log.warning("cannot raise the open-file limit above %s", soft)
 
 
+def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
+    """The HTTPS server context, or None for plain HTTP; a bad setting exits with what to fix."""
+    if config.cert_file is None and config.key_file is None:
+        if config.verify_incoming or config.ca_file:
+            raise SystemExit("--ca-file/--verify-incoming need HTTPS: give --cert-file and --key-file too")
+        return None
+    if config.cert_file is None or config.key_file is None:
+        raise SystemExit("HTTPS needs both --cert-file and --key-file")
+    if config.verify_incoming and config.ca_file is None:
+        raise SystemExit("--verify-incoming needs --ca-file: the CA that signs the clients' certificates")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.cert_file, config.key_file)
+        if config.ca_file is not None:
+            context.load_verify_locations(config.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"cannot load the agent's TLS files: {exc}") from None
+    context.verify_mode = ssl.CERT_REQUIRED if config.verify_incoming else ssl.CERT_NONE
+    return context
+
+
 def _node_info(config: AgentConfig, node_id: str) -> NodeInfo:
     address = config.host if config.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     return NodeInfo(node_id=node_id, name=config.node_name or socket.gethostname(),
@@ -42,6 +65,7 @@ def _node_info(config: AgentConfig, node_id: str) -> NodeInfo:
 async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None) -> None:
     """Run the dev agent until SIGTERM/SIGINT; state is saved on the way out."""
     _raise_fd_limit()
+    tls = tls_context(config)
     if config.data_dir is not None:
         persist.lock(config.data_dir)  # released when the process exits
     snapshot = persist.load(config.data_dir) if config.data_dir else None
@@ -74,7 +98,7 @@ async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None)
     runner = web.AppRunner(agent.app(), access_log=None, handle_signals=False,
                            shutdown_timeout=0.2, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True, ssl_context=tls)
     try:
         await site.start()
     except OSError as exc:
@@ -84,8 +108,8 @@ async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None)
             f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
         ) from None
     port = runner.addresses[0][1] if runner.addresses else config.port
-    log.info("meshserve dev agent (Consul HTTP API subset) listening on http://%s:%s%s",
-             config.host, port, f", state in {config.data_dir}" if config.data_dir else "")
+    log.info("meshserve dev agent (Consul HTTP API subset) listening on %s://%s:%s%s",
+             "https" if tls else "http", config.host, port, f", state in {config.data_dir}" if config.data_dir else "")
     if ready is not None:
         ready(port)
     stop = asyncio.Event()
