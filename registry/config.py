@@ -9,8 +9,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 DEFAULT_CONSUL_HTTP_ADDR = "http://127.0.0.1:8500"
-# A local mesh (`meshserve up`) leaves its operator token here; clients use it when no token is set.
+# A local mesh (`meshserve up`) leaves its operator token and its registry's address here; a client of
+# that address with no token set uses it (and never sends it anywhere else).
 LOCAL_OPERATOR_TOKEN = Path("acl") / "operator.token"
+LOCAL_REGISTRY_ADDR = Path("acl") / "registry"
 
 # (contract) service names, listed in docs/architecture.md
 SERVICE_NAMES = {
@@ -56,7 +58,7 @@ class RegistryConfig:
                 f"CONSUL_HTTP_ADDR {addr!r} is not an http(s)://host:port address; "
                 "set it like http://127.0.0.1:8500"
             )
-        return cls(http_addr=addr, token=token or _env_token(), ca_file=env.get("CONSUL_CACERT") or None,
+        return cls(http_addr=addr, token=token or _env_token(addr), ca_file=env.get("CONSUL_CACERT") or None,
                    cert_file=env.get("CONSUL_CLIENT_CERT") or None, key_file=env.get("CONSUL_CLIENT_KEY") or None,
                    tls_server_name=env.get("CONSUL_TLS_SERVER_NAME") or None,
                    tls_verify=_env_bool("CONSUL_HTTP_SSL_VERIFY") is not False)
@@ -108,21 +110,24 @@ def _env_bool(name: str) -> bool | None:
     raise ValueError(f"{name}={os.environ[name]!r} is not true or false")
 
 
-def _env_token() -> str | None:
-    """CONSUL_HTTP_TOKEN, else the file CONSUL_HTTP_TOKEN_FILE names, else a local mesh's operator token."""
+def _env_token(addr: str) -> str | None:
+    """CONSUL_HTTP_TOKEN, else the file CONSUL_HTTP_TOKEN_FILE names, else the operator token of the
+    local mesh whose registry is `addr`."""
     if os.environ.get("CONSUL_HTTP_TOKEN"):
         return os.environ["CONSUL_HTTP_TOKEN"]
     named = os.environ.get("CONSUL_HTTP_TOKEN_FILE")
-    home = os.environ.get("MESHSERVE_HOME", "").strip() or str(Path.home() / ".cache" / "meshserve")
-    path = Path(named) if named else Path(home) / LOCAL_OPERATOR_TOKEN
+    if named:
+        try:
+            return Path(named).read_text().strip() or None
+        except OSError as exc:
+            raise ValueError(f"cannot read CONSUL_HTTP_TOKEN_FILE {named}: {exc.strerror}") from None
+    home = Path(os.environ.get("MESHSERVE_HOME", "").strip() or Path.home() / ".cache" / "meshserve")
     try:
-        return path.read_text().strip() or None
-    except FileNotFoundError:
-        if named:
-            raise ValueError(f"CONSUL_HTTP_TOKEN_FILE {named!r} does not exist") from None
+        if (home / LOCAL_REGISTRY_ADDR).read_text().strip() != addr.rstrip("/"):
+            return None
+        return (home / LOCAL_OPERATOR_TOKEN).read_text().strip() or None
+    except OSError:  # no local mesh with ACLs
         return None
-    except OSError as exc:
-        raise ValueError(f"cannot read the Consul token file {path}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)

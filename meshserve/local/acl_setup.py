@@ -11,7 +11,7 @@ from typing import Any
 
 from meshserve.registry.acl_cli import create_policy, write_secret
 from meshserve.registry.acl_policies import workload_policies
-from meshserve.registry.config import RegistryConfig
+from meshserve.registry.config import LOCAL_REGISTRY_ADDR, RegistryConfig
 
 ACL_DIR = "acl"
 BOOTSTRAP_FILE = "bootstrap.token"
@@ -60,4 +60,6 @@ async def _provision(config: RegistryConfig, home: Path) -> dict[str, Path]:
                 write_secret(files[workload], token["SecretID"])
     finally:
         await client.close()
+    # Commands of this home (status, config, jobs, search …) use the operator token for this registry only.
+    (acl_dir(home) / LOCAL_REGISTRY_ADDR.name).write_text(config.http_addr.rstrip("/") + "\n")
     return files

@@ -89,7 +89,8 @@ class MeshInfo:
 
 def _leader_answers(http_addr: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{http_addr}/v1/status/leader", timeout=1) as resp:
+        context = RegistryConfig.from_env(http_addr=http_addr).ssl_context()  # https: Consul's TLS variables
+        with urllib.request.urlopen(f"{http_addr}/v1/status/leader", timeout=1, context=context) as resp:
             return resp.status == 200
     except OSError:
         return False
