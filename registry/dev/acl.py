@@ -25,9 +25,10 @@ _MANAGEMENT_RULES = 'acl = "write"\nagent_prefix "" { policy = "write" }\nkey_pr
     'node_prefix "" { policy = "write" }\nservice_prefix "" { policy = "write" }\noperator = "write"\n'
 
 
-def permission_denied(who: str, permission: str, resource: str) -> BadRequest:
-    """Consul's 403 wording: who lacks which permission on what."""
-    return BadRequest(f'Permission denied: {who} lacks permission \'{permission}\' on "{resource}"', status=403)
+def permission_denied(who: str, permission: str, resource: str | None) -> BadRequest:
+    """Consul's 403 wording: who lacks which permission on what (unnamed for acl, operator …)."""
+    on = f' on "{resource}"' if resource is not None else ""
+    return BadRequest(f"Permission denied: {who} lacks permission '{permission}'{on}", status=403)
 
 
 def acl_not_found() -> BadRequest:
@@ -99,7 +100,17 @@ class Caller:
     def require(self, resource: str, name: str | None, want: int) -> None:
         if not self.can(resource, name, want):
             permission = f"{resource}:{'write' if want == WRITE else 'read'}"
-            raise permission_denied(self.who(), permission, name if name is not None else resource)
+            raise permission_denied(self.who(), permission, name)
+
+    def require_prefix_write(self, resource: str, prefix: str) -> None:
+        """A recursive delete: write on the prefix, and no rule below it that forbids writing."""
+        self.require(resource, prefix, WRITE)
+        if not self.enabled or self.management:
+            return
+        below = [*self.rules.exact.get(resource, {}).items(), *self.rules.prefix.get(resource, {}).items()]
+        for segment, level in below:
+            if segment.startswith(prefix) and level < WRITE:
+                raise permission_denied(self.who(), f"{resource}:write", segment)
 
     def who(self) -> str:
         return "anonymous token" if self.anonymous else f"token with AccessorID '{self.accessor_id}'"

@@ -538,7 +538,10 @@ class DevAgent:
         if not key and not recurse:
             raise BadRequest("Missing key name")
         cas = uint_param(request, "cas", "Invalid cas index")
-        self._require(request, "key", key, WRITE)
+        if recurse:
+            self.caller(request).require_prefix_write("key", key)
+        else:
+            self._require(request, "key", key, WRITE)
         ok = self.state.kv_delete(key, recurse, cas)
         await self._committed()
         return web.json_response(ok)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -145,3 +146,42 @@ def test_acl_api_without_acls_is_disabled(start_dev_agent: Callable[..., DevAgen
     with pytest.raises(consul.ACLDisabled, match="ACL support disabled"):
         agent.client().acl.policy.list()
     assert agent.client().kv.put("k", "v")  # everything else as before: no ACLs at all
+
+
+def test_acl_cli_bootstraps_creates_policies_and_tokens(
+    start_dev_agent: Callable[..., DevAgent], tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+
+    from tests.support import meshserve_argv
+
+    agent = start_dev_agent(["--acl-enabled", *FAST_FLAGS])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+    env.update(CONSUL_HTTP_ADDR=agent.http_addr, MESHSERVE_HOME=str(tmp_path))
+
+    def cli(*args: str, stdin: str | None = None, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(meshserve_argv("acl", *args), input=stdin, capture_output=True, text=True,
+                              timeout=60, env={**env, **extra})  # fmt: skip
+
+    boot = cli("bootstrap", "--out", str(tmp_path / "mgmt.token"))
+    assert boot.returncode == 0, boot.stderr
+    assert "global-management" in boot.stdout and (tmp_path / "mgmt.token").stat().st_mode & 0o777 == 0o600
+    again = cli("bootstrap")
+    assert again.returncode != 0 and "bootstrap no longer allowed" in again.stderr
+    mgmt = {"CONSUL_HTTP_TOKEN_FILE": str(tmp_path / "mgmt.token")}
+    created = cli("policy", "create", "--name", "meshserve-detector", "--rules", "-",
+                  stdin='service "meshserve-detector" { policy = "write" }\n', **mgmt)
+    assert created.returncode == 0, created.stderr
+    token = cli("token", "create", "--policy", "meshserve-detector", "--out", str(tmp_path / "det.token"), **mgmt)
+    assert token.returncode == 0, token.stderr
+    listed = cli("token", "list", "--json", **mgmt)
+    assert any(t.get("Policies", [{}])[0].get("Name") == "meshserve-detector" for t in json.loads(listed.stdout))
+    detector = agent.client(token=(tmp_path / "det.token").read_text().strip())
+    assert detector.agent.service.register("meshserve-detector", service_id="d", check=_ttl_check())
+    with pytest.raises(consul.ACLPermissionDenied):
+        detector.agent.service.register("meshserve-gateway", service_id="g", check=_ttl_check())
+    refused = cli("policy", "list", CONSUL_HTTP_TOKEN_FILE=str(tmp_path / "det.token"))
+    assert refused.returncode != 0 and "lacks permission 'acl:read'" in refused.stderr
+    broken = cli("policy", "create", "--name", "bad", "--rules", "-", stdin="service {", **mgmt)
+    assert broken.returncode != 0 and "failed to parse rules" in broken.stderr

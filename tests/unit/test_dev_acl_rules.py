@@ -83,6 +83,15 @@ def test_tokens_resolve_to_what_their_policies_allow() -> None:
     with pytest.raises(BadRequest, match=f"token with AccessorID '{token.accessor_id}' lacks permission "
                                          "'service:write' on \"db\""):  # fmt: skip
         caller.require("service", "db", WRITE)
+    with pytest.raises(BadRequest, match="^Permission denied: token with AccessorID '[-0-9a-f]+' lacks permission "
+                                         "'acl:read'$"):  # fmt: skip
+        caller.require("acl", None, READ)
+    acl.put_policy({"Name": "kv", "Rules": 'key_prefix "a/" { policy = "write" }\n'
+                                          'key_prefix "a/secret/" { policy = "deny" }'}, None)
+    kv = acl.resolve(acl.put_token({"Policies": [{"Name": "kv"}]}, None, None).secret_id)
+    kv.require_prefix_write("key", "a/public/")
+    with pytest.raises(BadRequest, match='on "a/secret/"'):  # a recursive delete may not reach what it may not write
+        kv.require_prefix_write("key", "a/")
     restored = AclStore(enabled=True, initial_management="root")
     restored.restore(acl.snapshot())
     assert restored.resolve(token.secret_id).can("service", "web", WRITE)
