@@ -63,11 +63,13 @@ class AgentConfig:
     acl_token: str | None = None  # the initial management token; given, it turns ACLs on
     acl_enabled: bool = False
     acl_default_policy: str = "deny"
-    # HTTPS on the HTTP address when cert_file/key_file are given (Consul's tls.defaults names)
+    http_enabled: bool = True  # plain HTTP on host:port (off: HTTPS only, like Consul's ports.http = -1)
+    https_addr: tuple[str, int] | None = None  # Consul's addresses.https + ports.https
+    # Consul's tls.defaults: the HTTPS listener's certificate, and the CA its clients must come from
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    verify_incoming: bool = False  # require a client certificate signed by ca_file
+    verify_incoming: bool = False  # HTTPS clients must present a certificate signed by ca_file
     data_dir: Path | None = None
     node_name: str = ""
     datacenter: str = "dc1"

@@ -35,13 +35,15 @@ def _raise_fd_limit() -> None:
 
 
 def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
-    """The HTTPS server context, or None for plain HTTP; a bad setting exits with what to fix."""
-    if config.cert_file is None and config.key_file is None:
-        if config.verify_incoming or config.ca_file:
-            raise SystemExit("--ca-file/--verify-incoming need HTTPS: give --cert-file and --key-file too")
+    """The HTTPS listener's context (None without --https-addr); a bad setting exits with what to fix."""
+    if config.https_addr is None:
+        if config.verify_incoming:
+            raise SystemExit("--verify-incoming is about HTTPS clients: give --https-addr too")
+        if not config.http_enabled:
+            raise SystemExit("--http-addr off leaves nothing to listen on: give --https-addr")
         return None
     if config.cert_file is None or config.key_file is None:
-        raise SystemExit("HTTPS needs both --cert-file and --key-file")
+        raise SystemExit("HTTPS (--https-addr) needs --cert-file and --key-file")
     if config.verify_incoming and config.ca_file is None:
         raise SystemExit("--verify-incoming needs --ca-file: the CA that signs the clients' certificates")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -57,7 +59,8 @@ def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
 
 
 def _node_info(config: AgentConfig, node_id: str) -> NodeInfo:
-    address = config.host if config.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    host = config.host if config.http_enabled or config.https_addr is None else config.https_addr[0]
+    address = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     return NodeInfo(node_id=node_id, name=config.node_name or socket.gethostname(),
                     address=address, datacenter=config.datacenter)
 
@@ -98,18 +101,21 @@ async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None)
     runner = web.AppRunner(agent.app(), access_log=None, handle_signals=False,
                            shutdown_timeout=0.2, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True, ssl_context=tls)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        await checks.close()
-        raise SystemExit(
-            f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
-        ) from None
+    sites = [("http", config.host, config.port, None)] if config.http_enabled else []
+    if config.https_addr is not None:
+        sites.append(("https", *config.https_addr, tls))
+    for scheme, host, wanted, context in sites:
+        try:
+            await web.TCPSite(runner, host, wanted, reuse_address=True, ssl_context=context).start()
+        except OSError as exc:
+            await runner.cleanup()
+            await checks.close()
+            raise SystemExit(f"cannot listen on {host}:{wanted} ({scheme}): {exc.strerror or exc}") from None
     port = runner.addresses[0][1] if runner.addresses else config.port
-    log.info("meshserve dev agent (Consul HTTP API subset) listening on %s://%s:%s%s",
-             "https" if tls else "http", config.host, port, f", state in {config.data_dir}" if config.data_dir else "")
+    listening = ", ".join(f"{scheme}://{host}:{address[1]}"
+                          for (scheme, host, _, _), address in zip(sites, runner.addresses, strict=False))
+    log.info("meshserve dev agent (Consul HTTP API subset) listening on %s%s", listening,
+             f", state in {config.data_dir}" if config.data_dir else "")
     if ready is not None:
         ready(port)
     stop = asyncio.Event()

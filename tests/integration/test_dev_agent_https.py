@@ -19,6 +19,7 @@ from meshserve.pki.layout import PkiLayout, agent_uri
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import RegistryConfig
 from meshserve.registry.consul_http import RegistryUnavailable
+from tests.conftest import DevAgent
 from tests.integration.test_dev_agent import FAST_FLAGS
 from tests.support import ManagedProcess, free_port, meshserve_argv, wait_until
 
@@ -62,7 +63,8 @@ def _client_context(pki: Pki, cert: tuple[Path, Path] | None, server_name_check:
 
 def start_https_agent(spawn: Callable[..., ManagedProcess], pki: Pki, server: tuple[Path, Path]) -> int:
     port = free_port()
-    proc = spawn(meshserve_argv("registry", "dev", "--http-addr", f"127.0.0.1:{port}", "--acl-token", ROOT,
+    proc = spawn(meshserve_argv("registry", "dev", "--http-addr", "off", "--https-addr", f"127.0.0.1:{port}",
+                                "--acl-token", ROOT,
                                 "--ca-file", str(pki.ca), "--cert-file", str(server[0]), "--key-file", str(server[1]),
                                 "--verify-incoming", *FAST_FLAGS), name="dev-agent-https")  # fmt: skip
     context = _client_context(pki, pki.client, server_name_check=False)
@@ -158,3 +160,17 @@ def test_tls_server_name_checks_a_certificate_issued_for_another_name(
         asyncio.run(leader())
     monkeypatch.setenv("CONSUL_TLS_SERVER_NAME", "registry.meshserve")
     assert asyncio.run(leader()) == "127.0.0.1:8300"
+
+
+def test_certificate_files_alone_keep_plain_http(
+    pki: Pki, start_dev_agent: Callable[..., DevAgent], spawn: Callable[..., ManagedProcess]
+) -> None:
+    """The files are also the agent's identity for TLS gRPC checks: HTTPS only where --https-addr says."""
+    agent = start_dev_agent(["--ca-file", str(pki.ca), "--cert-file", str(pki.server[0]),
+                             "--key-file", str(pki.server[1]), *FAST_FLAGS])  # fmt: skip
+    assert agent.client().status.leader() == "127.0.0.1:8300"
+    for flags, message in ((["--https-addr", f"127.0.0.1:{free_port()}"], "needs --cert-file and --key-file"),
+                           (["--verify-incoming"], "give --https-addr"),
+                           (["--http-addr", "off"], "nothing to listen on")):  # fmt: skip
+        bad = spawn(meshserve_argv("registry", "dev", *flags), name="bad-tls-flags")
+        assert bad.wait(20) != 0 and message in bad.output(), bad.output()
