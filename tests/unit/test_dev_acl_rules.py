@@ -144,3 +144,17 @@ def test_client_token_and_tls_from_consul_variables(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("CONSUL_HTTP_SSL", "maybe")
     with pytest.raises(ValueError, match="CONSUL_HTTP_SSL"):
         RegistryConfig.from_env("127.0.0.1:8501")
+
+
+def test_an_expired_token_is_not_found_and_bootstrap_happens_once() -> None:
+    acl = AclStore(enabled=True)
+    boot = acl.bootstrap(None)
+    assert acl.resolve(boot.secret_id).management
+    with pytest.raises(BadRequest, match=r"ACL bootstrap no longer allowed \(reset index: \d+\)"):
+        acl.bootstrap(None)
+    token = acl.put_token({}, None, ttl_s=60.0)
+    acl.resolve(token.secret_id)
+    assert token.expiration_time is not None
+    token.expiration_time -= 61.0  # (as if a minute went by)
+    with pytest.raises(BadRequest, match="^ACL not found$"):
+        acl.resolve(token.secret_id)
