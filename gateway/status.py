@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from meshserve.errors import FailedPrecondition
 from meshserve.gateway.discovery import Registered, registered_from_health
 from meshserve.gateway.flow_store import read_all
 from meshserve.gateway.policy import default_policies
@@ -33,14 +34,46 @@ class ShardSet:
         return sum(1 for s in self.shards.values() if s["passing"]) / len(self.shards) if self.shards else 0.0
 
 
+FILTERED_HEADER = "X-Consul-Results-Filtered-By-ACLs"
+
+
+async def _health_and_filtered(client: RegistryClient, name: str) -> tuple[list[Any], bool]:
+    """/v1/health/service/<name> and whether Consul says it left entries out for the token's ACLs."""
+    from consul.callback import CB
+
+    def keep_header(response: Any) -> tuple[list[Any], bool]:
+        entries = CB.json()(response)
+        return entries, str(response.headers.get(FILTERED_HEADER, "")).lower() == "true"
+
+    consul = client.consul
+    path = f"/v1/health/service/{name}"
+    return await client.call(f"read {name}", consul.http.get(keep_header, path, headers=consul.prepare_headers()))
+
+
+def acl_note(name: str, filtered: bool, token_used: bool) -> str:
+    """What an empty answer means when ACLs may be why: never just "none registered"."""
+    if filtered:
+        return (f"hidden by registry ACLs: the token lacks service:read on {name} (or node:read); "
+                "replicas may be registered")
+    if token_used:
+        return f"none visible with this token (none registered, or its ACLs lack service:read on {name})"
+    return ""
+
+
 async def read_status(config: RegistryConfig) -> dict[str, Any]:
     services: dict[str, list[ReplicaStatus]] = {}
     registered: dict[str, tuple[Registered, ...]] = {}
+    acl_notes: dict[str, str] = {}
     async with RegistryClient(config) as client:
         for role, name in SERVICE_NAMES.items():
-            _, entries = await client.call(f"read {name}", client.consul.health.service(name))
+            entries, filtered = await _health_and_filtered(client, name)
             registered[role] = registered_from_health(entries)
-        flows = await read_all(client)
+            if not entries and (note := acl_note(name, filtered, bool(config.token))):
+                acl_notes[role] = note
+        try:
+            flows = await read_all(client)
+        except FailedPrecondition as exc:  # the token may not read meshserve/config/: show the rest
+            flows, acl_notes["flows"] = {}, str(exc)
     for role, found in registered.items():
         services[role] = [ReplicaStatus(r.instance.id, r.instance.target, r.status,
                                         r.instance.meta.get("version", ""), dict(r.instance.meta))
@@ -60,6 +93,7 @@ async def read_status(config: RegistryConfig) -> dict[str, Any]:
         "shard_sets": [{**asdict(s), "coverage": round(s.coverage, 4)} for s in shard_sets],
         "policies": {role: p.describe() for role, p in default_policies().items()},
         "flows": {flow: doc.describe() for flow, doc in flows.items()},
+        "acl": acl_notes,
     }
 
 
@@ -68,7 +102,8 @@ def render(status: dict[str, Any]) -> str:
     lines.append(f"{'SERVICE':<12} {'STATUS':<9} {'VERSION':<22} {'TARGET':<22} ID  PROTOCOLS")
     for role, replicas in status["services"].items():
         if not replicas:
-            lines.append(f"{role:<12} {'-':<9} {'':<22} {'':<22} (none registered)")
+            why = status.get("acl", {}).get(role) or "none registered"
+            lines.append(f"{role:<12} {'-':<9} {'':<22} {'':<22} ({why})")
         for r in replicas:
             lines.append(f"{role:<12} {r['status']:<9} {r['version']:<22} {r['target']:<22} {r['id']}"
                          f"  {protocols(r['meta'])}")  # fmt: skip
@@ -92,6 +127,8 @@ def render(status: dict[str, Any]) -> str:
     for flow, doc in status.get("flows", {}).items():
         state = "valid" if doc["valid"] else f"REFUSED, the gateway keeps the last valid one: {doc['error']}"
         lines.append(f"  {flow:<14} version {doc['version']:<8} {state}")
+    if status.get("acl", {}).get("flows"):
+        lines.append(f"  (not readable: {status['acl']['flows']})")
     return "\n".join(lines)
 
 

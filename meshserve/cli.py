@@ -12,7 +12,9 @@ from meshserve.gateway import guard_cli
 from meshserve.jobs import cli as jobs_cli
 from meshserve.local import bench_cli, ops_cli, search_cli
 from meshserve.local import cli as local_cli
+from meshserve.pki import cli as pki_cli
 from meshserve.queue import cli as queue_cli
+from meshserve.registry import acl_cli
 from meshserve.registry.dev import cli as registry_cli
 from meshserve.servers import cli as servers_cli
 from meshserve.training import cli as training_cli
@@ -23,6 +25,7 @@ from meshserve.training import shard_cli, train_cli
 # server, no training code): heavy imports happen inside the handlers.
 ROOM_COMMANDS = (
     registry_cli,  # registry dev
+    acl_cli,  # acl bootstrap, acl policy|token create|list
     servers_cli,  # serve <kind>
     training_cli,  # catalog
     shard_cli,  # shard build|publish|retire|list
@@ -36,6 +39,7 @@ ROOM_COMMANDS = (
     ops_cli,  # prometheus sd|run, top, trace
     queue_cli,  # nats dev
     jobs_cli,  # worker, jobs submit|get|list|dead-letter
+    pki_cli,  # certs init|issue|show
 )
 
 

@@ -37,11 +37,16 @@ class _HTTPClient(consul.aio.HTTPClient):
         cert: Any = None,
         *,
         connect_timeout_s: float,
+        tls_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         consul.base.HTTPClient.__init__(self, host, port, scheme, verify, cert)
         self.loop = None
+        self._server_hostname = server_hostname
         tls: ssl.SSLContext | bool = False
-        if scheme == "https":
+        if tls_context is not None:
+            tls = tls_context
+        elif scheme == "https":
             if verify:
                 context = ssl.create_default_context()
                 if isinstance(verify, str):
@@ -64,19 +69,33 @@ class _HTTPClient(consul.aio.HTTPClient):
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
 
+    async def _request(self, callback: Any, method: str, uri: str, headers: dict[str, str] | None,
+                       data: Any = None, connections_timeout: Any = None, raw: bool = False) -> Any:
+        if self._server_hostname is None:
+            return await super()._request(callback, method, uri, headers, data, connections_timeout, raw)
+        # CONSUL_TLS_SERVER_NAME: the agent's certificate names a host other than the address dialled.
+        async with self._session.request(method, uri, headers=headers, data=data,
+                                         server_hostname=self._server_hostname) as resp:
+            body = await resp.read() if raw else await resp.text(encoding="utf-8")
+            return callback(consul.base.Response(resp.status, resp.headers, body))
+
 
 class AsyncConsul(consul.aio.Consul):
     """consul.aio.Consul whose HTTP adapter is `_HTTPClient`."""
 
-    def __init__(self, *args: Any, connect_timeout_s: float = 5.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, connect_timeout_s: float = 5.0, tls_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None, **kwargs: Any) -> None:
         self._connect_timeout_s = connect_timeout_s
+        self._tls_context = tls_context
+        self._server_hostname = server_hostname
         super().__init__(*args, **kwargs)
 
     def http_connect(
         self, host: str, port: int, scheme: Any, verify: bool | str = True, cert: Any = None
     ) -> _HTTPClient:
         return _HTTPClient(
-            host, port, scheme, verify, cert, connect_timeout_s=self._connect_timeout_s
+            host, port, scheme, verify, cert, connect_timeout_s=self._connect_timeout_s,
+            tls_context=self._tls_context, server_hostname=self._server_hostname,
         )
 
 
@@ -88,6 +107,8 @@ def open_consul(config: RegistryConfig) -> AsyncConsul:
         scheme=config.scheme,
         token=config.token,
         connect_timeout_s=config.request_timeout_s,
+        tls_context=config.ssl_context(),
+        server_hostname=config.server_hostname(),
     )
     # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; the config already
     # resolved flags against the environment, so it is the one that counts.

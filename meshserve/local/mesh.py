@@ -42,6 +42,7 @@ class MeshConfig:
     prometheus_addr: str | None = None  # start Prometheus there (or on a free port), see prometheus.py
     nats_addr: str | None = None  # start `meshserve nats dev` here (None: the job queue is someone else's)
     workers: int = 0  # `meshserve worker` processes for the job queue
+    acl: bool = True  # the dev registry with ACLs on and a token per workload (--insecure: off)
 
     def __post_init__(self) -> None:
         if self.detectors < 1 or self.embedders < 1 or self.shards < 1:
@@ -88,7 +89,8 @@ class MeshInfo:
 
 def _leader_answers(http_addr: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{http_addr}/v1/status/leader", timeout=1) as resp:
+        context = RegistryConfig.from_env(http_addr=http_addr).ssl_context()  # https: Consul's TLS variables
+        with urllib.request.urlopen(f"{http_addr}/v1/status/leader", timeout=1, context=context) as resp:
             return resp.status == 200
     except OSError:
         return False
@@ -106,6 +108,7 @@ class LocalMesh:
         self.supervisor = Supervisor(config.run_dir / "logs", env)
         self._ports = config.run_dir / "ports"
         self._ports.mkdir(exist_ok=True)
+        self._tokens: dict[str, Path] = {}  # workload → its registry token file, when ACLs are on
 
     # -- bring up -------------------------------------------------------------------------------
 
@@ -119,6 +122,7 @@ class LocalMesh:
         registry_child = None
         if cfg.consul is None:
             registry_child = self._start_registry()
+            self._provision_acl()
         elif not _leader_answers(self.registry_addr):
             raise RuntimeError(f"Consul at {self.registry_addr} does not answer /v1/status/leader")
         self._train_if_missing()
@@ -135,7 +139,8 @@ class LocalMesh:
                         "--check-interval", str(cfg.check_interval_s), *cfg.gateway_args]
         # Every server serves /metrics (registered as meta metrics_port): Prometheus and `top` find it.
         gateway_args += ["--metrics-port", str(cfg.gateway_metrics_port or 0)]
-        gateway = self.supervisor.start(ChildSpec("gateway", tuple(gateway_args), port_file=gateway_port_file))
+        gateway = self.supervisor.start(ChildSpec("gateway", tuple(gateway_args), port_file=gateway_port_file,
+                                                  env=self._token_env("gateway")))
         self.supervisor.wait_port(gateway, cfg.ready_timeout_s)
         gateway_endpoint = Endpoint("gateway", "gateway", cfg.gateway_addr, gateway)
 
@@ -152,7 +157,7 @@ class LocalMesh:
             spec = ChildSpec(name, (*args, "--port", "0", "--port-file", str(port_file), "--threads",
                                     str(cfg.threads), "--check-interval", str(cfg.check_interval_s),
                                     "--metrics-port", "0"),
-                             port_file=port_file)  # fmt: skip
+                             port_file=port_file, env=self._token_env(role))  # fmt: skip
             info.endpoints.append(Endpoint(role, name, "", self.supervisor.start(spec)))
         for endpoint in info.endpoints:
             port = self.supervisor.wait_port(endpoint.child, cfg.ready_timeout_s)
@@ -173,7 +178,7 @@ class LocalMesh:
             worker = self.supervisor.start(ChildSpec(f"worker-{i}", ("worker", "--port-file", str(port_file),
                                                                    "--check-interval", str(cfg.check_interval_s),
                                                                    "--metrics-port", "0"),
-                                                     port_file=port_file))  # fmt: skip
+                                                     port_file=port_file, env=self._token_env("worker")))  # fmt: skip
             port = self.supervisor.wait_port(worker, cfg.ready_timeout_s)
             info.endpoints.append(Endpoint("worker", f"worker-{i}", f"127.0.0.1:{port}", worker))
         return info
@@ -185,7 +190,8 @@ class LocalMesh:
         host, _, port = addr.rpartition(":")
         with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=1):
             raise RuntimeError(f"something already listens on {addr}; stop it, or pass another --nats-addr")
-        child = self.supervisor.start(ChildSpec("nats", ("nats", "dev", "--host", host, "--port", port)))
+        child = self.supervisor.start(ChildSpec("nats", ("nats", "dev", "--host", host, "--port", port),
+                                                env=self._token_env("nats")))
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -206,8 +212,9 @@ class LocalMesh:
         # every registration, as a real Consul agent keeps its local services.
         data_dir = self.config.run_dir / "registry"
         shutil.rmtree(data_dir, ignore_errors=True)
+        acl = ("--acl-enabled",) if self.config.acl else ()
         spec = ChildSpec("registry", ("registry", "dev", "--http-addr", self.config.registry_addr,
-                                      "--data-dir", str(data_dir)))  # fmt: skip
+                                      "--data-dir", str(data_dir), *acl))  # fmt: skip
         child = self.supervisor.start(spec)
         deadline = time.monotonic() + 30
         while not _leader_answers(self.registry_addr):
@@ -216,6 +223,30 @@ class LocalMesh:
             time.sleep(0.05)
         self.say(f"dev registry on {self.registry_addr}")
         return child
+
+    def _provision_acl(self) -> None:
+        """Bootstrap the fresh registry's ACLs: a policy and a token per workload under $MESHSERVE_HOME/acl."""
+        from meshserve.local import acl_setup
+
+        if not self.config.acl:
+            acl_setup.forget(self.config.home)
+            return
+        self._tokens = acl_setup.provision(self.registry_addr, self.config.home)
+        # Anything started without a workload of its own (Prometheus discovery) reads with the reader token.
+        self.supervisor.base_env.update(self._token_env("reader"))
+        self.say(f"registry ACLs on: default deny, tokens in {acl_setup.acl_dir(self.config.home)}")
+
+    def _token_env(self, workload: str) -> tuple[tuple[str, str], ...]:
+        path = self._tokens.get(workload)
+        if path is None:
+            return ()
+        return (("CONSUL_HTTP_TOKEN", ""), ("CONSUL_HTTP_TOKEN_FILE", str(path)))
+
+    def _registry_config(self) -> RegistryConfig:
+        """How the mesh itself reads the registry (with the operator token when ACLs are on)."""
+        operator = self._tokens.get("operator")
+        token = operator.read_text().strip() if operator else None
+        return RegistryConfig.from_env(http_addr=self.registry_addr, token=token)
 
     def _train_if_missing(self) -> None:
         from meshserve.inference.artifacts import latest
@@ -285,7 +316,7 @@ class LocalMesh:
 
         role_service = {**SERVICE_NAMES}
         wanted = {(role_service[e.role], e.target) for e in endpoints}
-        registry = RegistryConfig.from_env(http_addr=self.registry_addr)
+        registry = self._registry_config()
 
         async def passing() -> set[tuple[str, str]]:
             found = set()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Hashable
@@ -15,6 +14,8 @@ from typing import Any
 from aiohttp import web
 
 from meshserve.registry.dev import persist, render
+from meshserve.registry.dev.acl import READ, WRITE, AclStore, Caller
+from meshserve.registry.dev.acl_routes import add_acl_routes
 from meshserve.registry.dev.http import (
     blocking_params,
     bool_param,
@@ -59,7 +60,16 @@ class AgentConfig:
 
     host: str = "127.0.0.1"
     port: int = 8500
-    acl_token: str | None = None
+    acl_token: str | None = None  # the initial management token; given, it turns ACLs on
+    acl_enabled: bool = False
+    acl_default_policy: str = "deny"
+    http_enabled: bool = True  # plain HTTP on host:port (off: HTTPS only, like Consul's ports.http = -1)
+    https_addr: tuple[str, int] | None = None  # Consul's addresses.https + ports.https
+    # Consul's tls.defaults: the HTTPS listener's certificate, and the CA its clients must come from
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    verify_incoming: bool = False  # HTTPS clients must present a certificate signed by ca_file
     data_dir: Path | None = None
     node_name: str = ""
     datacenter: str = "dc1"
@@ -72,9 +82,10 @@ class DevAgent:
     """Routes of the Consul subset listed in docs/architecture.md, answering from one DevState."""
 
     def __init__(self, config: AgentConfig, state: DevState,
-                 persister: persist.Persister | None = None):
+                 persister: persist.Persister | None = None, acl: AclStore | None = None):
         self.config = config
         self.state = state
+        self.acl = acl if acl is not None else AclStore()
         self.persister = persister
         self.in_flight = 0
         self._health_cache: dict[tuple[Any, ...], tuple[bytes, bool]] = {}
@@ -103,6 +114,7 @@ class DevAgent:
         r.add_get("/v1/catalog/services", self.catalog_services)
         r.add_get("/v1/catalog/service/{name:.+}", self.catalog_service)
         add_node_routes(r, self)
+        add_acl_routes(r, self)
         r.add_get("/v1/kv/{key:.*}", self.kv_get)
         r.add_put("/v1/kv/{key:.*}", self.kv_put)
         r.add_delete("/v1/kv/{key:.*}", self.kv_delete)
@@ -148,30 +160,35 @@ class DevAgent:
             token = auth[7:].strip()
         return token
 
-    def _can_read(self, request: web.Request) -> bool:
-        """True for full access, False for anonymous; an unknown token is refused outright."""
-        if self.config.acl_token is None:
-            return True
-        token = self._token(request)
-        if hmac.compare_digest(token.encode(), self.config.acl_token.encode()):
-            return True
-        if token:
-            raise BadRequest("ACL not found", status=403)
-        return False
+    def caller(self, request: web.Request) -> Caller:
+        """Who the request's token is; an unknown token is refused outright (403 ACL not found)."""
+        return self.acl.resolve(self._token(request))
 
-    def _require_write(self, request: web.Request, permission: str, resource: str) -> None:
-        if not self._can_read(request):
-            raise BadRequest(
-                f"Permission denied: anonymous token lacks permission '{permission}' on "
-                f'"{resource}"', status=403,
-            )
-
-    # (for the routes of other modules: node_routes)
-    def readable(self, request: web.Request) -> bool:
-        return self._can_read(request)
+    def _require(self, request: web.Request, resource: str, name: str, want: int) -> None:
+        self.caller(request).require(resource, name, want)
 
     def require_read(self, request: web.Request) -> None:
-        self._require_write(request, "agent:read", self.state.node.name)
+        """(for node_routes) agent:read on this node."""
+        self._require(request, "agent", self.state.node.name, READ)
+
+    def sees_node(self, caller: Caller) -> bool:
+        return caller.can("node", self.state.node.name, READ)
+
+    def sees_service(self, caller: Caller, name: str) -> bool:
+        """Health and catalog entries need service:read on the service and node:read on its node."""
+        return caller.can("service", name, READ) and self.sees_node(caller)
+
+    def sees_check(self, caller: Caller, check: Any) -> bool:
+        svc = self.state.services.get(check.service_id) if check.service_id else None
+        if svc is not None:
+            return caller.can("service", svc.definition.name, READ) and self.sees_node(caller)
+        return self.sees_node(caller)
+
+    async def committed(self) -> None:
+        await self._committed()
+
+    async def body_json(self, request: web.Request) -> Any:
+        return await self._body_json(request)
 
     def indexed(self, data: Any, index: int, filtered: bool = False, status: int = 200,
                 body_null: bool = False) -> web.Response:  # fmt: skip
@@ -197,14 +214,14 @@ class DevAgent:
         return check
 
     def _known_service(self, request: web.Request, service_id: str) -> Any:
-        self._can_read(request)  # an unknown token is refused before anything else
+        self.caller(request)  # an unknown token is refused before anything else
         svc = self.state.services.get(service_id)
         if svc is None:
             raise NotFoundError(f'Unknown service ID "{service_id}"')
         return svc
 
     def _require_check_write(self, request: web.Request, check_id: str) -> None:
-        self._can_read(request)
+        self.caller(request)
         check = self.state.checks.get(check_id)
         if check is None:
             raise NotFoundError(f'Unknown check ID "{check_id}". Ensure that the check ID is '
@@ -212,9 +229,9 @@ class DevAgent:
         if check.service_id:
             svc = self.state.services.get(check.service_id)
             name = svc.definition.name if svc else check.service_id
-            self._require_write(request, "service:write", name)
+            self._require(request, "service", name, WRITE)
         else:
-            self._require_write(request, "node:write", self.state.node.name)
+            self._require(request, "node", self.state.node.name, WRITE)
 
     def _indexed_body(self, body: bytes, index: int) -> web.Response:
         resp = web.Response(body=body, content_type="application/json")
@@ -267,14 +284,14 @@ class DevAgent:
         return web.json_response([leader_addr(self.state.node)])
 
     async def agent_self(self, request: web.Request) -> web.Response:
-        self._require_write(request, "agent:read", self.state.node.name)
-        return web.json_response(agent_self_json(self.state, self.config.acl_token is not None))
+        self._require(request, "agent", self.state.node.name, READ)
+        return web.json_response(agent_self_json(self.state, self.acl.enabled))
 
     async def service_register(self, request: web.Request) -> web.Response:
         body = await self._body_json(request)
         service, checks = parse_service(body)
         checks = [self._with_min_interval(c) for c in checks]
-        self._require_write(request, "service:write", service.name)
+        self._require(request, "service", service.name, WRITE)
         # Consul's own rule: present and "" or "true"; anything else means no.
         replace = request.query.get("replace-existing-checks", None) in ("", "true")
         self.state.register_service(service, checks, replace_existing_checks=replace)
@@ -284,7 +301,7 @@ class DevAgent:
     async def service_deregister(self, request: web.Request) -> web.Response:
         service_id = request.match_info["id"]
         svc = self._known_service(request, service_id)
-        self._require_write(request, "service:write", svc.definition.name)
+        self._require(request, "service", svc.definition.name, WRITE)
         self.state.deregister_service(service_id)
         await self._committed()
         return web.Response(status=200)
@@ -293,14 +310,14 @@ class DevAgent:
         service_id = request.match_info["id"]
         enable = required_bool(request, "enable")
         svc = self._known_service(request, service_id)
-        self._require_write(request, "service:write", svc.definition.name)
+        self._require(request, "service", svc.definition.name, WRITE)
         self.state.service_maintenance(service_id, enable, request.query.get("reason", ""))
         await self._committed()
         return web.Response(status=200)
 
     async def node_maintenance(self, request: web.Request) -> web.Response:
         enable = required_bool(request, "enable")
-        self._require_write(request, "node:write", self.state.node.name)
+        self._require(request, "node", self.state.node.name, WRITE)
         self.state.node_maintenance(enable, request.query.get("reason", ""))
         await self._committed()
         return web.Response(status=200)
@@ -308,35 +325,44 @@ class DevAgent:
     async def agent_service(self, request: web.Request) -> web.Response:
         service_id = request.match_info["id"]
         svc = self.state.services.get(service_id)
-        if not self._can_read(request):
-            raise BadRequest("Permission denied", status=403)
+        caller = self.caller(request)
+        if svc is not None:
+            caller.require("service", svc.definition.name, READ)
         if svc is None:
             raise NotFoundError(f"unknown service ID: {service_id}")
         return web.json_response(render.agent_service_json(svc, self.state.node.datacenter))
 
     async def agent_services(self, request: web.Request) -> web.Response:
-        readable = self._can_read(request)
+        caller = self.caller(request)
         match = filter_param(request)
         out = {}
+        hidden = False
         for sid, svc in self.state.services.items():
+            if not caller.can("service", svc.definition.name, READ):
+                hidden = True
+                continue
             item = render.agent_service_json(svc, self.state.node.datacenter)
             if match(item):
                 out[sid] = item
-        resp = web.json_response(out if readable else {})
-        if not readable and out:
+        resp = web.json_response(out)
+        if hidden:
             resp.headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
         return resp
 
     async def agent_checks(self, request: web.Request) -> web.Response:
-        readable = self._can_read(request)
+        caller = self.caller(request)
         match = filter_param(request)
         out = {}
+        hidden = False
         for cid, check in self.state.checks.items():
+            if not self.sees_check(caller, check):
+                hidden = True
+                continue
             item = render.check_json(check, self.state.node, self.state.services, indexes=False)
             if match(item):
                 out[cid] = item
-        resp = web.json_response(out if readable else {})
-        if not readable and out:
+        resp = web.json_response(out)
+        if hidden:
             resp.headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
         return resp
 
@@ -345,13 +371,13 @@ class DevAgent:
         check = self._with_min_interval(parse_check(body, ""))
         if not check.name:
             raise BadRequest("Missing check name")
-        self._require_write(request, "node:write", self.state.node.name)
+        self._require(request, "node", self.state.node.name, WRITE)
         self.state.register_check(check)
         await self._committed()
         return web.Response(status=200)
 
     async def check_deregister(self, request: web.Request) -> web.Response:
-        self._require_write(request, "node:write", self.state.node.name)
+        self._require(request, "node", self.state.node.name, WRITE)
         self.state.deregister_check(request.match_info["id"])
         await self._committed()
         return web.Response(status=200)
@@ -383,7 +409,7 @@ class DevAgent:
 
     async def health_service(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        readable = self._can_read(request)
+        readable = self.sees_service(self.caller(request), name)
         passing = bool_param(request, "passing")
         tags = tuple(t.lower() for t in request.query.getall("tag", []))
         expr = request.query.get("filter", "")
@@ -416,7 +442,7 @@ class DevAgent:
 
     async def health_checks(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        readable = self._can_read(request)
+        readable = self.sees_service(self.caller(request), name)
         match = filter_param(request)
         index = await self._block(request, lambda: self.state.health_index(name),
                                   topics=(("svc", name),))
@@ -432,17 +458,16 @@ class DevAgent:
         return self._indexed(out, index)
 
     async def catalog_services(self, request: web.Request) -> web.Response:
-        readable = self._can_read(request)
+        caller = self.caller(request)
         await self._block(request, lambda: self.state.catalog_services()[0],
                           topics=(CATALOG_TOPIC,))
         index, services = self.state.catalog_services()
-        if not readable:
-            return self._indexed({}, index, filtered=bool(services))
-        return self._indexed(services, index)
+        shown = {name: tags for name, tags in services.items() if caller.can("service", name, READ)}
+        return self._indexed(shown, index, filtered=len(shown) < len(services))
 
     async def catalog_service(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        readable = self._can_read(request)
+        readable = self.sees_service(self.caller(request), name)
         tags = [t.lower() for t in request.query.getall("tag", [])]
         match = filter_param(request)
         index = await self._block(request, lambda: self.state.health_index(name),
@@ -464,13 +489,13 @@ class DevAgent:
     async def kv_get(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
         query = request.query
-        readable = self._can_read(request)
+        caller = self.caller(request)
         if "keys" in query or "recurse" in query:
             await self._block(request, lambda: self.state.kv_list(key)[0], kv_prefix=lambda: key)
             index, entries = self.state.kv_list(key)
-            filtered = not readable and bool(entries)
-            if not readable:
-                entries = []
+            shown = [e for e in entries if caller.can("key", e.key, READ)]
+            filtered = len(shown) < len(entries)
+            entries = shown
             if "keys" in query:
                 keys = keys_view(key, [e.key for e in entries], query.get("separator", ""))
                 if not keys:
@@ -479,8 +504,7 @@ class DevAgent:
             if not entries:
                 return self._indexed(None, index, filtered, status=404)
             return self._indexed([render.kv_json(e) for e in entries], index, filtered)
-        if not readable:
-            raise BadRequest("Permission denied", status=403)
+        caller.require("key", key, READ)
         await self._block(request, lambda: self.state.kv_get(key)[0],
                           kv_prefix=lambda: key if key in self.state.kv else "")
         index, entry = self.state.kv_get(key)
@@ -500,7 +524,7 @@ class DevAgent:
             raise BadRequest("Sessions (acquire/release) are not supported by the meshserve dev agent")
         flags = uint_param(request, "flags", "Invalid flags")
         cas = uint_param(request, "cas", "Invalid cas index")
-        self._require_write(request, "key:write", key)
+        self._require(request, "key", key, WRITE)
         if request.content_length is not None and request.content_length > KV_VALUE_MAX:
             raise BadRequest(too_large(request.content_length), status=413)
         value = await request.read()
@@ -516,7 +540,10 @@ class DevAgent:
         if not key and not recurse:
             raise BadRequest("Missing key name")
         cas = uint_param(request, "cas", "Invalid cas index")
-        self._require_write(request, "key:write", key)
+        if recurse:
+            self.caller(request).require_prefix_write("key", key)
+        else:
+            self._require(request, "key", key, WRITE)
         ok = self.state.kv_delete(key, recurse, cas)
         await self._committed()
         return web.json_response(ok)

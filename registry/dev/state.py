@@ -127,6 +127,10 @@ class DevState:
         self.on_change()
         return self.index
 
+    def bump_index(self) -> int:
+        """A fresh Raft-like index for changes kept outside this state (the ACL store's)."""
+        return self._bump()
+
     def _touch_service_name(self, name: str, idx: int) -> None:
         if name == CONSUL_SERVICE or any(s.definition.name == name for s in self.services.values()):
             self.service_index[name] = idx

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class Up:
     def __init__(self, home: Path, log_dir: Path, *flags: str):
         self.registry_port, self.gateway_port = free_port(), free_port()
         self.registry = f"http://127.0.0.1:{self.registry_port}"
+        self.home = home
         argv = meshserve_argv("up", "--registry-addr", f"127.0.0.1:{self.registry_port}",
                               "--gateway-addr", f"127.0.0.1:{self.gateway_port}", *flags)  # fmt: skip
         self.proc = ManagedProcess(argv, log_dir / "up.log", env={"MESHSERVE_HOME": str(home)})
@@ -126,9 +128,11 @@ class Up:
             kill_leftovers(self.seen)
 
 
-def meshserve_status(registry: str) -> dict:
+def meshserve_status(registry: str, home: Path) -> dict:
+    """`meshserve status` in another process of the same MESHSERVE_HOME: it finds the mesh's token there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP_TOKEN")}
     done = subprocess.run([*meshserve_argv("status", "--json", "--consul", registry)], capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+                          text=True, timeout=120, env={**env, "MESHSERVE_HOME": str(home)})  # fmt: skip
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -140,9 +144,12 @@ def status_of(status: dict, role: str, port: int) -> str | None:
     return None
 
 
-def registry_check_status(registry: str, service: str, port: int) -> str | None:
-    """The aggregated check status of one instance, straight from the registry's HTTP API."""
-    with urllib.request.urlopen(f"{registry}/v1/health/service/{service}", timeout=2) as resp:
+def registry_check_status(registry: str, service: str, port: int, home: Path) -> str | None:
+    """The aggregated check status of one instance, straight from the registry's HTTP API (with the
+    mesh's operator token: ACLs are on)."""
+    token = (home / "acl" / "operator.token").read_text().strip()
+    request = urllib.request.Request(f"{registry}/v1/health/service/{service}", headers={"X-Consul-Token": token})
+    with urllib.request.urlopen(request, timeout=2) as resp:
         entries = json.load(resp)
     for entry in entries:
         if entry["Service"]["Port"] == port:
@@ -185,7 +192,7 @@ def test_status_in_another_process_shows_every_service_passing(up: Up) -> None:
     rows = [r for r in up.rows() if r.role != "registry"]
     assert {r.role for r in rows} == {"detector", "embedder", "classifier", "shipping", "indexer", "gateway"}
     assert sum(r.role == "indexer" for r in rows) == 2
-    status = meshserve_status(up.registry)
+    status = meshserve_status(up.registry, up.home)
     # (a replica killed by another test stays registered, critical, until the registry reaps it; its
     # replacement is not in the table: judge the live rows, and every role by its passing replicas)
     for row in rows:
@@ -196,15 +203,45 @@ def test_status_in_another_process_shows_every_service_passing(up: Up) -> None:
     assert [s["coverage"] for s in status["shard_sets"]] == [1.0]
 
 
+def test_acls_are_on_and_each_workload_may_do_only_its_own_job(up: Up, tmp_path: Path) -> None:
+    import consul
+
+    acl = up.home / "acl"
+    assert acl.stat().st_mode & 0o777 == 0o700
+    tokens = {p.stem: p.read_text().strip() for p in acl.glob("*.token")}
+    assert {"bootstrap", "detector", "indexer", "gateway", "operator", "reader"} <= set(tokens)
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in acl.glob("*.token"))
+    detector = consul.Consul(host="127.0.0.1", port=up.registry_port, token=tokens["detector"])
+    with pytest.raises(consul.ACLPermissionDenied, match="lacks permission 'service:write' on \"meshserve-indexer\""):
+        detector.agent.service.register("meshserve-indexer", service_id="impostor", port=1)
+    with pytest.raises(consul.ACLPermissionDenied, match="lacks permission 'key:write' on \"meshserve/config/"):
+        detector.kv.put("meshserve/config/photo_search", "{}")
+    with urllib.request.urlopen(f"{up.registry}/v1/catalog/services", timeout=5) as resp:  # anonymous
+        assert json.load(resp) == {} and resp.headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
+    unknown = urllib.request.Request(f"{up.registry}/v1/catalog/services", headers={"X-Consul-Token": "nope"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(unknown, timeout=5)
+    assert refused.value.code == 403 and refused.value.read() == b"ACL not found"
+    # the gateway's token reads replicas but registers nothing but the gateway
+    gateway = consul.Consul(host="127.0.0.1", port=up.registry_port, token=tokens["gateway"])
+    assert gateway.health.service("meshserve-detector", passing=True)[1]
+    with pytest.raises(consul.ACLPermissionDenied):
+        gateway.agent.service.register("meshserve-detector", service_id="impostor", port=1)
+    # `status` without the mesh's token: says the answers were filtered, not that nothing runs
+    elsewhere = meshserve_status(up.registry, tmp_path)
+    assert all(not replicas for replicas in elsewhere["services"].values())
+    assert "hidden by registry ACLs" in elsewhere["acl"]["detector"]
+
+
 def test_sigkilled_replica_turns_critical_within_a_few_check_intervals_then_restarted(up: Up) -> None:
     detector = next(r for r in up.rows() if r.name == "detector-0")
     up.observe()
     os.kill(detector.pid, signal.SIGKILL)
     killed = time.monotonic()
-    wait_until(lambda: registry_check_status(up.registry, "meshserve-detector", detector.port) == "critical",
+    wait_until(lambda: registry_check_status(up.registry, "meshserve-detector", detector.port, up.home) == "critical",
                timeout=10, interval=0.05, what="the killed detector to turn critical")  # fmt: skip
     to_critical = time.monotonic() - killed
-    status = meshserve_status(up.registry)
+    status = meshserve_status(up.registry, up.home)
     status_done = time.monotonic() - killed
     print(f"killed detector critical in the registry after {to_critical:.2f}s; "
           f"`meshserve status` (a new process) showed it after {status_done:.2f}s")  # fmt: skip
@@ -220,7 +257,7 @@ def test_sigkilled_replica_turns_critical_within_a_few_check_intervals_then_rest
 
     def new_detector_passing() -> list[int]:
         up.proc.check_alive()
-        found = meshserve_status(up.registry)["services"]["detector"]
+        found = meshserve_status(up.registry, up.home)["services"]["detector"]
         return [int(r["target"].rsplit(":", 1)[1]) for r in found
                 if r["status"] == "passing" and r["target"] != f"127.0.0.1:{detector.port}"]  # fmt: skip
 

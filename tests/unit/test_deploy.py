@@ -500,6 +500,7 @@ def test_k8s_servers_reach_the_node_consul_agent_and_advertise_their_pod_ip() ->
         assert config.port == RegistryConfig.from_env(http_addr=DEFAULT_CONSUL_HTTP_ADDR).port
         token = env["CONSUL_HTTP_TOKEN"]["valueFrom"]["secretKeyRef"]
         assert token["optional"] is True and "value" not in env["CONSUL_HTTP_TOKEN"], name
+        assert token["key"] == role, f"{name}: each workload reads its own registry token"
         assert env["OTEL_SERVICE_NAME"]["value"] == SERVICE_NAMES[role], name
         assert flag(argv, "--host") == "0.0.0.0" and flag(argv, "--advertise-address") == "$(POD_IP)", name
         for ref in re.findall(r"\$\((\w+)\)", " ".join(argv)):
