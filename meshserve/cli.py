@@ -12,6 +12,7 @@ from meshserve.gateway import guard_cli
 from meshserve.jobs import cli as jobs_cli
 from meshserve.local import bench_cli, ops_cli, search_cli
 from meshserve.local import cli as local_cli
+from meshserve.pki import cli as pki_cli
 from meshserve.queue import cli as queue_cli
 from meshserve.registry.dev import cli as registry_cli
 from meshserve.servers import cli as servers_cli
@@ -36,6 +37,7 @@ ROOM_COMMANDS = (
     ops_cli,  # prometheus sd|run, top, trace
     queue_cli,  # nats dev
     jobs_cli,  # worker, jobs submit|get|list|dead-letter
+    pki_cli,  # certs init|issue|show
 )
 
 

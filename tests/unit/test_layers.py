@@ -32,6 +32,7 @@ LAYERS = {
     "local": ("meshserve.local",),
     "queue": ("meshserve.queue",),
     "jobs": ("meshserve.jobs",),
+    "pki": ("meshserve.pki",),
 }
 
 # importer layer → layers it must never import
@@ -54,6 +55,9 @@ FORBIDDEN = {
               "jobs"},
     # the worker: runs jobs through the gateway's gRPC API (meshserve.v1 stubs), found in the registry
     "jobs": {"wire", "inference", "warehouse", "registry-dev", "servers", "gateway", "training", "local"},
+    # the mesh CA: certificate files and identities, on which rpc, servers, gateway and the agent stand
+    "pki": {"wire", "inference", "warehouse", "rpc", "registry", "registry-dev", "servers", "gateway", "training",
+            "local", "queue", "jobs"},
 }
 
 
@@ -157,6 +161,9 @@ def test_no_forbidden_arrow() -> None:
         ("meshserve.gateway.jobs", "meshserve.queue.store", False),
         ("meshserve.gateway.jobs", "meshserve.jobs.worker", True),
         ("meshserve.queue.store", "meshserve.rpc.process", True),
+        ("meshserve.pki.authority", "meshserve.rpc.process", True),
+        ("meshserve.rpc.tls", "meshserve.pki.layout", False),
+        ("meshserve.registry.dev.agent", "meshserve.pki.layout", False),
     ],
 )
 def test_the_rules_say_what_the_design_says(importer: str, imported: str, forbidden: bool) -> None:

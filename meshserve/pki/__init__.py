@@ -1,0 +1,1 @@
+"""The mesh certificate authority: a CA under $MESHSERVE_HOME/pki and short-lived workload certificates."""
