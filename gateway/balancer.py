@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import grpc
 
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
 CLOSE_GRACE_S = 30.0
+
+
+@runtime_checkable
+class InstanceChannels(Protocol):
+    """A channel factory that opens a channel for a registered instance (mTLS checks the service it names)."""
+
+    def __call__(self, target: str) -> grpc.aio.Channel: ...
+
+    def for_instance(self, instance: Instance) -> grpc.aio.Channel: ...
 
 
 def insecure_channel(target: str, max_message_bytes: int = 16 * 1024 * 1024) -> grpc.aio.Channel:
@@ -80,7 +90,10 @@ class ReplicaSet:
         for rid, instance in wanted.items():
             current = self._replicas.get(rid)
             if current is None:
-                channel = self._factory(instance.target)
+                if isinstance(self._factory, InstanceChannels):
+                    channel = self._factory.for_instance(instance)
+                else:
+                    channel = self._factory(instance.target)
                 stub = prediction_pb2_grpc.PredictionServiceStub(channel)
                 self._replicas[rid] = Replica(instance, channel, stub)
             elif current.instance != instance:

@@ -12,11 +12,13 @@ import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
 from meshserve import telemetry
+from meshserve.gateway.admission import Admission
 from meshserve.gateway.enrich import CatalogueEnricher
 from meshserve.gateway.flow_policy import PhotoSearchDefaults
 from meshserve.gateway.guard_service import LISTING_GUARD_SERVICE, GuardService
 from meshserve.gateway.guard_servicer import to_listing
 from meshserve.gateway.jobs import JOBS, JobQueueLink, JobsServicer
+from meshserve.gateway.mesh_channels import MeshChannels
 from meshserve.gateway.photo_search import PhotoSearch, SearchConfig
 from meshserve.gateway.policy import default_policies
 from meshserve.gateway.routes import RouteTable
@@ -24,6 +26,7 @@ from meshserve.gateway.servicer import PhotoSearchServicer, to_query
 from meshserve.queue.config import QueueConfig
 from meshserve.registry.config import METRICS_PORT_META, SERVICE_NAMES, RegistryConfig, ServiceInstance
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
+from meshserve.rpc.tls_files import TlsFiles
 from meshserve.v1 import jobs_pb2_grpc, photo_search_pb2, photo_search_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class GatewayConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     jobs: QueueConfig = field(default_factory=QueueConfig.from_env)
     nats_url: str | None = None  # None: $NATS_URL, else the registry's meshserve-nats, else the default
+    tls: TlsFiles | None = None  # mTLS for its own port and its calls to replicas (None: plaintext)
 
 
 class Gateway:
@@ -63,10 +67,14 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig):
         self.config = config
-        self.routes = RouteTable(config.registry, default_policies(config.hedge_after_ms))
+        channels = MeshChannels(config.tls)
+        self.admission = Admission(channels)
+        self.routes = RouteTable(config.registry, default_policies(config.hedge_after_ms), channels,
+                                 admission=self.admission)  # fmt: skip
         enricher = CatalogueEnricher(config.catalogue_home, config.catalogue_ttl_s)
         self.search = PhotoSearch(self.routes, enricher, config.search)
-        self.guard = GuardService(config.registry, self.routes, self.routes.policies, self._photo_defaults)
+        self.guard = GuardService(config.registry, self.routes, self.routes.policies, self._photo_defaults,
+                                  channel_factory=channels, admission=self.admission)  # fmt: skip
         self._following: asyncio.Task[None] | None = None
         self._metrics_port: int | None = None  # bound by start(); 0 in the config means any free port
         self.jobs = JobQueueLink(config.registry, config.jobs, config.nats_url)
@@ -140,6 +148,7 @@ class Gateway:
         await self.guard.close()
         await self.jobs.close()
         await self.routes.close()
+        await self.admission.close()
 
 
 def observe_request(method: str, code: str, seconds: float) -> None:
@@ -154,6 +163,6 @@ async def run_gateway(config: GatewayConfig) -> int:
         service_name=SERVICE_NAMES["gateway"], host=config.host, port=config.port,
         max_message_bytes=config.max_message_bytes, grace_s=config.grace_s,
         registry=config.registry if config.register else None, port_file=config.port_file,
-        trace_file=config.trace_file,
+        trace_file=config.trace_file, tls=config.tls,
     )  # fmt: skip
     return await GrpcProcess(Gateway(config), process, observe_request).run()

@@ -12,6 +12,8 @@ import grpc
 from meshserve import telemetry
 from meshserve.errors import NotReady
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
+from meshserve.rpc.tls import ClientCredentials, aio_channel
+from meshserve.rpc.tls_files import TlsFiles
 from meshserve.v1 import jobs_pb2, listing_guard_pb2_grpc, photo_search_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,9 @@ class GatewayRunner:
 
     REFRESH_S = 5.0
 
-    def __init__(self, registry: RegistryConfig | None, target: str | None = None):
+    def __init__(self, registry: RegistryConfig | None, target: str | None = None, tls_files: TlsFiles | None = None):
         self.registry = registry
+        self._credentials = ClientCredentials(tls_files) if tls_files is not None else None
         self.fixed = target
         self._targets: list[str] = [target] if target else []
         self._refreshed = 0.0
@@ -80,7 +83,7 @@ class GatewayRunner:
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         if target not in self._channels:
-            self._channels[target] = grpc.aio.insecure_channel(target, options=_OPTIONS)
+            self._channels[target] = aio_channel(target, SERVICE_NAMES["gateway"], _OPTIONS, self._credentials)
         return self._channels[target]
 
     async def close(self) -> None:
