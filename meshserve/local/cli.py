@@ -28,6 +28,7 @@ def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where `nats dev` (the job queue) listens (default 127.0.0.1:4222; 'none' = no NATS)")
     parser.add_argument("--workers", type=int,
                         help="job workers (default 1, or 0 with --nats-addr none; they find NATS by NATS_URL then)")
+    parser.add_argument("--insecure", action="store_true", help="no mTLS between the processes (default: on, certificates under $MESHSERVE_HOME/pki)")  # noqa: E501
 
 
 def add_commands(subparsers: Any) -> None:
@@ -66,7 +67,8 @@ def _config(args: argparse.Namespace) -> Any:
                       shards=args.shards, threads=args.threads,
                       prometheus_addr=args.prometheus_addr if args.prometheus else None,
                       nats_addr=None if args.nats_addr == "none" else args.nats_addr,
-                      workers=args.workers if args.workers is not None else int(args.nats_addr != "none"))  # fmt: skip
+                      workers=args.workers if args.workers is not None else int(args.nats_addr != "none"),
+                      secure=not args.insecure)  # fmt: skip
 
 
 def _up(args: argparse.Namespace) -> int:
