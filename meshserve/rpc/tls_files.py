@@ -51,8 +51,8 @@ class TlsFiles:
         """From flags, each falling back to its MESHSERVE_TLS_* variable: all three → TlsFiles, none → None
         (plaintext), some → TlsMaterialError saying which are missing."""
         env = os.environ if env is None else env
-        given = {"--tls-ca": ca or env.get(ENV_CA), "--tls-cert": cert or env.get(ENV_CERT),
-                 "--tls-key": key or env.get(ENV_KEY)}  # fmt: skip
+        given = {"--tls-ca": ca or env.get("MESHSERVE_TLS_CA"), "--tls-cert": cert or env.get("MESHSERVE_TLS_CERT"),
+                 "--tls-key": key or env.get("MESHSERVE_TLS_KEY")}  # fmt: skip
         present = {flag: Path(str(value)) for flag, value in given.items() if value}
         if not present:
             return None
