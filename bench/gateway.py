@@ -14,7 +14,7 @@ One run, the same trained models and the same held-out photos on both sides:
 (c) latency at concurrency 1 vs shard count S = 1, 4, 8: a fresh LocalMesh per S (shards rebuilt as
     S contiguous slices of the catalogue), with the in-process pipeline over the same S shards beside it.
 (d) mTLS on vs off: a plaintext and an mTLS mesh up side by side, searched interleaved, and one empty
-    hop to each of their processes (bench/_gateway_tls.py). `--tls-only` runs just this part.
+    hop to each of their processes (bench/helpers/gateway_tls.py). `--tls-only` runs just this part.
 
 Every mesh request sets `no_cache=True`, so the gateway's prediction cache never answers. Both sides
 are warmed up before timing. The two sides are measured *interleaved*, query by query, with the order
@@ -501,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     photos = [p.jpeg for p in held_out_photos(cfg.home, cfg.queries)]
-    from _gateway_tls import Tools, tls_on_off  # beside this script
+    from helpers.gateway_tls import Tools, tls_on_off  # bench/helpers/, beside this script
 
     tools = Tools(free_port, interleaved, search_request, TIMEOUT_S)
     if cfg.tls_only:
