@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import weakref
+from typing import TYPE_CHECKING
+
 import grpc
 
 from meshserve.registry.instances import Instance
@@ -9,7 +14,13 @@ from meshserve.rpc.channel_options import client_options
 from meshserve.rpc.tls import ClientCredentials, aio_channel
 from meshserve.rpc.tls_files import TlsFiles
 
+if TYPE_CHECKING:
+    from meshserve.gateway.balancer import ReplicaSet
+
+log = logging.getLogger(__name__)
+
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+RENEWAL_CHECK_S = 10.0
 
 
 class MeshChannels:
@@ -20,6 +31,7 @@ class MeshChannels:
     def __init__(self, tls: TlsFiles | None, max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.credentials = ClientCredentials(tls) if tls is not None else None
         self._options = [*client_options(max_message_bytes), ("grpc.enable_retries", 0)]
+        self._tracked: weakref.WeakSet[ReplicaSet] = weakref.WeakSet()
 
     @property
     def secure(self) -> bool:
@@ -33,3 +45,23 @@ class MeshChannels:
 
     def for_instance(self, instance: Instance) -> grpc.aio.Channel:
         return aio_channel(instance.target, instance.name, self._options, self.credentials)
+
+    def track(self, replicas: ReplicaSet) -> None:
+        self._tracked.add(replicas)
+
+    async def follow_renewals(self, every_s: float = RENEWAL_CHECK_S) -> None:
+        """Reopen every tracked replica set's channels once this process's certificate files change, so the
+        renewed certificate is the one presented, also when a connection is made again later."""
+        if self.credentials is None:
+            return
+        files = self.credentials.files
+        seen = files.stamp()
+        while True:
+            await asyncio.sleep(every_s)
+            stamp = files.stamp()
+            if stamp and stamp != seen:
+                seen = stamp
+                sets = list(self._tracked)
+                for replicas in sets:
+                    replicas.reopen()
+                log.info("client certificate renewed: reopened the channels of %d replica set(s)", len(sets))

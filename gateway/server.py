@@ -69,6 +69,8 @@ class Gateway:
         self.config = config
         channels = MeshChannels(config.tls)
         self.admission = Admission(channels)
+        self.channels = channels
+        self._renewals: asyncio.Task[None] | None = None
         self.routes = RouteTable(config.registry, default_policies(config.hedge_after_ms), channels,
                                  admission=self.admission)  # fmt: skip
         enricher = CatalogueEnricher(config.catalogue_home, config.catalogue_ttl_s)
@@ -95,6 +97,7 @@ class Gateway:
             self._metrics_port = int(metrics.server_port)
         await self.routes.start()
         await self.guard.start()
+        self._renewals = asyncio.create_task(self.channels.follow_renewals())
         self.jobs.start()
         log.info("gateway routes from registry %s%s", self.config.registry.http_addr,
                  " (stale)" if self.routes.stale else "")  # fmt: skip
@@ -149,6 +152,9 @@ class Gateway:
         await self.jobs.close()
         await self.routes.close()
         await self.admission.close()
+        if self._renewals is not None:
+            self._renewals.cancel()
+            await asyncio.gather(self._renewals, return_exceptions=True)
 
 
 def observe_request(method: str, code: str, seconds: float) -> None:

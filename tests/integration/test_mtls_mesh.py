@@ -199,7 +199,8 @@ def test_mtls_mesh_routes_to_verified_replicas_only_and_survives_renewal_under_l
         loop.join(timeout=60)
     print(f"{count['searches']} searches during renewal, {len(failures)} failed")
     assert failures == [] and count["searches"] >= 3
-    # the renewed certificates work for new connections everywhere, the agent's checks included
+    # the gateway reopens its channels to the replicas with its renewed certificate, and searches go on
+    wait_until(lambda: "reopened the channels" in gateway.proc.output(), timeout=60, what="channels reopened")
     search_photo(gateway.target, photo, timeout=20, min_score=0.01)
     newest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(layout.cert(GATEWAY).read_text())).hexdigest()
     assert served_certificate(gateway.port, layout, "cli") == newest
