@@ -43,6 +43,8 @@ class GatewayRunner:
         self._refreshed = 0.0
         self._turn = itertools.count()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retired: list[grpc.aio.Channel] = []  # opened with a certificate since renewed; closed at close()
+        self._stamp = tls_files.stamp() if tls_files is not None else ()
 
     async def run(self, request: jobs_pb2.SubmitJobRequest, deadline: float) -> jobs_pb2.Job:
         """A Job holding the result of `request`'s payload; RunFailed when the call fails."""
@@ -82,11 +84,17 @@ class GatewayRunner:
         return self._targets[next(self._turn) % len(self._targets)]
 
     def _channel(self, target: str) -> grpc.aio.Channel:
+        if self._credentials is not None and (stamp := self._credentials.files.stamp()) != self._stamp:
+            # a channel keeps the certificate it was opened with, also for reconnects: new ones present the renewed
+            self._stamp = stamp
+            self._retired += self._channels.values()
+            self._channels.clear()
         if target not in self._channels:
             self._channels[target] = aio_channel(target, SERVICE_NAMES["gateway"], _OPTIONS, self._credentials)
         return self._channels[target]
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel in [*self._channels.values(), *self._retired]:
             await channel.close()
         self._channels.clear()
+        self._retired.clear()
