@@ -69,6 +69,8 @@ USER 10001:10001
 # 9464: Prometheus /metrics (--metrics-port).
 EXPOSE 50051 9464
 
+# With mTLS, mount the certificates (e.g. at /etc/meshserve/tls) and set MESHSERVE_TLS_CA, MESHSERVE_TLS_CERT,
+# MESHSERVE_TLS_KEY: the server requires client certificates and this check presents its own (deploy/README.md).
 # The gRPC health service of whatever role listens on 50051; roles on other ports, and the
 # one-shot jobs (train, shard build), override or disable this in compose / Kubernetes.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \

@@ -13,6 +13,8 @@ One run, the same trained models and the same held-out photos on both sides:
     and the replicas working on both cores at once.
 (c) latency at concurrency 1 vs shard count S = 1, 4, 8: a fresh LocalMesh per S (shards rebuilt as
     S contiguous slices of the catalogue), with the in-process pipeline over the same S shards beside it.
+(d) mTLS on vs off: a plaintext and an mTLS mesh up side by side, searched interleaved, and one empty
+    hop to each of their processes (bench/helpers/gateway_tls.py). `--tls-only` runs just this part.
 
 Every mesh request sets `no_cache=True`, so the gateway's prediction cache never answers. Both sides
 are warmed up before timing. The two sides are measured *interleaved*, query by query, with the order
@@ -68,6 +70,7 @@ class BenchConfig:
     throughput_requests: int
     warmup: int
     ready_timeout_s: float = 300.0
+    tls_only: bool = False
 
     def __post_init__(self) -> None:
         if self.queries < 2:
@@ -464,6 +467,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     parser.add_argument("--queries", type=int, default=None,
                         help="held-out photos timed per side (default 60, 12 with --quick)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer queries, S = 1, 4 only")
+    parser.add_argument("--tls-only", action="store_true", help="run only (d), mTLS on vs off")
     parser.add_argument("--min-score", type=float, default=0.3,
                         help="min detection score on both sides (default 0.3, the gateway's default)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -478,6 +482,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         min_score=args.min_score,
         throughput_requests=max(2 * CONCURRENCY, 2 * queries),
         warmup=min(queries, 4 if args.quick else 8),
+        tls_only=args.tls_only,
     )
 
 
@@ -496,6 +501,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     photos = [p.jpeg for p in held_out_photos(cfg.home, cfg.queries)]
+    from helpers.gateway_tls import Tools, tls_on_off  # bench/helpers/, beside this script
+
+    tools = Tools(free_port, interleaved, search_request, TIMEOUT_S)
+    if cfg.tls_only:
+        print("\n".join(tls_on_off(cfg.home, photos, cfg.min_score, cfg.warmup, cfg.ready_timeout_s, say, tools)))
+        return 0
     rows: list[ShardRow] = []
     main_figures: MainFigures | None = None
     # the main mesh first, the others after: its shard dirs are rebuilt when S changes
@@ -506,7 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         main_figures = figures or main_figures
         say(f"S={shards}: mesh p50 {1000 * row.mesh.p50:.1f} ms, in-process p50 {1000 * row.inproc.p50:.1f} ms")
     assert main_figures is not None
-    print(report(cfg, main_figures, rows, len(photos)))
+    tls_lines = tls_on_off(cfg.home, photos, cfg.min_score, cfg.warmup, cfg.ready_timeout_s, say, tools)
+    print(report(cfg, main_figures, rows, len(photos)) + "\n" + "\n".join(tls_lines))
     return 0
 
 

@@ -16,6 +16,9 @@ Run: nice -n 10 python bench/runtime.py [--quick]
     everything, for callers arriving spaced out and all at once.
 (d) Open Inference Protocol ModelInfer vs Predict on the same identity server, same payload,
     called the same way, in alternating blocks: p50/p99 and the ratio (goal: within 5 % at p50).
+(e) mTLS on vs off: the same identity server (model thread) twice, plaintext and with a mesh CA
+    certificate, called over a kept channel in alternating blocks (goal: ≤ 10 % added p50 per hop),
+    and the cost of a new connection (channel + first call) with and without the TLS handshake.
 """
 
 from __future__ import annotations
@@ -237,6 +240,87 @@ async def oip_vs_predict(identity_port: int, hop_port: int, quick: bool) -> None
                   f"   (p50 ratio {o50 / p50:.3f}; goal ≤ 1.05)")  # fmt: skip
 
 
+# -- (e) mTLS on vs off -------------------------------------------------------------------
+
+
+async def tls_on_off(quick: bool) -> None:
+    import tempfile
+
+    from meshserve.pki.authority import client_leaf, init_ca, issue, service_leaf
+    from meshserve.pki.layout import PkiLayout
+
+    layout = PkiLayout(Path(tempfile.mkdtemp(prefix="bench-pki-")))
+    init_ca(layout)
+    issue(layout, service_leaf("meshserve-identity"))
+    issue(layout, client_leaf("cli"))
+    tls_flags = ["--tls-ca", str(layout.ca_cert), "--tls-cert", str(layout.cert("meshserve-identity")),
+                 "--tls-key", str(layout.key("meshserve-identity"))]  # fmt: skip
+    credentials = grpc.ssl_channel_credentials(layout.ca_cert.read_bytes(), layout.key("cli").read_bytes(),
+                                               layout.cert("cli").read_bytes())  # fmt: skip
+    opts = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+    tls_opts = [*opts, ("grpc.ssl_target_name_override", "meshserve-identity")]
+    plain_port, tls_port = free_port(), free_port()
+    common = ["--max-message-bytes", str(16 << 20), "--model-thread"]
+    plain = _start_identity(plain_port, *common)
+    secure = _start_identity(tls_port, *common, *tls_flags)
+
+    def open_channel(secure_one: bool) -> grpc.aio.Channel:
+        if secure_one:
+            return grpc.aio.secure_channel(f"127.0.0.1:{tls_port}", credentials, options=tls_opts)
+        return grpc.aio.insecure_channel(f"127.0.0.1:{plain_port}", options=opts)
+
+    print("(e) mTLS on vs off, identity Predict (model thread), ms      p50      p99")
+    try:
+        _wait_ready(plain_port, plain, health=True)
+        deadline = time.monotonic() + 30
+        while True:  # the TLS server: ready once a call over mTLS succeeds
+            try:
+                async with open_channel(True) as channel:
+                    await channel.unary_unary(PREDICT)(_payload(64), timeout=2)
+                break
+            except grpc.aio.AioRpcError:
+                if secure.poll() is not None or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        for label, nbytes, blocks, per_block in (("1 KB", 1024, 20, 100), ("600 KB", 600_000, 10, 30)):
+            if quick:
+                blocks = max(2, blocks // 5)
+            body = _payload(nbytes)
+            async with open_channel(False) as ch_p, open_channel(True) as ch_s:
+                predict_off, predict_on = ch_p.unary_unary(PREDICT), ch_s.unary_unary(PREDICT)
+                calls = {"off": lambda f=predict_off, b=body: f(b, timeout=10),
+                         "on": lambda f=predict_on, b=body: f(b, timeout=10)}  # fmt: skip
+                samples: dict[str, list[float]] = {name: [] for name in calls}
+                for call in calls.values():
+                    await _latencies(call, 20)  # warm
+                for _ in range(blocks):
+                    for name, call in calls.items():
+                        samples[name] += await _latencies(call, per_block)
+            p50, p99 = np.percentile(samples["off"], [50, 99]) * 1e3
+            s50, s99 = np.percentile(samples["on"], [50, 99]) * 1e3
+            print(f"  {label:>6}  plaintext (baseline), kept channel             {p50:7.3f}  {p99:7.3f}"
+                  f"   (n={len(samples['off'])} each)")  # fmt: skip
+            print(f"  {label:>6}  mTLS, kept channel                            {s50:7.3f}  {s99:7.3f}"
+                  f"   (p50 +{(s50 / p50 - 1) * 100:.1f} %; goal ≤ 10 %)")  # fmt: skip
+        connects: dict[bool, list[float]] = {False: [], True: []}
+        small = _payload(1024)
+        for _ in range(10 if quick else 40):
+            for secure_one in (False, True):
+                started = time.perf_counter()
+                async with open_channel(secure_one) as channel:
+                    await channel.unary_unary(PREDICT)(small, timeout=10)
+                connects[secure_one].append(time.perf_counter() - started)
+        c50, c99 = np.percentile(connects[False], [50, 99]) * 1e3
+        t50, t99 = np.percentile(connects[True], [50, 99]) * 1e3
+        print(f"    1 KB  new connection + first call, plaintext      {c50:7.3f}  {c99:7.3f}"
+              f"   (n={len(connects[False])} each)")  # fmt: skip
+        print(f"    1 KB  new connection + first call, mTLS handshake {t50:7.3f}  {t99:7.3f}"
+              f"   (+{t50 - c50:.2f} ms p50: once per connection; channels are kept)")  # fmt: skip
+    finally:
+        _stop(plain)
+        _stop(secure)
+
+
 # -- (b) throughput with batching off vs on -----------------------------------------------
 
 
@@ -362,12 +446,14 @@ async def main_async(args: argparse.Namespace) -> None:
         _stop(echo)
     if "b" in args.only:
         await batching(args.batch_cost_ms, args.quick)
+    if "e" in args.only:
+        await tls_on_off(args.quick)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (smoke run)")
-    parser.add_argument("--only", default="abcd", help="which parts to run, e.g. a (default: abcd)")
+    parser.add_argument("--only", default="abcde", help="which parts to run, e.g. a (default: abcde)")
     parser.add_argument("--batch-cost-ms", type=float, default=20.0, help="fixed cost per model call")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -8,7 +8,8 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol, runtime_checkable
 
 import grpc
 
@@ -21,6 +22,18 @@ log = logging.getLogger(__name__)
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
 CLOSE_GRACE_S = 30.0
+
+
+@runtime_checkable
+class InstanceChannels(Protocol):
+    """A channel factory that opens a channel for a registered instance (mTLS checks the service it names)."""
+
+    def __call__(self, target: str) -> grpc.aio.Channel: ...
+
+    def for_instance(self, instance: Instance) -> grpc.aio.Channel: ...
+
+    def track(self, replicas: ReplicaSet) -> None:
+        """Remember `replicas`, to reopen() its channels when the client certificate is renewed."""
 
 
 def insecure_channel(target: str, max_message_bytes: int = 16 * 1024 * 1024) -> grpc.aio.Channel:
@@ -61,6 +74,8 @@ class ReplicaSet:
         self._closing: set[asyncio.Task[None]] = set()
         self.ejections = 0
         self.budget = RetryBudget.for_policy(policy)  # shared by every call to this set
+        if isinstance(channel_factory, InstanceChannels):
+            channel_factory.track(self)
 
     def __len__(self) -> int:
         return len(self._replicas)
@@ -80,11 +95,25 @@ class ReplicaSet:
         for rid, instance in wanted.items():
             current = self._replicas.get(rid)
             if current is None:
-                channel = self._factory(instance.target)
+                channel = self._open(instance)
                 stub = prediction_pb2_grpc.PredictionServiceStub(channel)
                 self._replicas[rid] = Replica(instance, channel, stub)
             elif current.instance != instance:
                 current.instance = instance  # meta changed, same address: keep the channel
+
+    def _open(self, instance: Instance) -> grpc.aio.Channel:
+        if isinstance(self._factory, InstanceChannels):
+            return self._factory.for_instance(instance)
+        return self._factory(instance.target)
+
+    def reopen(self) -> None:
+        """A new channel for every replica (a channel keeps the client certificate it was opened with, also for
+        its reconnects); calls in flight finish on the old ones, which close after them."""
+        for rid, old in list(self._replicas.items()):
+            channel = self._open(old.instance)
+            self._replicas[rid] = replace(old, channel=channel, stub=prediction_pb2_grpc.PredictionServiceStub(channel),
+                                          outstanding=0)  # fmt: skip
+            self._close_later(old)
 
     def _close_later(self, replica: Replica) -> None:
         async def close() -> None:

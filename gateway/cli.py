@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from meshserve.rpc.tls_files import add_tls_arguments
+
 _ENV_HELP = """
 environment:
   CONSUL_HTTP_ADDR   Consul (or `meshserve registry dev`) address, default http://127.0.0.1:8500
@@ -50,6 +52,7 @@ def add_commands(subparsers: Any) -> None:
                          "meshserve-nats, else nats://127.0.0.1:4222)")
     gateway.add_argument("--trace-file", type=Path, default=os.environ.get("MESHSERVE_TRACE_FILE") or None,
                          help="write spans as JSON lines here when no OTLP endpoint is set")
+    add_tls_arguments(gateway)
     gateway.set_defaults(func=_gateway)
 
     status = subparsers.add_parser(
@@ -69,9 +72,10 @@ def _status(args: argparse.Namespace) -> int:
     from meshserve.errors import MeshError
     from meshserve.gateway.status import read_status, render
     from meshserve.registry.config import RegistryConfig
+    from meshserve.rpc.tls_files import client_files
 
     try:
-        status = asyncio.run(read_status(RegistryConfig.from_env(http_addr=args.consul)))
+        status = asyncio.run(read_status(RegistryConfig.from_env(http_addr=args.consul), client_files()))
     except (MeshError, ValueError) as exc:
         print(f"meshserve status: {exc}", file=sys.stderr)
         return 1
@@ -85,6 +89,7 @@ def _gateway(args: argparse.Namespace) -> int:
     from meshserve.gateway.photo_search import SearchConfig
     from meshserve.gateway.server import GatewayConfig, run_gateway
     from meshserve.registry.config import RegistryConfig
+    from meshserve.rpc.tls_files import tls_from_args
 
     host, port = args.host, args.port
     if args.addr:
@@ -101,7 +106,7 @@ def _gateway(args: argparse.Namespace) -> int:
             default_deadline_s=args.default_deadline, catalogue_ttl_s=args.cache_ttl,
             port_file=args.port_file, trace_file=args.trace_file, check_interval_s=args.check_interval,
             search=SearchConfig(cache_ttl_s=args.cache_ttl, cache_max_bytes=int(args.cache_max_mb * 1024 * 1024)),
-            nats_url=args.nats,
+            nats_url=args.nats, tls=tls_from_args(args),
         )  # fmt: skip
     except ValueError as exc:
         print(f"meshserve gateway: {exc}", file=sys.stderr)

@@ -7,6 +7,9 @@ from typing import Any
 
 import grpc
 
+from meshserve.registry.config import SERVICE_NAMES
+from meshserve.rpc import tls
+from meshserve.rpc.tls_files import client_files
 from meshserve.v1 import listing_guard_pb2, listing_guard_pb2_grpc
 
 
@@ -25,7 +28,7 @@ def check_request(title: str, description: str = "", price_cents: int = 0, categ
 def check_listing(target: str, request: listing_guard_pb2.CheckRequest,
                   timeout: float = 10.0) -> listing_guard_pb2.CheckResponse:  # fmt: skip
     options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
-    with grpc.insecure_channel(target, options=options) as channel:
+    with tls.channel(target, SERVICE_NAMES["gateway"], options, client_files()) as channel:
         try:
             return listing_guard_pb2_grpc.ListingGuardStub(channel).Check(request, timeout=timeout)
         except grpc.RpcError as exc:

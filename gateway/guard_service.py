@@ -10,6 +10,8 @@ from typing import Any
 
 import grpc
 
+from meshserve.gateway.admission import Admission
+from meshserve.gateway.balancer import ChannelFactory, insecure_channel
 from meshserve.gateway.flow_config import FlowConfigs
 from meshserve.gateway.flow_policy import PHOTO_SEARCH, PhotoSearchDefaults
 from meshserve.gateway.guard_servicer import ListingGuardServicer
@@ -36,8 +38,10 @@ class GuardService:
         on_photo_defaults: Callable[[PhotoSearchDefaults], None] | None = None,
         config: GuardConfig | None = None,
         watch_config: WatchConfig | None = None,
+        channel_factory: ChannelFactory = insecure_channel,
+        admission: Admission | None = None,
     ):
-        self.listing_routes = ListingRoutes(registry, policies, watch_config=watch_config)
+        self.listing_routes = ListingRoutes(registry, policies, channel_factory, watch_config, admission)
         on_apply = {PHOTO_SEARCH: on_photo_defaults} if on_photo_defaults is not None else {}
         self.configs = FlowConfigs(registry, watch_config, on_apply)
         self.guard = ListingGuard(routes, self.listing_routes, self.configs, config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from meshserve.gateway.admission import Admission
 from meshserve.gateway.balancer import ChannelFactory, ReplicaSet, insecure_channel
 from meshserve.gateway.discovery import Registered, RegisteredWatch
 from meshserve.gateway.flow_policy import SHIPPING
@@ -32,10 +33,12 @@ class ListingRoutes:
         policies: dict[str, CallPolicy],
         channel_factory: ChannelFactory = insecure_channel,
         watch_config: WatchConfig | None = None,
+        admission: Admission | None = None,
     ):
         self.registry = registry
         self.policies = policies
         self._factory = channel_factory
+        self.admission = admission
         self._watch_config = watch_config
         self._watches: list[RegisteredWatch] = []
         # model name → version → passing replicas
@@ -59,6 +62,8 @@ class ListingRoutes:
                 await replicas.close()
 
     def _apply(self, service: str, registered: tuple[Registered, ...]) -> None:
+        if self.admission is not None:
+            registered = self.admission.admit(service, registered, lambda: self._apply_latest(service))
         wanted: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         for r in registered:
             if r.passing:
@@ -73,6 +78,11 @@ class ListingRoutes:
                 if version not in sets:
                     sets[version] = ReplicaSet(f"{model}@{version}", self.policies[service], self._factory)
                 sets[version].update(wanted.get(model, {}).get(version, []))
+
+    def _apply_latest(self, service: str) -> None:
+        for watch in self._watches:
+            if watch.service == SERVICE_NAMES[service] and not watch.snapshot.stale:
+                self._apply(service, watch.snapshot.value)  # type: ignore[arg-type]
 
     @staticmethod
     def _service_of(model: str) -> str:

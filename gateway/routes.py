@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
+from meshserve.gateway.admission import Admission
 from meshserve.gateway.balancer import ChannelFactory, ReplicaSet, insecure_channel
 from meshserve.gateway.discovery import Registered, RegisteredWatch
 from meshserve.gateway.policy import CallPolicy
@@ -62,10 +63,12 @@ class RouteTable:
         policies: dict[str, CallPolicy],
         channel_factory: ChannelFactory = insecure_channel,
         watch_config: WatchConfig | None = None,
+        admission: Admission | None = None,
     ):
         self.registry = registry
         self.policies = policies
         self._factory = channel_factory
+        self.admission = admission  # None: route to every passing registration as it is
         self._watch_config = watch_config
         self._watches: dict[str, RegisteredWatch] = {}
         # stage → version → replica set; indexers: embedder version → shard → replica set
@@ -103,6 +106,8 @@ class RouteTable:
             self._report_staleness()
             return
         self._report_staleness()
+        if self.admission is not None:
+            registered = self.admission.admit(stage, registered, lambda: self._apply_latest(stage))
         if stage in self._away:
             self._away.discard(stage)
             self._settling_until[stage] = time.monotonic() + SETTLE_AFTER_OUTAGE_S

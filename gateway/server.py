@@ -12,11 +12,13 @@ import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
 from meshserve import telemetry
+from meshserve.gateway.admission import Admission
 from meshserve.gateway.enrich import CatalogueEnricher
 from meshserve.gateway.flow_policy import PhotoSearchDefaults
 from meshserve.gateway.guard_service import LISTING_GUARD_SERVICE, GuardService
 from meshserve.gateway.guard_servicer import to_listing
 from meshserve.gateway.jobs import JOBS, JobQueueLink, JobsServicer
+from meshserve.gateway.mesh_channels import MeshChannels
 from meshserve.gateway.photo_search import PhotoSearch, SearchConfig
 from meshserve.gateway.policy import default_policies
 from meshserve.gateway.routes import RouteTable
@@ -24,6 +26,7 @@ from meshserve.gateway.servicer import PhotoSearchServicer, to_query
 from meshserve.queue.config import QueueConfig
 from meshserve.registry.config import METRICS_PORT_META, SERVICE_NAMES, RegistryConfig, ServiceInstance
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
+from meshserve.rpc.tls_files import TlsFiles
 from meshserve.v1 import jobs_pb2_grpc, photo_search_pb2, photo_search_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class GatewayConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     jobs: QueueConfig = field(default_factory=QueueConfig.from_env)
     nats_url: str | None = None  # None: $NATS_URL, else the registry's meshserve-nats, else the default
+    tls: TlsFiles | None = None  # mTLS for its own port and its calls to replicas (None: plaintext)
 
 
 class Gateway:
@@ -63,10 +67,16 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig):
         self.config = config
-        self.routes = RouteTable(config.registry, default_policies(config.hedge_after_ms))
+        channels = MeshChannels(config.tls)
+        self.admission = Admission(channels)
+        self.channels = channels
+        self._renewals: asyncio.Task[None] | None = None
+        self.routes = RouteTable(config.registry, default_policies(config.hedge_after_ms), channels,
+                                 admission=self.admission)  # fmt: skip
         enricher = CatalogueEnricher(config.catalogue_home, config.catalogue_ttl_s)
         self.search = PhotoSearch(self.routes, enricher, config.search)
-        self.guard = GuardService(config.registry, self.routes, self.routes.policies, self._photo_defaults)
+        self.guard = GuardService(config.registry, self.routes, self.routes.policies, self._photo_defaults,
+                                  channel_factory=channels, admission=self.admission)  # fmt: skip
         self._following: asyncio.Task[None] | None = None
         self._metrics_port: int | None = None  # bound by start(); 0 in the config means any free port
         self.jobs = JobQueueLink(config.registry, config.jobs, config.nats_url)
@@ -87,6 +97,7 @@ class Gateway:
             self._metrics_port = int(metrics.server_port)
         await self.routes.start()
         await self.guard.start()
+        self._renewals = asyncio.create_task(self.channels.follow_renewals())
         self.jobs.start()
         log.info("gateway routes from registry %s%s", self.config.registry.http_addr,
                  " (stale)" if self.routes.stale else "")  # fmt: skip
@@ -140,6 +151,10 @@ class Gateway:
         await self.guard.close()
         await self.jobs.close()
         await self.routes.close()
+        await self.admission.close()
+        if self._renewals is not None:
+            self._renewals.cancel()
+            await asyncio.gather(self._renewals, return_exceptions=True)
 
 
 def observe_request(method: str, code: str, seconds: float) -> None:
@@ -154,6 +169,6 @@ async def run_gateway(config: GatewayConfig) -> int:
         service_name=SERVICE_NAMES["gateway"], host=config.host, port=config.port,
         max_message_bytes=config.max_message_bytes, grace_s=config.grace_s,
         registry=config.registry if config.register else None, port_file=config.port_file,
-        trace_file=config.trace_file,
+        trace_file=config.trace_file, tls=config.tls,
     )  # fmt: skip
     return await GrpcProcess(Gateway(config), process, observe_request).run()

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from meshserve.errors import FailedPrecondition
+from meshserve.gateway.admission import meta_problem, probe_identity
 from meshserve.gateway.discovery import Registered, registered_from_health
 from meshserve.gateway.flow_store import read_all
+from meshserve.gateway.mesh_channels import MeshChannels
 from meshserve.gateway.policy import default_policies
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
+from meshserve.rpc.tls_files import TlsFiles
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,7 @@ class ReplicaStatus:
     status: str
     version: str
     meta: dict[str, str]
+    ignored: str = ""  # why the gateway routes no traffic to it despite the registration ("" = routable)
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,21 @@ def acl_note(name: str, filtered: bool, token_used: bool) -> str:
     return ""
 
 
-async def read_status(config: RegistryConfig) -> dict[str, Any]:
+async def _why_ignored(found: tuple[Registered, ...], tls: TlsFiles | None) -> list[str]:
+    """The gateway's admission rules, asked from here: indexer meta, and under mTLS an identity probe of each
+    passing replica (its certificate must name the service it registered as)."""
+    channels = MeshChannels(tls) if tls is not None else None
+
+    async def why(r: Registered) -> str:
+        problem = meta_problem(r.instance)
+        if problem is not None or channels is None or not r.passing:
+            return problem or ""
+        return await probe_identity(channels, r.instance) or ""
+
+    return list(await asyncio.gather(*(why(r) for r in found)))
+
+
+async def read_status(config: RegistryConfig, tls: TlsFiles | None = None) -> dict[str, Any]:
     services: dict[str, list[ReplicaStatus]] = {}
     registered: dict[str, tuple[Registered, ...]] = {}
     acl_notes: dict[str, str] = {}
@@ -75,9 +94,10 @@ async def read_status(config: RegistryConfig) -> dict[str, Any]:
         except FailedPrecondition as exc:  # the token may not read meshserve/config/: show the rest
             flows, acl_notes["flows"] = {}, str(exc)
     for role, found in registered.items():
+        ignored = await _why_ignored(found, tls)
         services[role] = [ReplicaStatus(r.instance.id, r.instance.target, r.status,
-                                        r.instance.meta.get("version", ""), dict(r.instance.meta))
-                          for r in found]  # fmt: skip
+                                        r.instance.meta.get("version", ""), dict(r.instance.meta), why)
+                          for r, why in zip(found, ignored, strict=True)]  # fmt: skip
     groups: dict[tuple[str, str], dict[str, dict[str, int]]] = defaultdict(dict)
     for r in registered["indexer"]:
         meta = r.instance.meta
@@ -107,6 +127,8 @@ def render(status: dict[str, Any]) -> str:
         for r in replicas:
             lines.append(f"{role:<12} {r['status']:<9} {r['version']:<22} {r['target']:<22} {r['id']}"
                          f"  {protocols(r['meta'])}")  # fmt: skip
+            if r.get("ignored"):
+                lines.append(f"{'':<12} IGNORED by the gateway: {r['ignored']}")
     lines.append("")
     if not status["shard_sets"]:
         lines.append("no shards registered")

@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from meshserve.rpc.tls_files import TlsFiles, add_tls_arguments, tls_from_args
+
 # Docker reserves exit code 2 for HEALTHCHECK commands, so every unhealthy outcome is 1.
 EXIT_SERVING = 0
 EXIT_UNHEALTHY = 1
@@ -26,6 +28,8 @@ class HealthTarget:
     port: int
     service: str = ""
     timeout_s: float = 2.0
+    tls: TlsFiles | None = None  # mTLS with these files (None: plaintext)
+    server_name: str = ""  # the name the server's certificate must carry (default: the one in tls.cert)
 
     @property
     def address(self) -> str:
@@ -61,9 +65,10 @@ def check(target: HealthTarget) -> tuple[bool, str]:
 
     # A proxy from the environment must never sit between a probe and the server it probes.
     from meshserve.rpc.channel_options import client_options
+    from meshserve.rpc.tls import channel as tls_channel
 
     options = [*client_options(), ("grpc.enable_http_proxy", 0)]
-    with grpc.insecure_channel(target.address, options=options) as channel:
+    with tls_channel(target.address, _server_name(target), options, target.tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(
@@ -76,6 +81,16 @@ def check(target: HealthTarget) -> tuple[bool, str]:
             return False, f"{name}: {details}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     return reply.status == health_pb2.HealthCheckResponse.SERVING, status
+
+
+def _server_name(target: HealthTarget) -> str:
+    """A server probing itself (Docker HEALTHCHECK) verifies the service name its own certificate carries."""
+    if target.server_name or target.tls is None:
+        return target.server_name
+    from meshserve.pki.inspect import describe_file
+
+    names = describe_file(target.tls.cert).dns
+    return names[0] if names else ""
 
 
 def add_commands(subparsers: Any) -> None:
@@ -95,6 +110,10 @@ def add_commands(subparsers: Any) -> None:
     parser.add_argument(
         "--timeout", type=float, default=2.0, help="seconds to wait for the answer (default 2)"
     )
+    add_tls_arguments(parser)
+    parser.add_argument("--tls-server-name", default="",
+                        help="with mTLS: the service name the server's certificate must carry (default: the first "
+                        "DNS name in --tls-cert, i.e. a server checking itself)")
     parser.set_defaults(func=_health)
 
 
@@ -103,10 +122,12 @@ def _health(args: argparse.Namespace) -> int:
         host, port = parse_target(args.target)
         if not args.timeout > 0:
             raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+        tls = tls_from_args(args)
     except ValueError as exc:
         print(f"meshserve health: {exc}", file=sys.stderr)
         return EXIT_UNHEALTHY
-    target = HealthTarget(host=host, port=port, service=args.service, timeout_s=args.timeout)
+    target = HealthTarget(host=host, port=port, service=args.service, timeout_s=args.timeout, tls=tls,
+                          server_name=args.tls_server_name)  # fmt: skip
     serving, seen = check(target)
     what = f"{target.address}" + (f" service {target.service!r}" if target.service else "")
     if serving:

@@ -104,6 +104,8 @@ def grpc_check(instance: ServiceInstance) -> dict[str, Any]:
         deregister=go_duration(instance.deregister_critical_after_s),
     )
     check["Name"] = f"gRPC health of {instance.instance_id}"
+    if instance.tls_server_name:
+        check.update(GRPCUseTLS=True, TLSServerName=instance.tls_server_name)
     return check
 
 

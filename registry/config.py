@@ -144,3 +144,4 @@ class ServiceInstance:
     check_timeout_s: float = 1.0
     deregister_critical_after_s: float = 60.0
     grpc_health_service: str = ""  # "" checks the whole server
+    tls_server_name: str = ""  # set: the gRPC check uses TLS (GRPCUseTLS) and verifies this name (TLSServerName)

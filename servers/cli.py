@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from meshserve.rpc.tls_files import add_tls_arguments, tls_from_args
 from meshserve.servers import classifier, detector, embedder, identity, indexer, shipping
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def add_commands(subparsers: Any) -> None:
         _add_common_arguments(parser, kind)
         model_args = parser.add_argument_group(f"{name} model")
         kind.module.add_arguments(model_args)
+        add_tls_arguments(parser)
         parser.set_defaults(func=_serve, build_model=kind.module.build)
 
 
@@ -229,6 +231,7 @@ def _serve(args: argparse.Namespace) -> int:
             resync_interval_s=args.resync_interval,
             trace_file=args.trace_file,
             port_file=args.port_file,
+            tls=tls_from_args(args),
         )
         model = args.build_model(args)
         if args.inject_delay_ms:

@@ -18,6 +18,7 @@ import grpc
 
 from meshserve.registry.config import METRICS_PORT_META, RegistryConfig, ServiceInstance
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
+from meshserve.rpc.tls_files import TlsFiles
 from meshserve.servers.batching import Admission, Batcher, BatchingConfig
 from meshserve.servers.metrics import ServerMetrics
 from meshserve.servers.model import Model
@@ -48,6 +49,7 @@ class ServerConfig:
     trace_file: Path | None = None
     port_file: Path | None = None
     resync_interval_s: float = 10.0  # how often the server checks that its agent still lists it
+    tls: TlsFiles | None = None  # mutual TLS on the gRPC port (None: plaintext)
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
@@ -87,6 +89,7 @@ class ModelServer:
             max_message_bytes=config.max_message_bytes, grace_s=config.grace_s,
             registry=config.registry if config.register else None,
             resync_interval_s=config.resync_interval_s, port_file=config.port_file, trace_file=config.trace_file,
+            tls=config.tls,
         )  # fmt: skip
         self._process = GrpcProcess(self, process, self.metrics.request_done, {"model": model.name})
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from meshserve.rpc.tls_files import add_tls_arguments, tls_from_args
+
 DEFAULT_GATEWAY = "127.0.0.1:50050"
 STATES = ("queued", "running", "succeeded", "failed", "dead_lettered")
 
@@ -43,6 +45,7 @@ def add_commands(subparsers: Any) -> None:
     worker.add_argument("--grace", type=float, default=30.0, help="seconds to finish the job in hand on SIGTERM")
     worker.add_argument("--trace-file", type=Path, default=os.environ.get("MESHSERVE_TRACE_FILE") or None,
                         help="write spans as JSON lines here when no OTLP endpoint is set")
+    add_tls_arguments(worker)
     worker.set_defaults(func=_worker)
 
     jobs = subparsers.add_parser("jobs", help="submit asynchronous jobs and read their state")
@@ -117,7 +120,7 @@ def _worker(args: argparse.Namespace) -> int:
             registry=RegistryConfig.from_env(http_addr=args.consul), nats_url=args.nats, gateway=args.gateway,
             host=args.host, port=args.port, concurrency=args.concurrency, metrics_port=args.metrics_port,
             check_interval_s=args.check_interval, grace_s=args.grace, port_file=args.port_file,
-            trace_file=args.trace_file, register=not args.no_register,
+            trace_file=args.trace_file, register=not args.no_register, tls=tls_from_args(args),
         )  # fmt: skip
     except ValueError as exc:
         print(f"meshserve worker: {exc}", file=sys.stderr)

@@ -13,7 +13,9 @@ from google.protobuf import json_format
 from meshserve.queue.config import QueueConfig
 from meshserve.queue.connect import connect, find_nats
 from meshserve.queue.store import FINAL, JobQueue
-from meshserve.registry.config import RegistryConfig
+from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
+from meshserve.rpc import tls
+from meshserve.rpc.tls_files import client_files
 from meshserve.v1 import jobs_pb2, jobs_pb2_grpc
 
 
@@ -21,19 +23,24 @@ def state_name(state: int) -> str:
     return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_").lower()
 
 
+def _channel(gateway: str, options: list[tuple[str, int]]) -> grpc.Channel:
+    """To the gateway: mTLS with MESHSERVE_TLS_* or the local mesh's credentials, else plaintext."""
+    return tls.channel(gateway, SERVICE_NAMES["gateway"], options, client_files())
+
+
 def submit(gateway: str, request: jobs_pb2.SubmitJobRequest, timeout: float) -> jobs_pb2.SubmitJobResponse:
-    with grpc.insecure_channel(gateway, options=[("grpc.max_send_message_length", 16 << 20)]) as channel:
+    with _channel(gateway, [("grpc.max_send_message_length", 16 << 20)]) as channel:
         return jobs_pb2_grpc.JobsStub(channel).Submit(request, timeout=timeout)
 
 
 def get(gateway: str, job_id: str, timeout: float) -> jobs_pb2.Job:
-    with grpc.insecure_channel(gateway, options=[("grpc.max_receive_message_length", 16 << 20)]) as channel:
+    with _channel(gateway, [("grpc.max_receive_message_length", 16 << 20)]) as channel:
         return jobs_pb2_grpc.JobsStub(channel).Get(jobs_pb2.GetJobRequest(job_id=job_id), timeout=timeout)
 
 
 def watch(gateway: str, job_id: str) -> Iterator[jobs_pb2.Job]:
     """The job now and every change of it until final (the gateway ends a watch after 10 minutes)."""
-    with grpc.insecure_channel(gateway, options=[("grpc.max_receive_message_length", 16 << 20)]) as channel:
+    with _channel(gateway, [("grpc.max_receive_message_length", 16 << 20)]) as channel:
         yield from jobs_pb2_grpc.JobsStub(channel).Watch(jobs_pb2.GetJobRequest(job_id=job_id))
 
 

@@ -12,6 +12,8 @@ import grpc
 from meshserve import telemetry
 from meshserve.errors import NotReady
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
+from meshserve.rpc.tls import ClientCredentials, aio_channel
+from meshserve.rpc.tls_files import TlsFiles
 from meshserve.v1 import jobs_pb2, listing_guard_pb2_grpc, photo_search_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,13 +35,16 @@ class GatewayRunner:
 
     REFRESH_S = 5.0
 
-    def __init__(self, registry: RegistryConfig | None, target: str | None = None):
+    def __init__(self, registry: RegistryConfig | None, target: str | None = None, tls_files: TlsFiles | None = None):
         self.registry = registry
+        self._credentials = ClientCredentials(tls_files) if tls_files is not None else None
         self.fixed = target
         self._targets: list[str] = [target] if target else []
         self._refreshed = 0.0
         self._turn = itertools.count()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retired: list[grpc.aio.Channel] = []  # opened with a certificate since renewed; closed at close()
+        self._stamp = tls_files.stamp() if tls_files is not None else ()
 
     async def run(self, request: jobs_pb2.SubmitJobRequest, deadline: float) -> jobs_pb2.Job:
         """A Job holding the result of `request`'s payload; RunFailed when the call fails."""
@@ -79,11 +84,17 @@ class GatewayRunner:
         return self._targets[next(self._turn) % len(self._targets)]
 
     def _channel(self, target: str) -> grpc.aio.Channel:
+        if self._credentials is not None and (stamp := self._credentials.files.stamp()) != self._stamp:
+            # a channel keeps the certificate it was opened with, also for reconnects: new ones present the renewed
+            self._stamp = stamp
+            self._retired += self._channels.values()
+            self._channels.clear()
         if target not in self._channels:
-            self._channels[target] = grpc.aio.insecure_channel(target, options=_OPTIONS)
+            self._channels[target] = aio_channel(target, SERVICE_NAMES["gateway"], _OPTIONS, self._credentials)
         return self._channels[target]
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel in [*self._channels.values(), *self._retired]:
             await channel.close()
         self._channels.clear()
+        self._retired.clear()

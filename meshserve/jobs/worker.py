@@ -26,6 +26,7 @@ from meshserve.queue.connect import connect, find_nats
 from meshserve.queue.store import SUBMITTED_HEADER, Claim, JobQueue
 from meshserve.registry.config import METRICS_PORT_META, RegistryConfig, ServiceInstance
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
+from meshserve.rpc.tls_files import TlsFiles
 from meshserve.v1 import jobs_pb2
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class WorkerConfig:
     connect_timeout_s: float = 60.0
     port_file: Path | None = None
     trace_file: Path | None = None
+    tls: TlsFiles | None = None  # mTLS for its health port and its calls to the gateway (None: plaintext)
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= 64:
@@ -69,7 +71,7 @@ class Worker:
 
     def __init__(self, config: WorkerConfig):
         self.config = config
-        self.runner = GatewayRunner(config.registry, config.gateway)
+        self.runner = GatewayRunner(config.registry, config.gateway, config.tls)
         self.queue: JobQueue | None = None
         self._sub: Any = None
         self._draining = False
@@ -304,5 +306,5 @@ def _copy(job: jobs_pb2.Job) -> jobs_pb2.Job:
 async def run_worker(config: WorkerConfig) -> int:
     process = ProcessConfig(service_name=WORKER_SERVICE, host=config.host, port=config.port, max_message_bytes=1 << 20,
                             grace_s=config.grace_s, registry=config.registry if config.register else None,
-                            port_file=config.port_file, trace_file=config.trace_file)  # fmt: skip
+                            port_file=config.port_file, trace_file=config.trace_file, tls=config.tls)  # fmt: skip
     return await GrpcProcess(Worker(config), process, lambda method, code, seconds: None).run()

@@ -26,9 +26,11 @@ def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
                         "when that one is taken)")
     parser.add_argument("--nats-addr", default="127.0.0.1:4222",
                         help="where `nats dev` (the job queue) listens (default 127.0.0.1:4222; 'none' = no NATS)")
-    parser.add_argument("--insecure", action="store_true", help="debugging only: registry ACLs off (no tokens)")
     parser.add_argument("--workers", type=int,
                         help="job workers (default 1, or 0 with --nats-addr none; they find NATS by NATS_URL then)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="debugging only: no mTLS between the processes and no registry ACLs (default: both on, "
+                             "certificates under $MESHSERVE_HOME/pki, tokens under $MESHSERVE_HOME/acl)")
 
 
 def add_commands(subparsers: Any) -> None:
@@ -68,7 +70,7 @@ def _config(args: argparse.Namespace) -> Any:
                       prometheus_addr=args.prometheus_addr if args.prometheus else None,
                       nats_addr=None if args.nats_addr == "none" else args.nats_addr,
                       workers=args.workers if args.workers is not None else int(args.nats_addr != "none"),
-                      acl=not args.insecure)  # fmt: skip
+                      acl=not args.insecure, secure=not args.insecure)  # fmt: skip
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -16,12 +16,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshserve.local.mesh_pki import MeshPki
 from meshserve.local.supervisor import PARENT_ENV, Child, ChildSpec, Supervisor
+from meshserve.queue.config import WORKER_SERVICE
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
 
 log = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
+RENEWAL_CHECK_S = 60.0  # certificates live 24 h and are renewed after 16: checking each minute is plenty
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class MeshConfig:
     nats_addr: str | None = None  # start `meshserve nats dev` here (None: the job queue is someone else's)
     workers: int = 0  # `meshserve worker` processes for the job queue
     acl: bool = True  # the dev registry with ACLs on and a token per workload (--insecure: off)
+    secure: bool = False  # mTLS between every process, certificates under $MESHSERVE_HOME/pki (`up` and `demo`)
 
     def __post_init__(self) -> None:
         if self.detectors < 1 or self.embedders < 1 or self.shards < 1:
@@ -73,6 +77,7 @@ class MeshInfo:
     versions: dict[str, str] = field(default_factory=dict)
     registry_child: Child | None = None  # None when the mesh uses an outside Consul
     prometheus: str | None = None  # its URL, when started
+    pki: Path | None = None  # the mesh CA's directory when the processes speak mTLS
 
     def table(self) -> str:
         registry_pid = f"   pid {self.registry_child.proc.pid}" if self.registry_child else ""
@@ -84,6 +89,7 @@ class MeshInfo:
             lines.append(f"traces     {self.trace_file}   (meshserve trace TRACE_ID)")
         if self.prometheus:
             lines.append(f"prometheus {self.prometheus}   (meshserve top: the same live, in this terminal)")
+        lines.append(f"mtls       {self.pki}   (meshserve certs show)" if self.pki else "mtls       off (--insecure)")
         return "\n".join(lines)
 
 
@@ -109,6 +115,8 @@ class LocalMesh:
         self._ports = config.run_dir / "ports"
         self._ports.mkdir(exist_ok=True)
         self._tokens: dict[str, Path] = {}  # workload → its registry token file, when ACLs are on
+        self.pki = MeshPki.prepare(config.home, config.secure)
+        self._renewal_checked = time.monotonic()
 
     # -- bring up -------------------------------------------------------------------------------
 
@@ -129,7 +137,7 @@ class LocalMesh:
         shard_dirs = self._build_shards()
 
         info = MeshInfo(self.registry_addr, cfg.gateway_addr, trace_file=self.trace_file,
-                        registry_child=registry_child)
+                        registry_child=registry_child, pki=self.pki.layout.root if self.pki else None)
         nats = self._start_nats(cfg.nats_addr) if cfg.nats_addr is not None else None
         # The gateway first: it binds its fixed port before any model server takes a free one
         # (one of those could otherwise be handed the same port), and it discovers the rest.
@@ -139,8 +147,8 @@ class LocalMesh:
                         "--check-interval", str(cfg.check_interval_s), *cfg.gateway_args]
         # Every server serves /metrics (registered as meta metrics_port): Prometheus and `top` find it.
         gateway_args += ["--metrics-port", str(cfg.gateway_metrics_port or 0)]
-        gateway = self.supervisor.start(ChildSpec("gateway", tuple(gateway_args), port_file=gateway_port_file,
-                                                  env=self._token_env("gateway")))
+        gateway = self.supervisor.start(ChildSpec("gateway", tuple(gateway_args), self._env("gateway"),
+                                                  port_file=gateway_port_file))  # fmt: skip
         self.supervisor.wait_port(gateway, cfg.ready_timeout_s)
         gateway_endpoint = Endpoint("gateway", "gateway", cfg.gateway_addr, gateway)
 
@@ -157,7 +165,7 @@ class LocalMesh:
             spec = ChildSpec(name, (*args, "--port", "0", "--port-file", str(port_file), "--threads",
                                     str(cfg.threads), "--check-interval", str(cfg.check_interval_s),
                                     "--metrics-port", "0"),
-                             port_file=port_file, env=self._token_env(role))  # fmt: skip
+                             self._env(role), port_file=port_file)  # fmt: skip
             info.endpoints.append(Endpoint(role, name, "", self.supervisor.start(spec)))
         for endpoint in info.endpoints:
             port = self.supervisor.wait_port(endpoint.child, cfg.ready_timeout_s)
@@ -178,7 +186,7 @@ class LocalMesh:
             worker = self.supervisor.start(ChildSpec(f"worker-{i}", ("worker", "--port-file", str(port_file),
                                                                    "--check-interval", str(cfg.check_interval_s),
                                                                    "--metrics-port", "0"),
-                                                     port_file=port_file, env=self._token_env("worker")))  # fmt: skip
+                                                     self._env("worker"), port_file=port_file))  # fmt: skip
             port = self.supervisor.wait_port(worker, cfg.ready_timeout_s)
             info.endpoints.append(Endpoint("worker", f"worker-{i}", f"127.0.0.1:{port}", worker))
         return info
@@ -213,8 +221,9 @@ class LocalMesh:
         data_dir = self.config.run_dir / "registry"
         shutil.rmtree(data_dir, ignore_errors=True)
         acl = ("--acl-enabled",) if self.config.acl else ()
+        tls_args = self.pki.agent_args() if self.pki is not None else ()
         spec = ChildSpec("registry", ("registry", "dev", "--http-addr", self.config.registry_addr,
-                                      "--data-dir", str(data_dir), *acl))  # fmt: skip
+                                      "--data-dir", str(data_dir), *acl, *tls_args))  # fmt: skip
         child = self.supervisor.start(spec)
         deadline = time.monotonic() + 30
         while not _leader_answers(self.registry_addr):
@@ -341,10 +350,23 @@ class LocalMesh:
 
     # -- run and stop ---------------------------------------------------------------------------
 
+    def _env(self, role: str) -> tuple[tuple[str, str], ...]:
+        """A child's credentials: its certificate (mTLS) and its registry token (ACLs)."""
+        return self._tls_env(role) + self._token_env(role)
+
+    def _tls_env(self, role: str) -> tuple[tuple[str, str], ...]:
+        if self.pki is None:
+            return ()
+        return self.pki.env(WORKER_SERVICE if role == "worker" else SERVICE_NAMES[role])
+
     def watch(self, stop_requested: Callable[[], bool]) -> None:
         while not stop_requested():
             for event in self.supervisor.check():
                 self.say(event)
+            if self.pki is not None and time.monotonic() - self._renewal_checked > RENEWAL_CHECK_S:
+                self._renewal_checked = time.monotonic()
+                if renewed := self.pki.renew_due():
+                    self.say(f"renewed certificates: {', '.join(renewed)}")
             time.sleep(0.25)
 
     def stop(self) -> None:

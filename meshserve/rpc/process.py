@@ -18,7 +18,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -32,6 +32,8 @@ from meshserve.errors import InvalidInput
 from meshserve.registry.config import RegistryConfig, ServiceInstance
 from meshserve.rpc.channel_options import server_options
 from meshserve.rpc.interceptor import Observe, StatusInterceptor
+from meshserve.rpc.tls import server_credentials
+from meshserve.rpc.tls_files import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class ProcessConfig:
     resync_interval_s: float = 10.0
     port_file: Path | None = None
     trace_file: Path | None = None
+    tls: TlsFiles | None = None  # None: plaintext; else mTLS, client certificates from the mesh CA required
 
 
 class GrpcProcess:
@@ -134,7 +137,10 @@ class GrpcProcess:
         reflection.enable_server_reflection((*services, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
         for name in ("", *services):
             await health.set(name, NOT_SERVING)
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if cfg.tls is None:
+            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        else:
+            self.port = server.add_secure_port(f"{cfg.host}:{cfg.port}", server_credentials(cfg.tls))
         await server.start()
         log.info("listening on %s:%d (%s)", cfg.host, self.port, ", ".join(services))
         if cfg.port_file is not None:
@@ -200,6 +206,8 @@ class GrpcProcess:
         from meshserve.registry.keeper import keep_registered
 
         instance = self.workload.instance(self.port)
+        if self.config.tls is not None:  # the registry's gRPC check speaks TLS and verifies the service's name
+            instance = replace(instance, tls_server_name=instance.name)
 
         def registered() -> None:
             self._registered_id = instance.instance_id

@@ -76,6 +76,10 @@ class AgentConfig:
     reap_interval: float = 30.0  # Consul's reaper period
     min_deregister_after: float = 60.0  # Consul's minimum DeregisterCriticalServiceAfter
     min_check_interval: float = 1.0  # Consul's minimum check interval
+    # Consul's tls.defaults: the CA, certificate and key the agent presents to TLS gRPC check targets
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
 
 class DevAgent:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -41,13 +43,60 @@ def _channel_key(d: CheckDef) -> _ChannelKey:
     return _ChannelKey(d.target.partition("/")[0], d.use_tls, d.tls_skip_verify, d.tls_server_name)
 
 
+@dataclass(frozen=True)
+class CheckClientTls:
+    """The agent's own TLS material (ca_file, cert_file, key_file) for TLS gRPC checks: the CA verifies the
+    target, the certificate answers a target that requires client certificates (mutual TLS)."""
+
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+
+    @classmethod
+    def of(cls, ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> CheckClientTls | None:
+        if (cert_file is None) != (key_file is None):
+            raise SystemExit("--cert-file and --key-file go together")
+        return None if ca_file is None and cert_file is None else cls(ca_file, cert_file, key_file)
+
+    def stamp(self) -> tuple[int, ...]:
+        files = [f for f in (self.ca_file, self.cert_file, self.key_file) if f is not None]
+        try:
+            return tuple(f.stat().st_mtime_ns for f in files)
+        except OSError:
+            return ()
+
+    def read(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(CA, key, certificate) PEM bytes; a key caught mid-renewal is re-read until it fits."""
+        ca = self.ca_file.read_bytes() if self.ca_file else None
+        for _ in range(20):
+            cert = self.cert_file.read_bytes() if self.cert_file else None
+            key = self.key_file.read_bytes() if self.key_file else None
+            if cert is None or key is None or _key_fits(cert, key):
+                return ca, key, cert
+            time.sleep(0.01)
+        return ca, key, cert
+
+
+def _key_fits(cert_pem: bytes, key_pem: bytes) -> bool:
+    from meshserve.pki.inspect import key_matches
+
+    return key_matches(cert_pem, key_pem)
+
+
 class GrpcChannelPool:
     """One channel per target: a check costs one small RPC, not a new connection."""
 
-    def __init__(self) -> None:
+    def __init__(self, client_tls: CheckClientTls | None = None) -> None:
         self._channels: dict[_ChannelKey, grpc.aio.Channel] = {}
+        self._tls = client_tls
+        self._tls_stamp = client_tls.stamp() if client_tls else ()
 
     async def get(self, key: _ChannelKey, timeout: float) -> grpc.aio.Channel:
+        if key.use_tls and self._tls is not None and self._tls.stamp() != self._tls_stamp:
+            # renewed certificate: TLS channels reconnect presenting it (a kept channel would not)
+            self._tls_stamp = self._tls.stamp()
+            for old in [k for k in self._channels if k.use_tls]:
+                await self.drop(old)
         channel = self._channels.get(key)
         if channel is None:
             channel = await self._open(key, timeout)
@@ -58,7 +107,7 @@ class GrpcChannelPool:
         if not key.use_tls:
             return grpc.aio.insecure_channel(key.hostport, options=_GRPC_OPTIONS)
         options: list[tuple[str, str | int]] = list(_GRPC_OPTIONS)
-        roots = None
+        roots, client_key, client_cert = self._tls.read() if self._tls else (None, None, None)
         server_name = key.server_name
         if key.skip_verify:
             # gRPC cannot turn verification off; trusting the certificate the server presents
@@ -67,7 +116,7 @@ class GrpcChannelPool:
             server_name = server_name or cert_name
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
-        creds = grpc.ssl_channel_credentials(root_certificates=roots)
+        creds = grpc.ssl_channel_credentials(roots, client_key, client_cert)
         return grpc.aio.secure_channel(key.hostport, creds, options=options)
 
     def keys(self) -> set[_ChannelKey]:
@@ -119,14 +168,14 @@ class CheckRunner:
     """Runs every registered check; listens to DevState for checks coming and going."""
 
     def __init__(self, state: DevState, min_interval: float = CONSUL_MIN_INTERVAL_S,
-                 max_concurrency: int = 64):
+                 max_concurrency: int = 64, client_tls: CheckClientTls | None = None):
         self.state = state
         self.min_interval = min_interval
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks_defs: dict[str, CheckDef] = {}
         self._ttl_timers: dict[str, asyncio.TimerHandle] = {}
         self._limit = asyncio.Semaphore(max_concurrency)
-        self._grpc = GrpcChannelPool()
+        self._grpc = GrpcChannelPool(client_tls)
         self._http: aiohttp.ClientSession | None = None
         state.listeners.append(self)
 

@@ -81,6 +81,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                      help="floor for DeregisterCriticalServiceAfter (Consul: 1m)")
     dev.add_argument("--min-check-interval", type=_duration, default=1.0,
                      help="floor for check intervals (Consul: 1s)")
+    for flag, what in (("ca", "CA certificate verifying"), ("cert", "certificate presented to"),
+                       ("key", "private key of the certificate presented to")):
+        dev.add_argument(f"--{flag}-file", type=Path, help=f"the {what} TLS gRPC check targets (Consul tls.defaults)")
     dev.set_defaults(func=run_dev)
 
 
@@ -109,6 +112,7 @@ def run_dev(args: argparse.Namespace) -> int:
         reap_interval=max(args.reap_interval, 0.05),
         min_deregister_after=args.min_deregister_after,
         min_check_interval=args.min_check_interval,
+        ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
     )
     asyncio.run(serve(config))
     return 0

@@ -15,7 +15,7 @@ from aiohttp import web
 from meshserve.registry.dev import persist
 from meshserve.registry.dev.acl import AclStore
 from meshserve.registry.dev.agent import MAX_IN_FLIGHT, AgentConfig, DevAgent
-from meshserve.registry.dev.checks import CheckRunner
+from meshserve.registry.dev.checks import CheckClientTls, CheckRunner
 from meshserve.registry.dev.state import DevState, NodeInfo
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None)
         persister.start()
         persister.mark_dirty()  # record the index reservation before answering anything
         await persister.flush()
-    checks = CheckRunner(state, min_interval=config.min_check_interval)
+    check_tls = CheckClientTls.of(config.ca_file, config.cert_file, config.key_file)
+    checks = CheckRunner(state, min_interval=config.min_check_interval, client_tls=check_tls)
     state.start_listeners()
     reaper = asyncio.get_running_loop().create_task(checks.reaper(config.reap_interval))
     agent = DevAgent(config, state, persister, acl)
