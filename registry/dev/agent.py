@@ -65,7 +65,8 @@ class AgentConfig:
     acl_default_policy: str = "deny"
     http_enabled: bool = True  # plain HTTP on host:port (off: HTTPS only, like Consul's ports.http = -1)
     https_addr: tuple[str, int] | None = None  # Consul's addresses.https + ports.https
-    # Consul's tls.defaults: the HTTPS listener's certificate, and the CA its clients must come from
+    # Consul's tls.defaults: the HTTPS listener's certificate and the CA its clients must come from; the
+    # same CA, certificate and key are what the agent presents to and verifies of TLS gRPC check targets
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -76,10 +77,6 @@ class AgentConfig:
     reap_interval: float = 30.0  # Consul's reaper period
     min_deregister_after: float = 60.0  # Consul's minimum DeregisterCriticalServiceAfter
     min_check_interval: float = 1.0  # Consul's minimum check interval
-    # Consul's tls.defaults: the CA, certificate and key the agent presents to TLS gRPC check targets
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
 
 
 class DevAgent:

@@ -65,8 +65,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                      "(`meshserve acl bootstrap`)")
     dev.add_argument("--acl-default-policy", choices=("deny", "allow"), default="deny",
                      help="what a token may do where no rule says (Consul's acl.default_policy; default deny)")
-    for flag, what in (("--ca-file", "CA certificate (PEM) for verifying clients with --verify-incoming"),
-                       ("--cert-file", "certificate (PEM) to serve HTTPS with, on --https-addr"),
+    # Consul's tls.defaults: one identity for the HTTPS listener and for TLS gRPC checks
+    for flag, what in (("--ca-file", "CA certificate (PEM): verifies HTTPS clients (--verify-incoming) "
+                                     "and TLS gRPC check targets"),
+                       ("--cert-file", "certificate (PEM) served on --https-addr and presented to TLS gRPC check "
+                                       "targets"),
                        ("--key-file", "private key (PEM) of --cert-file")):
         dev.add_argument(flag, type=Path, default=None, help=what)
     dev.add_argument("--verify-incoming", action="store_true",
@@ -81,9 +84,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                      help="floor for DeregisterCriticalServiceAfter (Consul: 1m)")
     dev.add_argument("--min-check-interval", type=_duration, default=1.0,
                      help="floor for check intervals (Consul: 1s)")
-    for flag, what in (("ca", "CA certificate verifying"), ("cert", "certificate presented to"),
-                       ("key", "private key of the certificate presented to")):
-        dev.add_argument(f"--{flag}-file", type=Path, help=f"the {what} TLS gRPC check targets (Consul tls.defaults)")
     dev.set_defaults(func=run_dev)
 
 
@@ -112,7 +112,6 @@ def run_dev(args: argparse.Namespace) -> int:
         reap_interval=max(args.reap_interval, 0.05),
         min_deregister_after=args.min_deregister_after,
         min_check_interval=args.min_check_interval,
-        ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
     )
     asyncio.run(serve(config))
     return 0
