@@ -12,6 +12,7 @@ import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
 from meshserve import telemetry
+from meshserve.gateway.arms import Arms
 from meshserve.gateway.enrich import CatalogueEnricher
 from meshserve.gateway.flow_policy import PhotoSearchDefaults
 from meshserve.gateway.guard_service import LISTING_GUARD_SERVICE, GuardService
@@ -19,8 +20,10 @@ from meshserve.gateway.guard_servicer import to_listing
 from meshserve.gateway.jobs import JOBS, JobQueueLink, JobsServicer
 from meshserve.gateway.photo_search import PhotoSearch, SearchConfig
 from meshserve.gateway.policy import default_policies
+from meshserve.gateway.rollout_store import RolloutPolicies
 from meshserve.gateway.routes import RouteTable
 from meshserve.gateway.servicer import PhotoSearchServicer, to_query
+from meshserve.gateway.shadow import ShadowRunner
 from meshserve.queue.config import QueueConfig
 from meshserve.registry.config import METRICS_PORT_META, SERVICE_NAMES, RegistryConfig, ServiceInstance
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
@@ -65,8 +68,13 @@ class Gateway:
         self.config = config
         self.routes = RouteTable(config.registry, default_policies(config.hedge_after_ms))
         enricher = CatalogueEnricher(config.catalogue_home, config.catalogue_ttl_s)
-        self.search = PhotoSearch(self.routes, enricher, config.search)
-        self.guard = GuardService(config.registry, self.routes, self.routes.policies, self._photo_defaults)
+        # Rollout policies (KV meshserve/rollout/<service>) choose each request's version and arm.
+        self.rollouts = RolloutPolicies(config.registry)
+        self.shadows = ShadowRunner()
+        arms = Arms(self.rollouts)
+        self.search = PhotoSearch(self.routes, enricher, config.search, arms, self.shadows)
+        self.guard = GuardService(config.registry, self.routes, self.routes.policies, self._photo_defaults,
+                                  arms=arms, shadows=self.shadows)  # fmt: skip
         self._following: asyncio.Task[None] | None = None
         self._metrics_port: int | None = None  # bound by start(); 0 in the config means any free port
         self.jobs = JobQueueLink(config.registry, config.jobs, config.nats_url)
@@ -85,6 +93,7 @@ class Gateway:
         if self.config.metrics_port is not None:
             metrics, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
             self._metrics_port = int(metrics.server_port)
+        await self.rollouts.start()
         await self.routes.start()
         await self.guard.start()
         self.jobs.start()
@@ -139,6 +148,8 @@ class Gateway:
             await asyncio.gather(self._following, return_exceptions=True)
         await self.guard.close()
         await self.jobs.close()
+        await self.shadows.close()
+        await self.rollouts.stop()
         await self.routes.close()
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from meshserve.gateway.discovery import Registered, registered_from_health
 from meshserve.gateway.flow_store import read_all
 from meshserve.gateway.policy import default_policies
+from meshserve.gateway.rollout_store import StoredRollout, read_rollouts
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
 
@@ -41,6 +42,7 @@ async def read_status(config: RegistryConfig) -> dict[str, Any]:
             _, entries = await client.call(f"read {name}", client.consul.health.service(name))
             registered[role] = registered_from_health(entries)
         flows = await read_all(client)
+        rollouts = await read_rollouts(client)
     for role, found in registered.items():
         services[role] = [ReplicaStatus(r.instance.id, r.instance.target, r.status,
                                         r.instance.meta.get("version", ""), dict(r.instance.meta))
@@ -60,7 +62,27 @@ async def read_status(config: RegistryConfig) -> dict[str, Any]:
         "shard_sets": [{**asdict(s), "coverage": round(s.coverage, 4)} for s in shard_sets],
         "policies": {role: p.describe() for role, p in default_policies().items()},
         "flows": {flow: doc.describe() for flow, doc in flows.items()},
+        "rollouts": {service: {**doc.describe(), "candidate_blocked": _candidate_blocked(doc, services, shard_sets)}
+                     for service, doc in rollouts.items() if doc.text is not None},
     }
+
+
+def _candidate_blocked(doc: StoredRollout, services: dict[str, list[ReplicaStatus]],
+                       shard_sets: list[ShardSet]) -> str | None:  # fmt: skip
+    """Why the candidate of an embedder rollout gets no traffic (None: nothing stops it): its
+    vectors are only served with a complete shard set of its own version."""
+    policy = doc.policy
+    if doc.service != "embedder" or policy is None or policy.candidate is None:
+        return None
+    version = policy.candidate.version
+    if not any(r.version == version and r.status == "passing" for r in services["embedder"]):
+        return f"no passing embedder of version {version}"
+    sets = [s for s in shard_sets if s.embedder_version == version]
+    if not sets:
+        return f"no shards built for embedder version {version}"
+    if not any(s.coverage == 1.0 for s in sets):
+        return f"shard set of embedder version {version} incomplete (coverage {max(s.coverage for s in sets):.2f})"
+    return None
 
 
 def render(status: dict[str, Any]) -> str:
@@ -92,6 +114,20 @@ def render(status: dict[str, Any]) -> str:
     for flow, doc in status.get("flows", {}).items():
         state = "valid" if doc["valid"] else f"REFUSED, the gateway keeps the last valid one: {doc['error']}"
         lines.append(f"  {flow:<14} version {doc['version']:<8} {state}")
+    if status.get("rollouts"):
+        lines.append("")
+        lines.append("rollouts (KV meshserve/rollout/<service>; versions not named get no traffic)")
+    for service, doc in status.get("rollouts", {}).items():
+        if not doc["valid"]:
+            lines.append(f"  {service:<14} REFUSED, the gateway keeps the last valid one: {doc['error']}")
+            continue
+        d = doc["document"]
+        c = d.get("candidate") or {}
+        split = (f"candidate {c['version']} canary {c.get('canary_percent', 0):g}% "
+                 f"ab {(c.get('ab') or {}).get('percent', 0):g}% shadow {c.get('shadow_percent', 0):g}%"
+                 if c else "no candidate")  # fmt: skip
+        blocked = f" · candidate gets nothing: {doc['candidate_blocked']}" if doc["candidate_blocked"] else ""
+        lines.append(f"  {service:<14} stable {d['stable']} · {split}{blocked}")
     return "\n".join(lines)
 
 
