@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 ROLLOUT_VALID = Gauge("meshserve_gateway_rollout_policy_valid",
                       "1 while the service's rollout document is in force (or absent), 0 while refused", ["service"])
 ROLLOUT_REJECTED = Counter("meshserve_gateway_rollout_policy_rejected_total",
-                           "Rollout documents refused as invalid (each version counted once)", ["service"])  # fmt: skip
+                           "Rollout documents refused as invalid (each version counted once)", ["service"])
+ROLLOUT_INDEX = Gauge("meshserve_gateway_rollout_policy_modify_index",
+                      "KV ModifyIndex of the rollout policy in force (0: none)", ["service"])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class RolloutPolicies:
         self._watch = ConfigDocWatch(registry, ROLLOUT_PREFIX, watch_config, self._changed)
         for service in ROLLOUT_SERVICES:
             ROLLOUT_VALID.labels(service).set(1)
+            ROLLOUT_INDEX.labels(service).set(0)
 
     async def start(self) -> None:
         await self._watch.start()
@@ -88,6 +91,7 @@ class RolloutPolicies:
                 log.info("%s: rollout policy deleted; every passing version is eligible again", service)
             self._states[service] = RolloutState(None, "none")
             ROLLOUT_VALID.labels(service).set(1)
+            ROLLOUT_INDEX.labels(service).set(0)
             return
         text, index = doc
         version = str(index)
@@ -104,6 +108,7 @@ class RolloutPolicies:
             return
         log.info("%s: rollout policy version %s in force: %s", service, version, policy.describe())
         ROLLOUT_VALID.labels(service).set(1)
+        ROLLOUT_INDEX.labels(service).set(index)
         self._states[service] = RolloutState(policy, version)
 
 

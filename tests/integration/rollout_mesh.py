@@ -1,0 +1,95 @@
+"""Pieces for the rollout tests: a second version of a model (same weights, its card says another
+version), writing rollout policies to KV, and calling the detector through the gateway's ListingGuard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from meshserve.v1 import listing_guard_pb2, listing_guard_pb2_grpc
+from tests.integration.guard_mesh import listing
+from tests.support import DevAgent, wait_until
+
+
+def version_copy(home: Path, kind: str, suffix: str, tmp: Path) -> tuple[Path, str]:
+    """A copy of the newest `kind` artifact whose card says version <version>-<suffix>; (dir, version)."""
+    from meshserve.inference.artifacts import latest
+
+    source = latest(kind, home)
+    assert source is not None
+    target = tmp / f"{kind}-{suffix}"
+    shutil.copytree(source, target)
+    card = json.loads((target / "card.json").read_text())
+    card["version"] = f"{card['version']}-{suffix}"
+    (target / "card.json").write_text(json.dumps(card))
+    return target, card["version"]
+
+
+def card_version(home: Path, kind: str) -> str:
+    from meshserve.inference.artifacts import latest
+
+    source = latest(kind, home)
+    assert source is not None
+    return str(json.loads((source / "card.json").read_text())["version"])
+
+
+def put_rollout(agent: DevAgent, service: str, doc: dict[str, Any] | str) -> int:
+    client = agent.client()
+    key = f"meshserve/rollout/{service}"
+    assert client.kv.put(key, doc if isinstance(doc, str) else json.dumps(doc))
+    _, item = client.kv.get(key)
+    return int(item["ModifyIndex"])
+
+
+def slow_detector_allowed(agent: DevAgent, timeout_ms: float = 5000) -> None:
+    """The listing guard waits up to `timeout_ms` for the detector (its 250 ms default is tight on a
+    loaded test machine, and these tests count answers, not speed)."""
+    assert agent.client().kv.put("meshserve/config/listing-guard",
+                                 json.dumps({"models": {"detector": {"timeout_ms": timeout_ms}}}))
+
+
+def detector_check(target: str, photo: bytes, subject: str = "", listing_id: str = "",
+                   timeout: float = 20.0) -> listing_guard_pb2.Verdict:  # fmt: skip
+    """The detector's verdict for one listing with `photo`, asked through the gateway."""
+    request = listing(photos=(photo,), models=("detector",))
+    request.listing.listing_id = listing_id
+    metadata = (("x-meshserve-subject", subject),) if subject else ()
+    with grpc.insecure_channel(target) as channel:
+        reply = listing_guard_pb2_grpc.ListingGuardStub(channel).Check(request, timeout=timeout, metadata=metadata)
+    (verdict,) = reply.verdicts
+    return verdict
+
+
+class DetectorCaller:
+    """Many detector checks over one channel, a few at a time."""
+
+    def __init__(self, target: str, photo: bytes, parallel: int = 4):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = listing_guard_pb2_grpc.ListingGuardStub(self.channel)
+        self.photo = photo
+        self.pool = ThreadPoolExecutor(parallel)
+
+    def one(self, subject: str = "") -> listing_guard_pb2.Verdict:
+        request = listing(photos=(self.photo,), models=("detector",))
+        metadata = (("x-meshserve-subject", subject),) if subject else ()
+        reply = self.stub.Check(request, timeout=20, metadata=metadata)
+        (verdict,) = reply.verdicts
+        return verdict
+
+    def many(self, n: int) -> list[listing_guard_pb2.Verdict]:
+        return list(self.pool.map(lambda _: self.one(), range(n)))
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.channel.close()
+
+
+def wait_policy_in_force(caller: DetectorCaller, versions: set[str], timeout: float = 20.0) -> None:
+    """Until the gateway answers only from `versions` (a policy just written has been applied)."""
+    wait_until(lambda: {v.version for v in caller.many(8)} <= versions, timeout=timeout,
+               what=f"answers only from versions {sorted(versions)}")  # fmt: skip
