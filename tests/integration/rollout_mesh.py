@@ -93,3 +93,36 @@ def wait_policy_in_force(caller: DetectorCaller, versions: set[str], timeout: fl
     """Until the gateway answers only from `versions` (a policy just written has been applied)."""
     wait_until(lambda: {v.version for v in caller.many(8)} <= versions, timeout=timeout,
                what=f"answers only from versions {sorted(versions)}")  # fmt: skip
+
+
+class Load:
+    """Detector checks in a background thread until stopped: every verdict (or failure) recorded."""
+
+    def __init__(self, target: str, photo: bytes):
+        import threading
+
+        self.caller = DetectorCaller(target, photo, parallel=1)
+        self.verdicts: list[tuple[float, str, str, int]] = []  # (monotonic, version, arm, status)
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.caller.close()
+
+    def _run(self) -> None:
+        import time
+
+        while not self._stop.is_set():
+            try:
+                v = self.caller.one()
+            except grpc.RpcError as exc:
+                self.failures.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            self.verdicts.append((time.monotonic(), v.version, v.arm, v.status))
