@@ -126,3 +126,51 @@ class Load:
                 self.failures.append(f"{exc.code().name}: {exc.details()}")
                 continue
             self.verdicts.append((time.monotonic(), v.version, v.arm, v.status))
+
+
+class SearchLoad:
+    """Photo searches in a background thread until stopped: each answer's versions, arms, shards and
+    whether the photo's item was in the top 10."""
+
+    def __init__(self, target: str, photos: list[Any]):
+        import threading
+
+        from meshserve.v1 import photo_search_pb2_grpc
+
+        self.channel = grpc.insecure_channel(target)
+        self.stub = photo_search_pb2_grpc.PhotoSearchStub(self.channel)
+        self.photos = photos
+        self.answers: list[dict[str, Any]] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SearchLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        self.channel.close()
+
+    def _run(self) -> None:
+        from meshserve.v1 import photo_search_pb2
+
+        n = 0
+        while not self._stop.is_set():
+            photo = self.photos[n % len(self.photos)]
+            n += 1
+            request = photo_search_pb2.SearchRequest(image=photo.jpeg, min_detection_score=0.01, no_cache=True)
+            try:
+                reply = self.stub.Search(request, timeout=30)
+            except grpc.RpcError as exc:
+                self.failures.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            found = {int(m.item_id) for d in reply.detections for m in d.matches[:10]}
+            self.answers.append({
+                "versions": dict(reply.versions), "arms": dict(reply.arms),
+                "shards": {m.shard for d in reply.detections for m in d.matches},
+                "hit": bool(found & set(photo.item_ids)),
+                "coverage": (reply.coverage.shards_answered, reply.coverage.shards_expected),
+            })  # fmt: skip
