@@ -74,7 +74,8 @@ def run(home: Path, blocks: int, per_block: int, warmup: int, say: Callable[[str
             port = free_port()
             procs.start(name, "serve", "detector", "--port", str(port), "--threads", "1", "--check-interval", "0.5",
                         *extra)  # fmt: skip
-            wait(lambda port=port: serving(f"127.0.0.1:{port}"), name)
+            target = f"127.0.0.1:{port}"
+            wait(lambda: serving(target), name)  # noqa: B023 - called before the loop goes on
         gateway, metrics_port = f"127.0.0.1:{free_port()}", free_port()
         procs.start("gateway", "gateway", "--addr", gateway, "--no-register", "--metrics-port", str(metrics_port))
         wait(lambda: gauge(metrics_port, "meshserve_gateway_replicas", 'stage="detector"') == 2, "gateway routes")
@@ -101,12 +102,13 @@ def run(home: Path, blocks: int, per_block: int, warmup: int, say: Callable[[str
         guard = listing_guard_pb2_grpc.ListingGuardStub(channel)
         request = check_request("ceramic mug", photo, ["detector"])
 
-        def call() -> None:
+        def call() -> bool:
             reply = guard.Check(request, timeout=10)
             if reply.verdicts[0].status != 1:
                 raise RuntimeError(f"detector verdict {reply.verdicts[0]}")
+            return True
 
-        wait(lambda: (call(), True)[1], "the detector answering through the gateway", timeout=60)
+        wait(call, "the detector answering through the gateway", timeout=60)
         for _ in range(warmup):
             call()
         say(f"two detector versions and the gateway up; {blocks} blocks of {per_block} checks per side, alternating")
