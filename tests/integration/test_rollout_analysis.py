@@ -81,3 +81,44 @@ def test_an_erroring_candidate_is_rolled_back_within_two_intervals(
     assert by_arm[(candidate, "canary", VERDICT_ERROR)] > 0, by_arm
     assert all(status == VERDICT_OK for (version, _, status) in by_arm if version == stable), by_arm
     assert "rollout detector" in rollout.output() and "rollback" in rollout.output()
+
+
+@pytest.mark.timeout(600)
+def test_an_interrupted_rollout_resumes_where_it_stood(
+    spawn: Callable[..., ManagedProcess], start_dev_agent: Callable[..., DevAgent], home_copy: Callable[[], Path],
+    tmp_path: Path,
+) -> None:
+    home = home_copy()
+    agent = start_dev_agent()
+    parts = MeshParts(spawn, agent, home)
+    slow_detector_allowed(agent)
+    candidate_dir, candidate = version_copy(home, "detector", "good", tmp_path)
+    stable = card_version(home, "detector")
+    for extra in ((), ("--model", str(candidate_dir))):
+        server = parts.server("detector", "--max-batch-size", "1", *extra)
+        wait_serving(server.target, server.proc, timeout=120)
+    put_rollout(agent, "detector", {"stable": stable})
+    gateway = parts.gateway()
+    argv = meshserve_argv("rollout", "start", "detector", "--version", candidate, "--steps", "20,40,100",
+                          "--interval", f"{INTERVAL_S}s", "--min-requests", "5", "--max-p99-ratio", "100")
+
+    def state() -> dict:
+        return json.loads(agent.client().kv.get("meshserve/rollout-state/detector")[1]["Value"])
+
+    with Load(gateway.target, held_out_photos(home, 1)[0].jpeg) as load:
+        wait_until(lambda: len(load.verdicts) >= 10, timeout=60, what="load running")
+        first = spawn(argv, name="rollout-1", env={"CONSUL_HTTP_ADDR": agent.http_addr})
+        wait_until(lambda: state()["step"] >= 1, timeout=60, what="the first step taken")
+        first.kill()  # interrupted mid-run: no chance to clean up
+        assert state()["status"] == "running"
+        at_step = state()["step"]
+        again = spawn(argv, name="rollout-2", env={"CONSUL_HTTP_ADDR": agent.http_addr})
+        assert again.wait(timeout=120) == 0, again.output()
+        wait_until(lambda: {version for _, version, _, _ in load.verdicts[-5:]} == {candidate}, timeout=30,
+                   what="the promoted version answering")  # fmt: skip
+    events = state()["events"]
+    decisions = [e["decision"] for e in events]
+    resumed = decisions.index("resumed")
+    assert events[resumed]["step"] == at_step and state()["status"] == "promoted", decisions
+    assert decisions.count("started") == 1
+    assert not load.failures, load.failures[:5]

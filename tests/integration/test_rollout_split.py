@@ -18,6 +18,7 @@ from tests.integration.mesh_parts import MeshParts, Started
 from tests.integration.rollout_mesh import (
     DetectorCaller,
     card_version,
+    detector_check,
     put_rollout,
     slow_detector_allowed,
     version_copy,
@@ -115,6 +116,10 @@ def test_ab_split_is_sticky_across_gateways_and_a_restart(
     seen_one, seen_other = arms_seen(one), arms_seen(other)
     assert seen_one == seen_other
     assert set(seen_one.values()) == {(stable, "ab-a"), (candidate, "ab-b")}
+    # Without the metadata, the request's own field is the subject (here the listing id).
+    for subject in subjects[:8]:
+        verdict = detector_check(other.target, photo, listing_id=subject)
+        assert (verdict.version, verdict.arm) == seen_one[subject]
     one.proc.stop()
     restarted = parts.gateway()
     assert arms_seen(restarted) == seen_one
