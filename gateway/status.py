@@ -9,6 +9,8 @@ from typing import Any
 from meshserve.gateway.discovery import Registered, registered_from_health
 from meshserve.gateway.flow_store import read_all
 from meshserve.gateway.policy import default_policies
+from meshserve.gateway.rollout_policy import ROLLOUT_SERVICES
+from meshserve.gateway.rollout_run import load_run
 from meshserve.gateway.rollout_store import StoredRollout, read_rollouts
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
@@ -43,6 +45,7 @@ async def read_status(config: RegistryConfig) -> dict[str, Any]:
             registered[role] = registered_from_health(entries)
         flows = await read_all(client)
         rollouts = await read_rollouts(client)
+        runs = {service: await load_run(client, service) for service in ROLLOUT_SERVICES}
     for role, found in registered.items():
         services[role] = [ReplicaStatus(r.instance.id, r.instance.target, r.status,
                                         r.instance.meta.get("version", ""), dict(r.instance.meta))
@@ -62,9 +65,18 @@ async def read_status(config: RegistryConfig) -> dict[str, Any]:
         "shard_sets": [{**asdict(s), "coverage": round(s.coverage, 4)} for s in shard_sets],
         "policies": {role: p.describe() for role, p in default_policies().items()},
         "flows": {flow: doc.describe() for flow, doc in flows.items()},
-        "rollouts": {service: {**doc.describe(), "candidate_blocked": _candidate_blocked(doc, services, shard_sets)}
+        "rollouts": {service: {**doc.describe(), "candidate_blocked": _candidate_blocked(doc, services, shard_sets),
+                               "run": _run_summary(runs[service])}
                      for service, doc in rollouts.items() if doc.text is not None},
     }
+
+
+def _run_summary(run: Any) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    last = run.events[-1] if run.events else {}
+    return {"version": run.version, "status": run.status, "canary_percent": run.canary_percent,
+            "last_decision": last.get("decision"), "last_reasons": last.get("reasons", [])}  # fmt: skip
 
 
 def _candidate_blocked(doc: StoredRollout, services: dict[str, list[ReplicaStatus]],
@@ -128,6 +140,9 @@ def render(status: dict[str, Any]) -> str:
                  if c else "no candidate")  # fmt: skip
         blocked = f" · candidate gets nothing: {doc['candidate_blocked']}" if doc["candidate_blocked"] else ""
         lines.append(f"  {service:<14} stable {d['stable']} · {split}{blocked}")
+        if run := doc.get("run"):
+            lines.append(f"  {'':<14} rollout of {run['version']}: {run['status']}, last decision "
+                         f"{run['last_decision']} ({'; '.join(run['last_reasons'])})")  # fmt: skip
     return "\n".join(lines)
 
 

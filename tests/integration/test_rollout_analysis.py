@@ -4,6 +4,7 @@ with the decision and its figures in the run's events; callers only ever saw the
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from meshserve.gateway.status import read_status, render
 from meshserve.local.demo import held_out_photos
+from meshserve.registry.config import RegistryConfig
 from tests.integration.mesh_parts import MeshParts
 from tests.integration.rollout_mesh import (
     DetectorCaller,
@@ -81,6 +84,8 @@ def test_an_erroring_candidate_is_rolled_back_within_two_intervals(
     assert by_arm[(candidate, "canary", VERDICT_ERROR)] > 0, by_arm
     assert all(status == VERDICT_OK for (version, _, status) in by_arm if version == stable), by_arm
     assert "rollout detector" in rollout.output() and "rollback" in rollout.output()
+    shown = render(asyncio.run(read_status(RegistryConfig.from_env(agent.http_addr))))
+    assert f"rollout of {candidate}: rolled-back, last decision rollback (error rate" in shown, shown
 
 
 @pytest.mark.timeout(600)
