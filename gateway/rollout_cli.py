@@ -50,15 +50,21 @@ def add_commands(subparsers: Any) -> None:
     start.add_argument("--stable", help="the version to keep as stable (default: the policy's, else the newest "
                                         "passing one besides the candidate)")  # fmt: skip
     start.add_argument("--shadow", type=float, default=0.0, metavar="P",
-                       help="start with a shadow phase copying P %% of requests to the candidate (default 0: none)")
+                       help="start with a shadow phase copying P %% of the stable's requests to the candidate, "
+                            "kept through the canary steps (default 0: none)")
     start.add_argument("--canary", type=float, metavar="P", help="first canary step (added before --steps)")
     start.add_argument("--steps", type=parse_steps, default=(5.0, 25.0, 50.0, 100.0),
                        help="canary percents, one per interval; reaching 100 promotes (default 5,25,50,100)")
     start.add_argument("--interval", type=parse_duration, default=60.0, help="analysis interval (default 60s)")
-    start.add_argument("--max-error-rate", type=float, help="candidate error rate above which it is rolled back")
-    start.add_argument("--max-p99-ratio", type=float, help="candidate p99 / stable p99 above which it is rolled back")
-    start.add_argument("--min-agreement", type=float, help="mean shadow agreement below which it is rolled back")
-    start.add_argument("--min-requests", type=int, help="fewer candidate calls in an interval: wait")
+    thresholds = " (default: the policy's `analysis`, else %s)"
+    start.add_argument("--max-error-rate", type=float,
+                       help="candidate error rate above which it is rolled back" + thresholds % "0.05")
+    start.add_argument("--max-p99-ratio", type=float,
+                       help="candidate p99 / stable p99 above which it is rolled back" + thresholds % "1.5")
+    start.add_argument("--min-agreement", type=float,
+                       help="mean shadow agreement below which it is rolled back" + thresholds % "0.5")
+    start.add_argument("--min-requests", type=int,
+                       help="fewer candidate calls in an interval: wait" + thresholds % "20")
     start.add_argument("--metrics", action="append", default=[], metavar="URL",
                        help="a gateway metrics URL to read (repeat; default: every registered gateway)")
     start.set_defaults(func=_start)
@@ -81,10 +87,8 @@ def _fail(command: str, message: str, code: int = 1) -> int:
 
 def _start(args: argparse.Namespace) -> int:
     import asyncio
-    from dataclasses import replace
 
     from meshserve.errors import MeshError
-    from meshserve.gateway.rollout_policy import Analysis
     from meshserve.gateway.rollout_run import StartOptions, run_rollout
     from meshserve.registry.config import RegistryConfig
     from meshserve.telemetry import TracingConfig, setup_tracing, shutdown_tracing
@@ -92,9 +96,9 @@ def _start(args: argparse.Namespace) -> int:
     steps = args.steps if args.canary is None else tuple(sorted({args.canary, *args.steps}))
     given = {"max_error_rate": args.max_error_rate, "max_p99_ratio": args.max_p99_ratio,
              "min_agreement": args.min_agreement, "min_requests": args.min_requests}  # fmt: skip
-    analysis = replace(Analysis(), **{k: v for k, v in given.items() if v is not None})
+    thresholds = tuple((k, v) for k, v in given.items() if v is not None)
     try:
-        options = StartOptions(args.service, args.version, steps, args.shadow, args.interval, analysis, args.stable,
+        options = StartOptions(args.service, args.version, steps, args.shadow, args.interval, thresholds, args.stable,
                                tuple(args.metrics))  # fmt: skip
     except MeshError as exc:
         return _fail("start", str(exc), 2)

@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from prometheus_client import Counter
@@ -17,7 +17,7 @@ from prometheus_client import Counter
 from meshserve import telemetry
 from meshserve.errors import FailedPrecondition, InvalidInput
 from meshserve.gateway.rollout_analysis import ROLLBACK, STEP, Snapshot, gateway_metrics_urls, judge, scrape, window
-from meshserve.gateway.rollout_policy import Analysis, Candidate, RolloutPolicy, rollout_key
+from meshserve.gateway.rollout_policy import Analysis, Candidate, RolloutPolicy, parse_rollout, rollout_key
 from meshserve.gateway.rollout_store import read_rollout, write_rollout
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
@@ -82,9 +82,12 @@ async def save_run(client: RegistryClient, run: RolloutRun) -> None:
 
 
 async def apply(client: RegistryClient, run: RolloutRun) -> None:
-    """Write the run's state, then the traffic policy it stands at."""
+    """Write the run's state, then the traffic policy it stands at (checked first: thresholds from
+    the command line are validated like a document's)."""
+    policy = run.policy()
+    parse_rollout(run.service, json.dumps(policy.to_document()))
     await save_run(client, run)
-    await write_rollout(client, run.policy())
+    await write_rollout(client, policy)
 
 
 def record(run: RolloutRun, decision: str, reasons: tuple[str, ...] = (), figures: dict[str, Any] | None = None,
@@ -123,7 +126,8 @@ class StartOptions:
     steps: tuple[float, ...] = (5.0, 25.0, 50.0, 100.0)
     shadow_percent: float = 0.0
     interval_s: float = 60.0
-    analysis: Analysis = field(default_factory=Analysis)
+    # Thresholds given on the command line; the rest come from the policy's `analysis`, else defaults.
+    thresholds: tuple[tuple[str, float], ...] = ()
     stable: str | None = None
     metrics_urls: tuple[str, ...] = ()  # default: every registered gateway's metrics_port
 
@@ -149,8 +153,10 @@ async def begin(client: RegistryClient, options: StartOptions) -> RolloutRun:
     stable = options.stable or await current_stable(client, options.service, options.version)
     if stable == options.version:
         raise FailedPrecondition(f"{options.service}: version {options.version} is already stable")
+    stored = (await read_rollout(client, options.service)).policy
+    analysis = replace(stored.analysis if stored else Analysis(), **dict(options.thresholds))
     run = RolloutRun(options.service, options.version, stable, options.steps, options.shadow_percent,
-                     options.interval_s, options.analysis, step=-1 if options.shadow_percent else 0)  # fmt: skip
+                     options.interval_s, analysis, step=-1 if options.shadow_percent else 0)  # fmt: skip
     run = record(run, "started")
     await apply(client, run)
     return run

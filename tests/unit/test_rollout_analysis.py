@@ -82,3 +82,18 @@ def test_shadow_comparisons() -> None:
     assert other["agreement"] == 0.0 and 0.3 < other["iou"] < 0.34
     assert compare_matches([["1", "2"]], [["2", "3"]])["top10_overlap"] == 0.5
     assert compare_scores(0.2, 0.5)["agreement"] == pytest.approx(0.7)
+
+
+def test_a_run_with_a_threshold_out_of_range_is_refused_before_anything_is_written() -> None:
+    import asyncio
+
+    from meshserve.gateway.rollout_policy import RolloutPolicyError
+    from meshserve.gateway.rollout_run import apply
+
+    class NoWrites:
+        async def kv_put(self, key: str, value: str) -> None:
+            raise AssertionError("nothing may be written")
+
+    run = RolloutRun("detector", "2", "1", (50.0, 100.0), 0.0, 2.0, Analysis(max_error_rate=2.0), step=0)
+    with pytest.raises(RolloutPolicyError, match="analysis.max_error_rate"):
+        asyncio.run(apply(NoWrites(), run))  # type: ignore[arg-type]
