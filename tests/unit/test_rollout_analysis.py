@@ -97,3 +97,31 @@ def test_a_run_with_a_threshold_out_of_range_is_refused_before_anything_is_writt
     run = RolloutRun("detector", "2", "1", (50.0, 100.0), 0.0, 2.0, Analysis(max_error_rate=2.0), step=0)
     with pytest.raises(RolloutPolicyError, match="analysis.max_error_rate"):
         asyncio.run(apply(NoWrites(), run))  # type: ignore[arg-type]
+
+
+def test_shadows_beyond_the_bound_are_dropped_and_each_keeps_its_own_budget() -> None:
+    import asyncio
+
+    from meshserve.gateway.shadow import SHADOW_CALLS, ShadowConfig, ShadowRunner
+
+    def count(outcome: str) -> float:
+        return SHADOW_CALLS.labels("unit", "9", outcome)._value.get()
+
+    async def scenario() -> tuple[list[bool], int]:
+        runner = ShadowRunner(ShadowConfig(max_in_flight=3, budget_s=0.2))
+
+        async def slow(deadline: float) -> dict[str, float]:
+            await asyncio.sleep(10)
+            return {"agreement": 1.0}
+
+        accepted = [runner.submit("unit", "9", slow) for _ in range(5)]
+        in_flight = runner.in_flight
+        await asyncio.sleep(0.5)  # past the shadows' own budget: they end, nobody waited for them
+        assert runner.in_flight == 0
+        await runner.close()
+        return accepted, in_flight
+
+    before = {o: count(o) for o in ("dropped", "failed")}
+    accepted, in_flight = asyncio.run(scenario())
+    assert accepted == [True, True, True, False, False] and in_flight == 3
+    assert count("dropped") - before["dropped"] == 2 and count("failed") - before["failed"] == 3
