@@ -43,6 +43,7 @@ class Verdict:
     detail: str = ""
     latency_ms: float = 0.0
     cached: bool = False
+    arm: str = "stable"  # rollout arm of the version that answered
 
     @property
     def flagged(self) -> bool:

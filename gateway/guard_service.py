@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from meshserve.gateway.admission import Admission
+from meshserve.gateway.arms import Arms
 from meshserve.gateway.balancer import ChannelFactory, insecure_channel
 from meshserve.gateway.flow_config import FlowConfigs
 from meshserve.gateway.flow_policy import PHOTO_SEARCH, PhotoSearchDefaults
@@ -19,6 +20,7 @@ from meshserve.gateway.listing_guard import GuardConfig, ListingGuard
 from meshserve.gateway.listing_routes import ListingRoutes
 from meshserve.gateway.policy import CallPolicy
 from meshserve.gateway.routes import RouteTable
+from meshserve.gateway.shadow import ShadowRunner
 from meshserve.registry.config import RegistryConfig
 from meshserve.registry.watch import WatchConfig
 from meshserve.v1 import listing_guard_pb2, listing_guard_pb2_grpc
@@ -40,11 +42,13 @@ class GuardService:
         watch_config: WatchConfig | None = None,
         channel_factory: ChannelFactory = insecure_channel,
         admission: Admission | None = None,
+        arms: Arms | None = None,
+        shadows: ShadowRunner | None = None,
     ):
         self.listing_routes = ListingRoutes(registry, policies, channel_factory, watch_config, admission)
         on_apply = {PHOTO_SEARCH: on_photo_defaults} if on_photo_defaults is not None else {}
         self.configs = FlowConfigs(registry, watch_config, on_apply)
-        self.guard = ListingGuard(routes, self.listing_routes, self.configs, config)
+        self.guard = ListingGuard(routes, self.listing_routes, self.configs, config, arms, shadows)
 
     def add_to_server(self, server: grpc.aio.Server, default_deadline_s: float) -> None:
         servicer = ListingGuardServicer(self.guard, default_deadline_s)

@@ -10,6 +10,7 @@ import time
 import grpc
 
 from meshserve.errors import InvalidInput
+from meshserve.gateway.arms import SUBJECT, subject_from
 from meshserve.gateway.listing_guard import GuardResult, Listing, ListingGuard
 from meshserve.v1 import listing_guard_pb2, listing_guard_pb2_grpc
 
@@ -25,6 +26,7 @@ class ListingGuardServicer(listing_guard_pb2_grpc.ListingGuardServicer):
         remaining = context.time_remaining()
         # A caller without a deadline still gets one: no request may run unbounded.
         deadline = time.monotonic() + (self.default_deadline_s if remaining is None else remaining)
+        SUBJECT.set(subject_from(context.invocation_metadata(), request.listing.listing_id))
         result = await self.guard.check(to_listing(request), tuple(request.models), deadline)
         return to_response(result)
 
@@ -47,7 +49,7 @@ def to_response(result: GuardResult) -> listing_guard_pb2.CheckResponse:
         response.verdicts.add(model=v.model, version=v.version, score=v.score, flagged=v.flagged,
                               status=v.status.value, threshold=v.block_threshold, detail=v.detail,
                               review_threshold=v.review_threshold, label=v.label, latency_ms=v.latency_ms,
-                              cached=v.cached)  # fmt: skip
+                              cached=v.cached, arm=v.arm)  # fmt: skip
     response.reasons.extend(result.reasons)
     response.versions.update(result.versions)
     for category, score in result.suggestions:

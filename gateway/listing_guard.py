@@ -18,12 +18,15 @@ from prometheus_client import Counter, Histogram
 from meshserve import telemetry
 from meshserve.errors import DeadlineExpired, InvalidInput, MeshError, NotReady, Overloaded
 from meshserve.gateway import listing_wire
+from meshserve.gateway.arms import Arms, Routed, observed
+from meshserve.gateway.balancer import ReplicaSet
 from meshserve.gateway.calls import ServiceCaller
 from meshserve.gateway.flow_config import FlowConfigs
 from meshserve.gateway.flow_policy import CLASSIFIERS, DETECTOR, GUARD_MODELS, LISTING_GUARD, SHIPPING, GuardPolicy
 from meshserve.gateway.guard_decision import Decision, Status, Verdict, decide
 from meshserve.gateway.listing_routes import ListingRoutes
 from meshserve.gateway.routes import RouteTable
+from meshserve.gateway.shadow import Comparison, ShadowRunner, compare_labels, compare_scores
 from meshserve.gateway.verdict_cache import VerdictCache, VerdictKey
 from meshserve.wire.images import ImageLimits, probe
 
@@ -102,11 +105,14 @@ def _cut_utf8(data: bytes, limit: int) -> bytes:
 
 class ListingGuard:
     def __init__(self, routes: RouteTable, listing_routes: ListingRoutes, configs: FlowConfigs,
-                 config: GuardConfig | None = None):  # fmt: skip
+                 config: GuardConfig | None = None, arms: Arms | None = None,
+                 shadows: ShadowRunner | None = None):  # fmt: skip
         self.routes = routes
         self.listing_routes = listing_routes
         self.configs = configs
         self.config = config or GuardConfig()
+        self.arms = arms or Arms()
+        self.shadows = shadows or ShadowRunner()
         self.cache = VerdictCache(self.config.cache_entries, self.config.cache_bytes)
 
     async def check(self, listing: Listing, models: tuple[str, ...], deadline: float) -> GuardResult:
@@ -205,24 +211,26 @@ class ListingGuard:
                 verdict = await self._ask(model, listing, key, policy, reply_by, suggestions, thresholds)
                 span.set_attribute("status", verdict.status.name)
                 span.set_attribute("model_version", verdict.version)
+                span.set_attribute("arm", verdict.arm)
                 return verdict
 
         return judge
 
     async def _ask(self, model: str, listing: Listing, key: str, policy: GuardPolicy, reply_by: float,
                    suggestions: list[tuple[str, float]], thresholds: dict[str, float]) -> Verdict:  # fmt: skip
-        route = self._route(model)
-        if route is None:
+        routed = self._route(model)
+        if routed is None:
             return Verdict(model, Status.UNAVAILABLE, detail="no passing replica", **thresholds)
-        version, caller = route
+        version, arm, caller = routed.version, routed.arm, ServiceCaller(routed.replicas, model)
         cache_key = VerdictKey(key, model, version, policy.version)
         if model != DETECTOR and (hit := self.cache.get(cache_key)) is not None:
-            return replace(hit, cached=True, latency_ms=0.0)
+            return replace(hit, cached=True, latency_ms=0.0, arm=arm)
         timeout_s = policy.model(model).timeout_ms / 1000.0
         started = time.monotonic()
         call_deadline = min(started + timeout_s, reply_by)
         try:
-            answer = await self._call(model, caller, listing, call_deadline, policy.top_k, suggestions)
+            with observed(model, version, arm):
+                answer = await self._call(model, caller, listing, call_deadline, policy.top_k, suggestions)
         except (DeadlineExpired, TimeoutError) as exc:
             if call_deadline < started + timeout_s:
                 raise _CutByCaller() from exc
@@ -235,20 +243,37 @@ class ListingGuard:
             latency_ms = 1000 * (time.monotonic() - started)
             MODEL_SECONDS.labels(model).observe(latency_ms / 1000)
             verdict = Verdict(model, Status.OK, answer.version or version, answer.score, label=answer.label,
-                              latency_ms=latency_ms, **thresholds)  # fmt: skip
+                              latency_ms=latency_ms, arm=arm, **thresholds)  # fmt: skip
+            if routed.shadow is not None:
+                self._shadow(model, routed.shadow, listing, policy.top_k, answer, suggestions)
             if model != DETECTOR:
                 self.cache.put(VerdictKey(key, model, verdict.version, policy.version), verdict)
             return verdict
         log.debug("listing guard: %s %s: %s", model, status.name, detail)
-        return Verdict(model, status, version, detail=detail,
+        return Verdict(model, status, version, detail=detail, arm=arm,
                        latency_ms=1000 * (time.monotonic() - started), **thresholds)  # fmt: skip
 
-    def _route(self, model: str) -> tuple[str, ServiceCaller] | None:
+    def _route(self, model: str) -> Routed | None:
+        """The version (and rollout arm) answering this request, with a candidate to shadow."""
         if model == DETECTOR:
-            found = self.routes.newest("detector")
-            return None if found is None else (found[0], ServiceCaller(found[1], model))
+            newest = self.routes.newest("detector")
+            return self.arms.route(model, self.routes.passing_versions("detector"), newest[0] if newest else None)
         route = self.listing_routes.route(model)
-        return None if route is None else (route.version, ServiceCaller(route.replicas, model))
+        return self.arms.route(model, self.listing_routes.passing_versions(model), route.version if route else None)
+
+    def _shadow(self, model: str, shadow: tuple[str, ReplicaSet], listing: Listing, top_k: int,
+                stable: listing_wire.Answer, suggestions: list[tuple[str, float]]) -> None:  # fmt: skip
+        version, replicas = shadow
+        stable_labels = [category for category, _ in suggestions]
+
+        async def compare(deadline: float) -> Comparison:
+            seen: list[tuple[str, float]] = []
+            answer = await self._call(model, ServiceCaller(replicas, f"{model} shadow"), listing, deadline, top_k, seen)
+            if model == DETECTOR:
+                return compare_labels(stable_labels, [category for category, _ in seen])
+            return compare_scores(stable.score, answer.score)
+
+        self.shadows.submit(model, version, compare)
 
     async def _call(self, model: str, caller: ServiceCaller, listing: Listing, deadline: float, top_k: int,
                     suggestions: list[tuple[str, float]]) -> listing_wire.Answer:  # fmt: skip

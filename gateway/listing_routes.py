@@ -97,6 +97,9 @@ class ListingRoutes:
         version = max(versions, key=_version_key)
         return ModelRoute(model, version, self._sets[model][version])
 
+    def passing_versions(self, model: str) -> dict[str, ReplicaSet]:
+        return {v: s for v, s in self._sets.get(model, {}).items() if len(s)}
+
     def describe(self) -> dict[str, dict[str, list[str]]]:
         return {model: {v: [r.id for r in s.replicas] for v, s in sets.items()}
                 for model, sets in self._sets.items()}  # fmt: skip

@@ -17,11 +17,14 @@ from prometheus_client import Counter, Histogram
 from meshserve import telemetry
 from meshserve.errors import InvalidInput, MeshError, NotReady
 from meshserve.gateway import model_wire
+from meshserve.gateway.arms import Arms, observed
 from meshserve.gateway.cache import TTLCache
 from meshserve.gateway.calls import CallStats, ServiceCaller
 from meshserve.gateway.enrich import CatalogueEnricher
 from meshserve.gateway.model_wire import Detected
 from meshserve.gateway.routes import RouteTable, SearchRoute, ShardRoute
+from meshserve.gateway.search_shadow import start_search_shadows
+from meshserve.gateway.shadow import ShadowRunner
 from meshserve.wire.images import ImageLimits, probe
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,7 @@ class SearchResult:
     versions: dict[str, str]
     trace_id: str = ""
     cached: bool = False
+    arms: dict[str, str] = field(default_factory=dict)  # role → rollout arm (stable, canary, ab-a, ab-b)
 
     @property
     def coverage(self) -> float:
@@ -163,33 +167,42 @@ def cached_bytes(key: tuple, result: SearchResult) -> int:
     return size
 
 
+def _arms_of(route: SearchRoute) -> dict[str, str]:
+    return {"detector": route.detector_arm, "embedder": route.embedder_arm}
+
+
 class PhotoSearch:
-    def __init__(self, routes: RouteTable, enricher: CatalogueEnricher, config: SearchConfig):
+    def __init__(self, routes: RouteTable, enricher: CatalogueEnricher, config: SearchConfig,
+                 arms: Arms | None = None, shadows: ShadowRunner | None = None):  # fmt: skip
         self.routes = routes
         self.enricher = enricher
         self.config = config
+        self.arms = arms or Arms()
+        self.shadows = shadows or ShadowRunner()
         self.cache: TTLCache[tuple, SearchResult] = TTLCache("search", config.cache_entries, config.cache_ttl_s,
                                                              config.cache_max_bytes, cached_bytes)  # fmt: skip
 
     async def search(self, query: SearchQuery, deadline: float) -> SearchResult:
         top_k, min_score = self.validate(query)
-        route = self.routes.search_route()
+        route, shadows = self.arms.search_route(self.routes)
         if route is None:
             raise NotReady("photo search has no route: a detector, an embedder and shards must be passing")
         key = self._cache_key(query, top_k, min_score, route)
         if not query.no_cache and (hit := self.cache.get(key)) is not None:
-            return replace(hit, trace_id=telemetry.trace_id_of(), cached=True)
+            return replace(hit, trace_id=telemetry.trace_id_of(), cached=True, arms=_arms_of(route))
 
-        with self._stage("detect"):
+        with self._stage("detect"), observed("detector", route.detector_version, route.detector_arm):
             found, stats = await model_wire.detect(ServiceCaller(route.detector, "detector"), query.image,
                                                    min_score, deadline)  # fmt: skip
             self._count(stats, "detector")
+        detected = found
         found = select_detections(found, min_score, query.labels, self.config.max_detections)
 
         answers: list[_ShardAnswer] = []
         vectors = np.zeros((0, 0), np.float32)
+        boxes = np.zeros((0, 4), np.float32)
         if found:
-            with self._stage("embed"):
+            with self._stage("embed"), observed("embedder", route.embedder_version, route.embedder_arm):
                 boxes = np.asarray([d.box for d in found], dtype=np.float32)
                 vectors, _, stats = await model_wire.embed(ServiceCaller(route.embedder, "embedder"),
                                                            query.image, boxes, deadline)  # fmt: skip
@@ -218,8 +231,11 @@ class PhotoSearch:
             versions={"detector": route.detector_version, "embedder": route.embedder_version,
                       "index": route.index},
             trace_id=telemetry.trace_id_of(),
+            arms=_arms_of(route),
         )  # fmt: skip
         COVERAGE.observe(result.coverage)
+        start_search_shadows(self.shadows, shadows, query.image, min_score, detected, boxes,
+                             [[m.item_id for m in per] for per in merged], top_k, self._fan_out, self._merge)
         if result.shards_expected and not missing and not query.no_cache:
             self.cache.put(key, result)
         return result

@@ -46,6 +46,8 @@ class SearchRoute:
     index: str
     shards: tuple[ShardRoute, ...]
     stale: bool
+    detector_arm: str = "stable"
+    embedder_arm: str = "stable"
 
 
 def _version_key(version: str) -> tuple[int, tuple[int, ...] | str]:
@@ -246,10 +248,32 @@ class RouteTable:
         version = self.live_embedder_version
         if detector is None or version is None:
             return None
+        return self.search_route_with(detector[0], detector[1], version)
+
+    def passing_versions(self, stage: str) -> dict[str, ReplicaSet]:
+        return {v: s for v, s in self._sets[stage].items() if len(s)}
+
+    def embedder_unready(self, version: str, complete: bool) -> str | None:
+        """Why `version` cannot take searches (None: it can): it needs passing embedders and shards,
+        and with `complete` a passing replica for every one of its shards."""
+        embedders = self._sets["embedder"].get(version)
+        if embedders is None or not len(embedders):
+            return f"no passing embedder of version {version}"
+        shards = self._shards.get(version)
+        if not shards:
+            return f"no shards built for embedder version {version}"
+        missing = sorted(s for s, replicas in shards.items() if not len(replicas))
+        if complete and missing:
+            return f"shard set of embedder version {version} incomplete: {', '.join(missing)} not passing"
+        return None
+
+    def search_route_with(self, detector_version: str, detector: ReplicaSet, version: str) -> SearchRoute | None:
+        if version not in self._sets["embedder"]:
+            return None
         shards = self._shards.get(version, {})
         index = next((self._shard_index.get(f"{version}/{s}", "") for s in shards), "")
         return SearchRoute(
-            detector=detector[1], detector_version=detector[0],
+            detector=detector, detector_version=detector_version,
             embedder=self._sets["embedder"][version], embedder_version=version, index=index,
             shards=tuple(ShardRoute(shard, replicas) for shard, replicas in sorted(shards.items())),
             stale=self.stale,

@@ -13,6 +13,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 
 from meshserve import telemetry
 from meshserve.gateway.admission import Admission
+from meshserve.gateway.arms import Arms
 from meshserve.gateway.enrich import CatalogueEnricher
 from meshserve.gateway.flow_policy import PhotoSearchDefaults
 from meshserve.gateway.guard_service import LISTING_GUARD_SERVICE, GuardService
@@ -21,8 +22,10 @@ from meshserve.gateway.jobs import JOBS, JobQueueLink, JobsServicer
 from meshserve.gateway.mesh_channels import MeshChannels
 from meshserve.gateway.photo_search import PhotoSearch, SearchConfig
 from meshserve.gateway.policy import default_policies
+from meshserve.gateway.rollout_store import RolloutPolicies
 from meshserve.gateway.routes import RouteTable
 from meshserve.gateway.servicer import PhotoSearchServicer, to_query
+from meshserve.gateway.shadow import ShadowRunner
 from meshserve.queue.config import QueueConfig
 from meshserve.registry.config import METRICS_PORT_META, SERVICE_NAMES, RegistryConfig, ServiceInstance
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
@@ -74,9 +77,14 @@ class Gateway:
         self.routes = RouteTable(config.registry, default_policies(config.hedge_after_ms), channels,
                                  admission=self.admission)  # fmt: skip
         enricher = CatalogueEnricher(config.catalogue_home, config.catalogue_ttl_s)
-        self.search = PhotoSearch(self.routes, enricher, config.search)
+        # Rollout policies (KV meshserve/rollout/<service>) choose each request's version and arm.
+        self.rollouts = RolloutPolicies(config.registry)
+        self.shadows = ShadowRunner()
+        arms = Arms(self.rollouts)
+        self.search = PhotoSearch(self.routes, enricher, config.search, arms, self.shadows)
         self.guard = GuardService(config.registry, self.routes, self.routes.policies, self._photo_defaults,
-                                  channel_factory=channels, admission=self.admission)  # fmt: skip
+                                  channel_factory=channels, admission=self.admission, arms=arms,
+                                  shadows=self.shadows)  # fmt: skip
         self._following: asyncio.Task[None] | None = None
         self._metrics_port: int | None = None  # bound by start(); 0 in the config means any free port
         self.jobs = JobQueueLink(config.registry, config.jobs, config.nats_url)
@@ -95,6 +103,7 @@ class Gateway:
         if self.config.metrics_port is not None:
             metrics, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
             self._metrics_port = int(metrics.server_port)
+        await self.rollouts.start()
         await self.routes.start()
         await self.guard.start()
         self._renewals = asyncio.create_task(self.channels.follow_renewals())
@@ -150,6 +159,8 @@ class Gateway:
             await asyncio.gather(self._following, return_exceptions=True)
         await self.guard.close()
         await self.jobs.close()
+        await self.shadows.close()
+        await self.rollouts.stop()
         await self.routes.close()
         await self.admission.close()
         if self._renewals is not None:

@@ -10,6 +10,7 @@ import time
 import grpc
 from opentelemetry import trace
 
+from meshserve.gateway.arms import SUBJECT, subject_from
 from meshserve.gateway.photo_search import PhotoSearch, SearchQuery, SearchResult
 from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
 
@@ -25,6 +26,7 @@ class PhotoSearchServicer(photo_search_pb2_grpc.PhotoSearchServicer):
         remaining = context.time_remaining()
         # A caller without a deadline still gets one: no request may run unbounded.
         deadline = time.monotonic() + (self.default_deadline_s if remaining is None else remaining)
+        SUBJECT.set(subject_from(context.invocation_metadata(), request.user_id))
         result = await self.search.search(to_query(request), deadline)
         trace.get_current_span().set_attribute("coverage", result.coverage)
         return to_response(result)
@@ -49,4 +51,5 @@ def to_response(result: SearchResult) -> photo_search_pb2.SearchResponse:
     response.coverage.shards_answered = result.shards_answered
     response.coverage.missing_shards.extend(result.missing_shards)
     response.versions.update(result.versions)
+    response.arms.update(result.arms)
     return response

@@ -13,6 +13,9 @@ from meshserve.gateway.discovery import Registered, registered_from_health
 from meshserve.gateway.flow_store import read_all
 from meshserve.gateway.mesh_channels import MeshChannels
 from meshserve.gateway.policy import default_policies
+from meshserve.gateway.rollout_policy import ROLLOUT_SERVICES
+from meshserve.gateway.rollout_run import load_run
+from meshserve.gateway.rollout_store import StoredRollout, read_rollouts
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
 from meshserve.rpc.tls_files import TlsFiles
@@ -93,6 +96,11 @@ async def read_status(config: RegistryConfig, tls: TlsFiles | None = None) -> di
             flows = await read_all(client)
         except FailedPrecondition as exc:  # the token may not read meshserve/config/: show the rest
             flows, acl_notes["flows"] = {}, str(exc)
+        try:
+            rollouts = await read_rollouts(client)
+            runs = {service: await load_run(client, service) for service in ROLLOUT_SERVICES}
+        except FailedPrecondition as exc:  # nor, perhaps, meshserve/rollout/
+            rollouts, runs, acl_notes["rollouts"] = {}, {}, str(exc)
     for role, found in registered.items():
         ignored = await _why_ignored(found, tls)
         services[role] = [ReplicaStatus(r.instance.id, r.instance.target, r.status,
@@ -114,7 +122,36 @@ async def read_status(config: RegistryConfig, tls: TlsFiles | None = None) -> di
         "policies": {role: p.describe() for role, p in default_policies().items()},
         "flows": {flow: doc.describe() for flow, doc in flows.items()},
         "acl": acl_notes,
+        "rollouts": {service: {**doc.describe(), "candidate_blocked": _candidate_blocked(doc, services, shard_sets),
+                               "run": _run_summary(runs[service])}
+                     for service, doc in rollouts.items() if doc.text is not None},
     }
+
+
+def _run_summary(run: Any) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    last = run.events[-1] if run.events else {}
+    return {"version": run.version, "status": run.status, "canary_percent": run.canary_percent,
+            "last_decision": last.get("decision"), "last_reasons": last.get("reasons", [])}  # fmt: skip
+
+
+def _candidate_blocked(doc: StoredRollout, services: dict[str, list[ReplicaStatus]],
+                       shard_sets: list[ShardSet]) -> str | None:  # fmt: skip
+    """Why the candidate of an embedder rollout gets no traffic (None: nothing stops it): its
+    vectors are only served with a complete shard set of its own version."""
+    policy = doc.policy
+    if doc.service != "embedder" or policy is None or policy.candidate is None:
+        return None
+    version = policy.candidate.version
+    if not any(r.version == version and r.status == "passing" for r in services["embedder"]):
+        return f"no passing embedder of version {version}"
+    sets = [s for s in shard_sets if s.embedder_version == version]
+    if not sets:
+        return f"no shards built for embedder version {version}"
+    if not any(s.coverage == 1.0 for s in sets):
+        return f"shard set of embedder version {version} incomplete (coverage {max(s.coverage for s in sets):.2f})"
+    return None
 
 
 def render(status: dict[str, Any]) -> str:
@@ -151,6 +188,23 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"  {flow:<14} version {doc['version']:<8} {state}")
     if status.get("acl", {}).get("flows"):
         lines.append(f"  (not readable: {status['acl']['flows']})")
+    if status.get("rollouts"):
+        lines.append("")
+        lines.append("rollouts (KV meshserve/rollout/<service>; versions not named get no traffic)")
+    for service, doc in status.get("rollouts", {}).items():
+        if not doc["valid"]:
+            lines.append(f"  {service:<14} REFUSED, the gateway keeps the last valid one: {doc['error']}")
+            continue
+        d = doc["document"]
+        c = d.get("candidate") or {}
+        split = (f"candidate {c['version']} canary {c.get('canary_percent', 0):g}% "
+                 f"ab {(c.get('ab') or {}).get('percent', 0):g}% shadow {c.get('shadow_percent', 0):g}%"
+                 if c else "no candidate")  # fmt: skip
+        blocked = f" · candidate gets nothing: {doc['candidate_blocked']}" if doc["candidate_blocked"] else ""
+        lines.append(f"  {service:<14} stable {d['stable']} · {split}{blocked}")
+        if run := doc.get("run"):
+            lines.append(f"  {'':<14} rollout of {run['version']}: {run['status']}, last decision "
+                         f"{run['last_decision']} ({'; '.join(run['last_reasons'])})")  # fmt: skip
     return "\n".join(lines)
 
 

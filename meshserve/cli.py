@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from meshserve import health_cli
 from meshserve.gateway import cli as gateway_cli
-from meshserve.gateway import guard_cli
+from meshserve.gateway import guard_cli, rollout_cli
 from meshserve.jobs import cli as jobs_cli
 from meshserve.local import bench_cli, ops_cli, search_cli
 from meshserve.local import cli as local_cli
@@ -32,6 +32,7 @@ ROOM_COMMANDS = (
     train_cli,  # train
     gateway_cli,  # gateway, status
     guard_cli,  # guard check, config get|set|validate
+    rollout_cli,  # rollout start|status|promote|abort
     search_cli,  # search IMAGE
     local_cli,  # up, demo
     bench_cli,  # bench [NAME]

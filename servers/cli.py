@@ -159,6 +159,10 @@ def _add_common_arguments(parser: argparse.ArgumentParser, kind: Kind) -> None:
         "--inject-delay-ms", type=float, default=0.0,
         help="fault injection: make every model call this much slower (drills and tests; default 0)",
     )  # fmt: skip
+    work.add_argument(
+        "--inject-error-rate", type=float, default=0.0, metavar="P",
+        help="fault injection: fail this share of model calls with INTERNAL, 0..1 (drills and tests; default 0)",
+    )  # fmt: skip
     reg = parser.add_argument_group("registry and observability")
     reg.add_argument(
         "--consul", help="Consul HTTP address (default: $CONSUL_HTTP_ADDR or http://127.0.0.1:8500)"
@@ -238,6 +242,10 @@ def _serve(args: argparse.Namespace) -> int:
             from meshserve.servers.faults import DelayedModel
 
             model = DelayedModel(model, args.inject_delay_ms)
+        if args.inject_error_rate:
+            from meshserve.servers.faults import ErroringModel
+
+            model = ErroringModel(model, args.inject_error_rate)
     except ValueError as exc:
         print(f"meshserve serve {args.kind}: {exc}", file=sys.stderr)
         return 2

@@ -1,11 +1,13 @@
-"""Fault injection for drills and tests: a model that is slower than it should be.
+"""Fault injection for drills and tests: a model that is slower than it should be, or that fails.
 
-Like a service mesh's fault filter, this is opt-in per process (`serve … --inject-delay-ms`) and
-never on by default; it lets an operator prove that deadlines, hedging and ejection work.
+Like a service mesh's fault filter, this is opt-in per process (`serve … --inject-delay-ms`,
+`--inject-error-rate`) and never on by default; it lets an operator prove that deadlines, hedging,
+ejection and automatic rollout rollback work.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,14 +16,13 @@ from meshserve.servers.model import Model
 from meshserve.wire.signature import Arrays, Params
 
 
-class DelayedModel(Model):
-    """Wraps a model; every model call (a whole batch) first sleeps `delay_ms`."""
+class InjectedFault(RuntimeError):
+    """The failure `--inject-error-rate` makes a model call raise (INTERNAL to the caller)."""
 
-    def __init__(self, inner: Model, delay_ms: float):
-        if delay_ms < 0:
-            raise ValueError("--inject-delay-ms must be ≥ 0")
+
+class _WrappedModel(Model):
+    def __init__(self, inner: Model):
         self.inner = inner
-        self.delay_s = delay_ms / 1000.0
         self.name, self.version, self.role = inner.name, inner.version, inner.role
         self.signature = inner.signature
 
@@ -35,7 +36,6 @@ class DelayedModel(Model):
         self.inner.check(inputs, params)
 
     def predict(self, inputs: Arrays, params: Params) -> Arrays:
-        time.sleep(self.delay_s)
         return self.inner.predict(inputs, params)
 
     def meta(self) -> dict[str, str]:
@@ -49,3 +49,33 @@ class DelayedModel(Model):
 
     def unbatch(self, outputs: Arrays, sizes: Sequence[int]) -> list[Arrays]:
         return self.inner.unbatch(outputs, sizes)
+
+
+class DelayedModel(_WrappedModel):
+    """Wraps a model; every model call (a whole batch) first sleeps `delay_ms`."""
+
+    def __init__(self, inner: Model, delay_ms: float):
+        if delay_ms < 0:
+            raise ValueError("--inject-delay-ms must be ≥ 0")
+        super().__init__(inner)
+        self.delay_s = delay_ms / 1000.0
+
+    def predict(self, inputs: Arrays, params: Params) -> Arrays:
+        time.sleep(self.delay_s)
+        return self.inner.predict(inputs, params)
+
+
+class ErroringModel(_WrappedModel):
+    """Wraps a model; each model call (a whole batch) fails with probability `error_rate`."""
+
+    def __init__(self, inner: Model, error_rate: float, rng: random.Random | None = None):
+        if not 0.0 <= error_rate <= 1.0:
+            raise ValueError("--inject-error-rate must be in [0, 1]")
+        super().__init__(inner)
+        self.error_rate = error_rate
+        self._random = rng or random.Random()
+
+    def predict(self, inputs: Arrays, params: Params) -> Arrays:
+        if self._random.random() < self.error_rate:
+            raise InjectedFault(f"injected fault (--inject-error-rate {self.error_rate:g})")
+        return self.inner.predict(inputs, params)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n meshserve/v1/listing_guard.proto\x12\x0cmeshserve.v1\"\xec\x01\n\x07Listing\x12\x12\n\nlisting_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0e\n\x06images\x18\x04 \x03(\x0c\x12\x13\n\x0bprice_cents\x18\x05 \x01(\x03\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12\x39\n\nattributes\x18\x07 \x03(\x0b\x32%.meshserve.v1.Listing.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x08\x10\x10\"L\n\x0c\x43heckRequest\x12&\n\x07listing\x18\x01 \x01(\x0b\x32\x15.meshserve.v1.Listing\x12\x0e\n\x06models\x18\x02 \x03(\tJ\x04\x08\x03\x10\x0b\"\xec\x01\n\x07Verdict\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0f\n\x07\x66lagged\x18\x04 \x01(\x08\x12+\n\x06status\x18\x05 \x01(\x0e\x32\x1b.meshserve.v1.VerdictStatus\x12\x11\n\tthreshold\x18\x06 \x01(\x02\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x18\n\x10review_threshold\x18\x10 \x01(\x02\x12\r\n\x05label\x18\x11 \x01(\t\x12\x12\n\nlatency_ms\x18\x12 \x01(\x02\x12\x0e\n\x06\x63\x61\x63hed\x18\x13 \x01(\x08J\x04\x08\x08\x10\x10\"5\n\x12\x43\x61tegorySuggestion\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\xea\x02\n\rCheckResponse\x12\'\n\x08verdicts\x18\x01 \x03(\x0b\x32\x15.meshserve.v1.Verdict\x12\x0f\n\x07partial\x18\x02 \x01(\x08\x12\x0f\n\x07\x66lagged\x18\x03 \x01(\x08\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12(\n\x08\x64\x65\x63ision\x18\x10 \x01(\x0e\x32\x16.meshserve.v1.Decision\x12\x0f\n\x07reasons\x18\x11 \x03(\t\x12\x16\n\x0epolicy_version\x18\x12 \x01(\t\x12;\n\x08versions\x18\x13 \x03(\x0b\x32).meshserve.v1.CheckResponse.VersionsEntry\x12\x35\n\x0bsuggestions\x18\x14 \x03(\x0b\x32 .meshserve.v1.CategorySuggestion\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x05\x10\x10*\xb9\x01\n\rVerdictStatus\x12\x1e\n\x1aVERDICT_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11VERDICT_STATUS_OK\x10\x01\x12\x1a\n\x16VERDICT_STATUS_TIMEOUT\x10\x02\x12\x1e\n\x1aVERDICT_STATUS_UNAVAILABLE\x10\x03\x12\x1b\n\x17VERDICT_STATUS_DISABLED\x10\x04\x12\x18\n\x14VERDICT_STATUS_ERROR\x10\x05*a\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REVIEW\x10\x02\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x03\x32P\n\x0cListingGuard\x12@\n\x05\x43heck\x12\x1a.meshserve.v1.CheckRequest\x1a\x1b.meshserve.v1.CheckResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n meshserve/v1/listing_guard.proto\x12\x0cmeshserve.v1\"\xec\x01\n\x07Listing\x12\x12\n\nlisting_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0e\n\x06images\x18\x04 \x03(\x0c\x12\x13\n\x0bprice_cents\x18\x05 \x01(\x03\x12\x10\n\x08\x63\x61tegory\x18\x06 \x01(\t\x12\x39\n\nattributes\x18\x07 \x03(\x0b\x32%.meshserve.v1.Listing.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x08\x10\x10\"L\n\x0c\x43heckRequest\x12&\n\x07listing\x18\x01 \x01(\x0b\x32\x15.meshserve.v1.Listing\x12\x0e\n\x06models\x18\x02 \x03(\tJ\x04\x08\x03\x10\x0b\"\xf9\x01\n\x07Verdict\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0f\n\x07\x66lagged\x18\x04 \x01(\x08\x12+\n\x06status\x18\x05 \x01(\x0e\x32\x1b.meshserve.v1.VerdictStatus\x12\x11\n\tthreshold\x18\x06 \x01(\x02\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x18\n\x10review_threshold\x18\x10 \x01(\x02\x12\r\n\x05label\x18\x11 \x01(\t\x12\x12\n\nlatency_ms\x18\x12 \x01(\x02\x12\x0e\n\x06\x63\x61\x63hed\x18\x13 \x01(\x08\x12\x0b\n\x03\x61rm\x18\x14 \x01(\tJ\x04\x08\x08\x10\x10\"5\n\x12\x43\x61tegorySuggestion\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\xea\x02\n\rCheckResponse\x12\'\n\x08verdicts\x18\x01 \x03(\x0b\x32\x15.meshserve.v1.Verdict\x12\x0f\n\x07partial\x18\x02 \x01(\x08\x12\x0f\n\x07\x66lagged\x18\x03 \x01(\x08\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12(\n\x08\x64\x65\x63ision\x18\x10 \x01(\x0e\x32\x16.meshserve.v1.Decision\x12\x0f\n\x07reasons\x18\x11 \x03(\t\x12\x16\n\x0epolicy_version\x18\x12 \x01(\t\x12;\n\x08versions\x18\x13 \x03(\x0b\x32).meshserve.v1.CheckResponse.VersionsEntry\x12\x35\n\x0bsuggestions\x18\x14 \x03(\x0b\x32 .meshserve.v1.CategorySuggestion\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x05\x10\x10*\xb9\x01\n\rVerdictStatus\x12\x1e\n\x1aVERDICT_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11VERDICT_STATUS_OK\x10\x01\x12\x1a\n\x16VERDICT_STATUS_TIMEOUT\x10\x02\x12\x1e\n\x1aVERDICT_STATUS_UNAVAILABLE\x10\x03\x12\x1b\n\x17VERDICT_STATUS_DISABLED\x10\x04\x12\x18\n\x14VERDICT_STATUS_ERROR\x10\x05*a\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45\x43ISION_ALLOW\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_REVIEW\x10\x02\x12\x12\n\x0e\x44\x45\x43ISION_BLOCK\x10\x03\x32P\n\x0cListingGuard\x12@\n\x05\x43heck\x12\x1a.meshserve.v1.CheckRequest\x1a\x1b.meshserve.v1.CheckResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTING_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_CHECKRESPONSE_VERSIONSENTRY']._loaded_options = None
   _globals['_CHECKRESPONSE_VERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_VERDICTSTATUS']._serialized_start=1027
-  _globals['_VERDICTSTATUS']._serialized_end=1212
-  _globals['_DECISION']._serialized_start=1214
-  _globals['_DECISION']._serialized_end=1311
+  _globals['_VERDICTSTATUS']._serialized_start=1040
+  _globals['_VERDICTSTATUS']._serialized_end=1225
+  _globals['_DECISION']._serialized_start=1227
+  _globals['_DECISION']._serialized_end=1324
   _globals['_LISTING']._serialized_start=51
   _globals['_LISTING']._serialized_end=287
   _globals['_LISTING_ATTRIBUTESENTRY']._serialized_start=232
@@ -46,13 +46,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKREQUEST']._serialized_start=289
   _globals['_CHECKREQUEST']._serialized_end=365
   _globals['_VERDICT']._serialized_start=368
-  _globals['_VERDICT']._serialized_end=604
-  _globals['_CATEGORYSUGGESTION']._serialized_start=606
-  _globals['_CATEGORYSUGGESTION']._serialized_end=659
-  _globals['_CHECKRESPONSE']._serialized_start=662
-  _globals['_CHECKRESPONSE']._serialized_end=1024
-  _globals['_CHECKRESPONSE_VERSIONSENTRY']._serialized_start=971
-  _globals['_CHECKRESPONSE_VERSIONSENTRY']._serialized_end=1018
-  _globals['_LISTINGGUARD']._serialized_start=1313
-  _globals['_LISTINGGUARD']._serialized_end=1393
+  _globals['_VERDICT']._serialized_end=617
+  _globals['_CATEGORYSUGGESTION']._serialized_start=619
+  _globals['_CATEGORYSUGGESTION']._serialized_end=672
+  _globals['_CHECKRESPONSE']._serialized_start=675
+  _globals['_CHECKRESPONSE']._serialized_end=1037
+  _globals['_CHECKRESPONSE_VERSIONSENTRY']._serialized_start=984
+  _globals['_CHECKRESPONSE_VERSIONSENTRY']._serialized_end=1031
+  _globals['_LISTINGGUARD']._serialized_start=1326
+  _globals['_LISTINGGUARD']._serialized_end=1406
 # @@protoc_insertion_point(module_scope)

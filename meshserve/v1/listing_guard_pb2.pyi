@@ -67,7 +67,7 @@ class CheckRequest(_message.Message):
     def __init__(self, listing: _Optional[_Union[Listing, _Mapping]] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("model", "version", "score", "flagged", "status", "threshold", "detail", "review_threshold", "label", "latency_ms", "cached")
+    __slots__ = ("model", "version", "score", "flagged", "status", "threshold", "detail", "review_threshold", "label", "latency_ms", "cached", "arm")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class Verdict(_message.Message):
     LABEL_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     score: float
@@ -90,7 +91,8 @@ class Verdict(_message.Message):
     label: str
     latency_ms: float
     cached: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., score: _Optional[float] = ..., flagged: _Optional[bool] = ..., status: _Optional[_Union[VerdictStatus, str]] = ..., threshold: _Optional[float] = ..., detail: _Optional[str] = ..., review_threshold: _Optional[float] = ..., label: _Optional[str] = ..., latency_ms: _Optional[float] = ..., cached: _Optional[bool] = ...) -> None: ...
+    arm: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., score: _Optional[float] = ..., flagged: _Optional[bool] = ..., status: _Optional[_Union[VerdictStatus, str]] = ..., threshold: _Optional[float] = ..., detail: _Optional[str] = ..., review_threshold: _Optional[float] = ..., label: _Optional[str] = ..., latency_ms: _Optional[float] = ..., cached: _Optional[bool] = ..., arm: _Optional[str] = ...) -> None: ...
 
 class CategorySuggestion(_message.Message):
     __slots__ = ("category", "score")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmeshserve/v1/photo_search.proto\x12\x0cmeshserve.v1\"\x83\x01\n\rSearchRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x1b\n\x13min_detection_score\x18\x03 \x01(\x02\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x10\n\x08no_cache\x18\x06 \x01(\x08J\x04\x08\x07\x10\x10\"A\n\x03\x42ox\x12\r\n\x05x_min\x18\x01 \x01(\x02\x12\r\n\x05y_min\x18\x02 \x01(\x02\x12\r\n\x05x_max\x18\x03 \x01(\x02\x12\r\n\x05y_max\x18\x04 \x01(\x02\"\xa8\x01\n\x05Match\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05shard\x18\x03 \x01(\t\x12\x37\n\nattributes\x18\x04 \x03(\x0b\x32#.meshserve.v1.Match.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x05\x10\x0b\"u\n\tDetection\x12\x1e\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x11.meshserve.v1.Box\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12$\n\x07matches\x18\x04 \x03(\x0b\x32\x13.meshserve.v1.MatchJ\x04\x08\x05\x10\x0b\"T\n\x08\x43overage\x12\x17\n\x0fshards_answered\x18\x01 \x01(\x05\x12\x17\n\x0fshards_expected\x18\x02 \x01(\x05\x12\x16\n\x0emissing_shards\x18\x03 \x03(\t\"\xfe\x01\n\x0eSearchResponse\x12+\n\ndetections\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.Detection\x12(\n\x08\x63overage\x18\x02 \x01(\x0b\x32\x16.meshserve.v1.Coverage\x12<\n\x08versions\x18\x03 \x03(\x0b\x32*.meshserve.v1.SearchResponse.VersionsEntry\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x06\x10\x10\x32R\n\x0bPhotoSearch\x12\x43\n\x06Search\x12\x1b.meshserve.v1.SearchRequest\x1a\x1c.meshserve.v1.SearchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmeshserve/v1/photo_search.proto\x12\x0cmeshserve.v1\"\x83\x01\n\rSearchRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x1b\n\x13min_detection_score\x18\x03 \x01(\x02\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x10\n\x08no_cache\x18\x06 \x01(\x08J\x04\x08\x07\x10\x10\"A\n\x03\x42ox\x12\r\n\x05x_min\x18\x01 \x01(\x02\x12\r\n\x05y_min\x18\x02 \x01(\x02\x12\r\n\x05x_max\x18\x03 \x01(\x02\x12\r\n\x05y_max\x18\x04 \x01(\x02\"\xa8\x01\n\x05Match\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05shard\x18\x03 \x01(\t\x12\x37\n\nattributes\x18\x04 \x03(\x0b\x32#.meshserve.v1.Match.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x05\x10\x0b\"u\n\tDetection\x12\x1e\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x11.meshserve.v1.Box\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12$\n\x07matches\x18\x04 \x03(\x0b\x32\x13.meshserve.v1.MatchJ\x04\x08\x05\x10\x0b\"T\n\x08\x43overage\x12\x17\n\x0fshards_answered\x18\x01 \x01(\x05\x12\x17\n\x0fshards_expected\x18\x02 \x01(\x05\x12\x16\n\x0emissing_shards\x18\x03 \x03(\t\"\xe1\x02\n\x0eSearchResponse\x12+\n\ndetections\x18\x01 \x03(\x0b\x32\x17.meshserve.v1.Detection\x12(\n\x08\x63overage\x18\x02 \x01(\x0b\x32\x16.meshserve.v1.Coverage\x12<\n\x08versions\x18\x03 \x03(\x0b\x32*.meshserve.v1.SearchResponse.VersionsEntry\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x34\n\x04\x61rms\x18\x10 \x03(\x0b\x32&.meshserve.v1.SearchResponse.ArmsEntry\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tArmsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x06\x10\x10\x32R\n\x0bPhotoSearch\x12\x43\n\x06Search\x12\x1b.meshserve.v1.SearchRequest\x1a\x1c.meshserve.v1.SearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MATCH_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_SEARCHRESPONSE_VERSIONSENTRY']._loaded_options = None
   _globals['_SEARCHRESPONSE_VERSIONSENTRY']._serialized_options = b'8\001'
+  _globals['_SEARCHRESPONSE_ARMSENTRY']._loaded_options = None
+  _globals['_SEARCHRESPONSE_ARMSENTRY']._serialized_options = b'8\001'
   _globals['_SEARCHREQUEST']._serialized_start=50
   _globals['_SEARCHREQUEST']._serialized_end=181
   _globals['_BOX']._serialized_start=183
@@ -48,9 +50,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COVERAGE']._serialized_start=540
   _globals['_COVERAGE']._serialized_end=624
   _globals['_SEARCHRESPONSE']._serialized_start=627
-  _globals['_SEARCHRESPONSE']._serialized_end=881
-  _globals['_SEARCHRESPONSE_VERSIONSENTRY']._serialized_start=828
-  _globals['_SEARCHRESPONSE_VERSIONSENTRY']._serialized_end=875
-  _globals['_PHOTOSEARCH']._serialized_start=883
-  _globals['_PHOTOSEARCH']._serialized_end=965
+  _globals['_SEARCHRESPONSE']._serialized_end=980
+  _globals['_SEARCHRESPONSE_VERSIONSENTRY']._serialized_start=882
+  _globals['_SEARCHRESPONSE_VERSIONSENTRY']._serialized_end=929
+  _globals['_SEARCHRESPONSE_ARMSENTRY']._serialized_start=931
+  _globals['_SEARCHRESPONSE_ARMSENTRY']._serialized_end=974
+  _globals['_PHOTOSEARCH']._serialized_start=982
+  _globals['_PHOTOSEARCH']._serialized_end=1064
 # @@protoc_insertion_point(module_scope)

@@ -76,8 +76,15 @@ class Coverage(_message.Message):
     def __init__(self, shards_answered: _Optional[int] = ..., shards_expected: _Optional[int] = ..., missing_shards: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("detections", "coverage", "versions", "trace_id", "cached")
+    __slots__ = ("detections", "coverage", "versions", "trace_id", "cached", "arms")
     class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ArmsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -89,9 +96,11 @@ class SearchResponse(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    ARMS_FIELD_NUMBER: _ClassVar[int]
     detections: _containers.RepeatedCompositeFieldContainer[Detection]
     coverage: Coverage
     versions: _containers.ScalarMap[str, str]
     trace_id: str
     cached: bool
-    def __init__(self, detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., trace_id: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
+    arms: _containers.ScalarMap[str, str]
+    def __init__(self, detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ..., versions: _Optional[_Mapping[str, str]] = ..., trace_id: _Optional[str] = ..., cached: _Optional[bool] = ..., arms: _Optional[_Mapping[str, str]] = ...) -> None: ...
