@@ -7,10 +7,12 @@ One run, the same trained models and the same held-out photos on both sides:
 
 (a) concurrency 1: p50 and p99 of `InProcessSearch.search` vs `PhotoSearch.Search` through a local
     mesh (dev registry, 2 detectors, 2 embedders, 4 indexers, gateway; every model server `--threads 1`).
-    Goal: mesh/in-process ≤ 1.10 at p50 and ≤ 1.25 at p99.
+    Goal (issue #19): mesh/in-process ≤ 1.3 at p50 and ≤ 1.5 at p99.
 (b) throughput: 16 searches in flight through the mesh (grpc.aio, one channel) vs the in-process loop
-    run sequentially over the same requests. Goal: mesh/in-process ≥ 1.0, thanks to dynamic batching
-    and the replicas working on both cores at once.
+    run sequentially over the same requests. Goal: mesh/in-process ≥ 1.3, thanks to dynamic batching
+    and the replicas working on both cores at once; and CPU per search (every mesh process, from
+    /proc) ≤ 1.5× the loop's. Beside it, how many requests each detector and embedder call merged
+    (their meshserve_server_batch_requests histograms, scraped before and after the mesh's rounds).
 (c) latency at concurrency 1 vs shard count S = 1, 4, 8: a fresh LocalMesh per S (shards rebuilt as
     S contiguous slices of the catalogue), with the in-process pipeline over the same S shards beside it.
 
@@ -53,6 +55,9 @@ import grpc
 from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
 
 TOP_K = 10
+# Goals of issue #19, as mesh / in-process ratios
+P50_GOAL, P99_GOAL, THROUGHPUT_GOAL, CPU_GOAL = 1.3, 1.5, 1.3, 1.5
+BATCHED_ROLES = ("detector", "embedder")
 CONCURRENCY = 16
 TIMEOUT_S = 60.0
 BASELINE_THREADS = (1, 2)
@@ -220,6 +225,58 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+@dataclass
+class BatchCounts:
+    """One role's meshserve_server_batch_requests, summed over its replicas."""
+
+    cumulative: dict[float, float] = field(default_factory=dict)  # upper bound → model calls
+    requests: float = 0.0
+    calls: float = 0.0
+
+
+def batch_requests(registry: str) -> dict[str, BatchCounts]:
+    """Per role in BATCHED_ROLES, how many requests its model calls merged so far (every replica,
+    found with its metrics_port in the registry)."""
+    import json
+
+    from meshserve.local.top import buckets, parse_samples, total
+    from meshserve.registry.config import METRICS_PORT_META, SERVICE_NAMES
+
+    out: dict[str, BatchCounts] = {}
+    for role in BATCHED_ROLES:
+        with urllib.request.urlopen(f"{registry}/v1/catalog/service/{SERVICE_NAMES[role]}", timeout=10) as resp:
+            entries = json.load(resp)
+        counts = out[role] = BatchCounts()
+        for entry in entries:
+            host = entry.get("ServiceAddress") or entry.get("Address") or "127.0.0.1"
+            port = (entry.get("ServiceMeta") or {}).get(METRICS_PORT_META)
+            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
+                samples = parse_samples(resp.read().decode())
+            for bound, count in buckets(samples, "meshserve_server_batch_requests").items():
+                counts.cumulative[bound] = counts.cumulative.get(bound, 0.0) + count
+            counts.requests += total(samples, "meshserve_server_batch_requests_sum")
+            counts.calls += total(samples, "meshserve_server_batch_requests_count")
+    return out
+
+
+def histogram_lines(before: dict[str, BatchCounts], after: dict[str, BatchCounts]) -> list[str]:
+    """Model calls by requests merged per call between two scrapes, one line per role."""
+    lines = []
+    for role in BATCHED_ROLES:
+        now, then = after[role], before[role]
+        parts, lower, below = [], 0.0, 0.0
+        for bound in sorted(now.cumulative):
+            cumulative = now.cumulative[bound] - then.cumulative.get(bound, 0.0)
+            if cumulative > below and bound != float("inf"):
+                label = f"{int(bound)}" if bound - lower <= 1 else f"{int(lower) + 1}–{int(bound)}"
+                parts.append(f"{label}: {int(cumulative - below)}")
+            lower, below = bound, cumulative
+        calls, requests = now.calls - then.calls, now.requests - then.requests
+        mean = f"; {requests / calls:.2f} requests per call" if calls else ""
+        lines.append(f"  {role:<9} model calls by requests merged: {', '.join(parts) or 'none'}{mean}")
+    return lines
+
+
 def role_of(name: str) -> str:
     return name.split("-", 1)[0]
 
@@ -302,6 +359,7 @@ class MainFigures:
     stages: dict[str, float]  # gateway stage -> mean seconds during (a)
     hop: Timings  # empty gRPC round trips to the gateway and model servers
     cpu_ms: dict[str, float]  # CPU ms per search during (b): mesh per role, and the in-process loop
+    batches: list[str]  # requests merged per detector / embedder call during (b)
 
 
 def run_mesh(cfg: BenchConfig, shards: int, photos: Sequence[bytes], say: Callable[[str], None]
@@ -344,6 +402,7 @@ def run_mesh(cfg: BenchConfig, shards: int, photos: Sequence[bytes], say: Callab
         throughput: dict[str, list[float]] = {"mesh": [], **{f"inproc-{n}": [] for n in BASELINE_THREADS}}
         children = [(c.spec.name, c.proc.pid) for c in mesh.supervisor.children if c.alive]
         cpu: dict[str, float] = {}
+        batches_before = batch_requests(info.registry)
         for _ in range(2):  # alternate rounds so a burst of outside load does not land on one side only
             for n in BASELINE_THREADS:
                 started_cpu = time.process_time()
@@ -359,7 +418,8 @@ def run_mesh(cfg: BenchConfig, shards: int, photos: Sequence[bytes], say: Callab
         cpu_ms = {k: 1000 * v / (2 * (len(requests) + (CONCURRENCY if k.startswith("mesh ") else 1)))
                   for k, v in cpu.items()}  # fmt: skip
         inproc.threads(1)
-        figures = MainFigures(latency, throughput, stages, hop, cpu_ms)
+        batches = histogram_lines(batches_before, batch_requests(info.registry))
+        figures = MainFigures(latency, throughput, stages, hop, cpu_ms, batches)
         return ShardRow(shards, latency["mesh"], latency["inproc-1"]), figures
     finally:
         if client is not None:
@@ -409,8 +469,8 @@ def report(cfg: BenchConfig, main: MainFigures, rows: list[ShardRow], n_photos: 
         lines.append(f"{labels[name]:<36} {ms(t.p50)} {ms(t.p99)} {ms(statistics.fmean(t.seconds))}")
     lines += [
         f"ratio mesh / {labels[base_name]} (the faster in-process): "
-        f"p50 {p50_ratio:.2f} (goal ≤ 1.10, {verdict(p50_ratio <= 1.10)}), "
-        f"p99 {p99_ratio:.2f} (goal ≤ 1.25, {verdict(p99_ratio <= 1.25)})",
+        f"p50 {p50_ratio:.2f} (goal ≤ {P50_GOAL}, {verdict(p50_ratio <= P50_GOAL)}), "
+        f"p99 {p99_ratio:.2f} (goal ≤ {P99_GOAL}, {verdict(p99_ratio <= P99_GOAL)})",
     ]
     for name in ("inproc-1", "inproc-2"):
         if name != base_name:
@@ -429,6 +489,8 @@ def report(cfg: BenchConfig, main: MainFigures, rows: list[ShardRow], n_photos: 
         f"(b) throughput (searches/s; best of {len(thr['mesh'])} alternating rounds, every round shown)",
     ]
     best = {name: max(v) for name, v in thr.items()}
+    mesh_cpu_ms = sum(v for k, v in main.cpu_ms.items() if k.startswith("mesh ") and not k.startswith("mesh client"))
+    cpu_ratio = mesh_cpu_ms / max(main.cpu_ms.get("in-process loop (1 thread)", 0.0), 1e-9)
     thr_labels = {"mesh": f"mesh, {CONCURRENCY} in flight", "inproc-1": "in-process loop, 1 torch thread",
                   "inproc-2": "in-process loop, 2 torch threads"}  # fmt: skip
     for name, values in thr.items():
@@ -438,13 +500,18 @@ def report(cfg: BenchConfig, main: MainFigures, rows: list[ShardRow], n_photos: 
     other = "inproc-2" if thr_base == "inproc-1" else "inproc-1"
     ratio = best["mesh"] / best[thr_base]
     lines += [
-        f"ratio mesh / {thr_labels[thr_base]} (the faster loop): {ratio:.2f} (goal ≥ 1.0, {verdict(ratio >= 1.0)}); "
+        f"ratio mesh / {thr_labels[thr_base]} (the faster loop): {ratio:.2f} "
+        f"(goal ≥ {THROUGHPUT_GOAL}, {verdict(ratio >= THROUGHPUT_GOAL)}); "
         f"vs the {thr_labels[other].removeprefix('in-process loop, ')} loop: {best['mesh'] / best[other]:.2f}",
         "CPU ms per search during (b): in-process loop (1 thread) "
         f"{main.cpu_ms.get('in-process loop (1 thread)', 0.0):.1f}; mesh "
         f"{sum(v for k, v in main.cpu_ms.items() if k.startswith('mesh ')):.1f} = "
         + ", ".join(f"{k.removeprefix('mesh ')} {v:.1f}" for k, v in sorted(main.cpu_ms.items(), key=lambda kv: -kv[1])
                     if k.startswith("mesh ") and v >= 0.05),
+        f"CPU per search, mesh processes (the bench client left out) / the in-process loop: {cpu_ratio:.2f} "
+        f"(goal ≤ {CPU_GOAL}, {verdict(cpu_ratio <= CPU_GOAL)})",
+        f"requests merged per model call during the mesh's rounds of (b), {CONCURRENCY} in flight:",
+        *main.batches,
         "",
         "(c) latency at concurrency 1 vs shard count (ms; in-process at 1 torch thread over the same shards)",
         f"{'S':>3} {'mesh p50':>9} {'mesh p99':>9} {'inproc p50':>11} {'inproc p99':>11} {'p50 ratio':>10} "
