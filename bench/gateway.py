@@ -72,11 +72,14 @@ class BenchConfig:
     min_score: float
     throughput_requests: int
     warmup: int
+    trace_sample: float = 1.0  # share of searches traced (whole traces: parent-based sampling)
     ready_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.queries < 2:
             raise ValueError("--queries must be at least 2")
+        if not 0.0 <= self.trace_sample <= 1.0:
+            raise ValueError("--trace-sample must be within [0, 1]")
         if self.main_shards not in self.shard_counts:
             raise ValueError(f"the main shard count {self.main_shards} must be one of {self.shard_counts}")
 
@@ -458,7 +461,9 @@ def report(cfg: BenchConfig, main: MainFigures, rows: list[ShardRow], n_photos: 
     lines = [
         "",
         f"photo search, {n_photos} held-out photos, top_k {TOP_K}, min score {cfg.min_score}, "
-        f"S={cfg.main_shards} for (a) and (b), no_cache on every mesh request",
+        f"S={cfg.main_shards} for (a) and (b), no_cache on every mesh request, "
+        + ("every search traced" if cfg.trace_sample >= 1.0 else
+           f"{100 * cfg.trace_sample:g}% of searches traced (whole traces)"),
         "",
         "(a) latency at concurrency 1 (ms)",
         f"{'side':<36} {'p50':>8} {'p99':>8} {'mean':>8}",
@@ -533,6 +538,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer queries, S = 1, 4 only")
     parser.add_argument("--min-score", type=float, default=0.3,
                         help="min detection score on both sides (default 0.3, the gateway's default)")  # fmt: skip
+    parser.add_argument("--trace-sample", type=float, default=1.0,
+                        help="share of searches the mesh traces (default 1: every one, as `meshserve up`); "
+                             "below 1 every process samples parent-based (OTEL_TRACES_SAMPLER="
+                             "parentbased_traceidratio), so a search is traced whole or not at all")  # fmt: skip
     args = parser.parse_args(argv)
     if args.home is None:
         parser.error("no models: pass --home DIR or set MESHSERVE_HOME")
@@ -545,6 +554,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         min_score=args.min_score,
         throughput_requests=max(2 * CONCURRENCY, 2 * queries),
         warmup=min(queries, 4 if args.quick else 8),
+        trace_sample=args.trace_sample,
     )
 
 
@@ -562,6 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    if cfg.trace_sample < 1.0:  # the mesh's processes inherit this environment (OTel's standard variables)
+        os.environ["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        os.environ["OTEL_TRACES_SAMPLER_ARG"] = str(cfg.trace_sample)
     photos = [p.jpeg for p in held_out_photos(cfg.home, cfg.queries)]
     rows: list[ShardRow] = []
     main_figures: MainFigures | None = None
