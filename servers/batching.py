@@ -21,6 +21,8 @@ from meshserve.wire.signature import Arrays, Params, rows
 
 log = logging.getLogger(__name__)
 
+Check = Callable[[Arrays, Params], None]  # Model.check: raises to refuse one request
+
 
 @dataclass(frozen=True)
 class BatchingConfig:
@@ -140,6 +142,11 @@ class ModelThreads:
             del job, future, result, error  # drop references before sleeping on the queue
 
 
+def _checked(check: Check, predict: Callable[[Arrays, Params], Arrays], inputs: Arrays, params: Params) -> Arrays:
+    check(inputs, params)
+    return predict(inputs, params)
+
+
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.cancelled():
         return
@@ -223,25 +230,38 @@ class Batcher:
 
     # -- the request side ------------------------------------------------------------------
 
-    async def submit(self, inputs: Arrays, params: Params, deadline: float | None) -> Arrays:
-        """Queue one validated request and wait for its outputs. `deadline` is monotonic time."""
+    async def submit(self, inputs: Arrays, params: Params, deadline: float | None,
+                     check: Check | None = None) -> Arrays:  # fmt: skip
+        """Queue one validated request and wait for its outputs. `deadline` is monotonic time.
+
+        `check(inputs, params)` is the model's per-request check that costs enough to be kept off
+        the event loop (decoding an image): on an idle model it runs on the model thread right
+        before predict, one hop for both; otherwise on the loop's executor before queueing, so a
+        request that fails it never joins a batch.
+        """
         if self._closed:
             raise NotReady("server is shutting down")
         if deadline is not None and self._clock() >= deadline:
             self.observer.dropped_expired(1)
             raise DeadlineExpired("deadline expired before the request was queued")
         size = rows(next(iter(inputs.values())))
-        if not self._queue and not self._slots.locked() and self._dispatch_now:
+        if check is not None and not self._idle():
+            await asyncio.get_running_loop().run_in_executor(None, check, inputs, params)
+            check = None
+        if self._idle():
             # Idle model, nobody waiting: run at once, without a trip through the dispatcher.
-            if self._inline:
+            if self._inline and check is None:
                 return self._run_inline(inputs, params, size)
             await self._slots.acquire()  # does not block: a slot is free
-            return await self._run_direct(inputs, params, size)
+            return await self._run_direct(inputs, params, size, check)
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
         key = self.model.batch_key(inputs, params) if self.config.max_batch_size > 1 else None
         self._queue.append(_Item(inputs, params, size, key, deadline, future))
         self._wakeup.set()
         return await future
+
+    def _idle(self) -> bool:
+        return not self._queue and not self._slots.locked() and self._dispatch_now
 
     # -- the dispatch side -----------------------------------------------------------------
 
@@ -311,14 +331,17 @@ class Batcher:
             self.observer.dropped_expired(expired)
         return batch
 
-    async def _run_direct(self, inputs: Arrays, params: Params, size: int) -> Arrays:
+    async def _run_direct(self, inputs: Arrays, params: Params, size: int, check: Check | None = None) -> Arrays:
         """One request on an idle model: no queue, no task, one hop to the model thread."""
         self.observer.queued(0.0)
         started = time.perf_counter()
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
         # If the caller goes away, its slot stays taken until the model thread is done with
         # the call (or has skipped it, when the cancel came first): _direct_done releases it.
-        self._threads.submit(self.model.predict, (inputs, params), future, self._direct_done)
+        if check is None:
+            self._threads.submit(self.model.predict, (inputs, params), future, self._direct_done)
+        else:
+            self._threads.submit(_checked, (check, self.model.predict, inputs, params), future, self._direct_done)
         outputs = await future
         self.observer.batch_ran(size, 1, time.perf_counter() - started)
         return outputs

@@ -6,7 +6,6 @@ gRPC statuses, counts the metrics and continues the caller's trace.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Collection
 
@@ -111,11 +110,11 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             if remaining is not None:
                 self._deadline_seen(remaining)
             inputs, params, wanted = decode(self.model.signature)
-            if self.model.check_off_loop:
-                await asyncio.get_running_loop().run_in_executor(None, self.model.check, inputs, params)
+            if self.model.check_off_loop:  # the batcher runs it off the loop, with predict when it can
+                outputs = await self.batcher.submit(inputs, params, deadline, check=self.model.check)
             else:
                 self.model.check(inputs, params)
-            outputs = await self.batcher.submit(inputs, params, deadline)
+                outputs = await self.batcher.submit(inputs, params, deadline)
             if wanted:
                 outputs = {name: value for name, value in outputs.items() if name in wanted}
             return outputs

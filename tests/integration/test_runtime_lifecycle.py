@@ -110,6 +110,28 @@ def test_identity_registers_answers_and_traces(
     assert ours[0]["name"] == "meshserve.v1.PredictionService/Predict"
 
 
+def test_a_sampling_server_follows_its_callers_sampled_flag(
+    spawn: Callable[..., ManagedProcess], tmp_path: Path
+) -> None:
+    """With parent-based sampling that never starts a trace itself, a server records the span of a
+    call whose caller sampled its trace, and none for an unsampled caller or a call without one:
+    a search's trace is whole or absent, never cut."""
+    trace_file = tmp_path / "spans.jsonl"
+    server = start_identity(spawn, "--trace-file", str(trace_file),
+                            env={"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                 "OTEL_TRACES_SAMPLER_ARG": "0"})  # fmt: skip
+    sampled, unsampled = "4bf92f3577b34da6a3ce929d0e0e4736", "5cf92f3577b34da6a3ce929d0e0e4737"
+    x = np.ones((1, 2), np.float32)
+    with server.channel() as channel:
+        for trace_id, flags in ((sampled, "01"), (unsampled, "00"), (None, "")):
+            metadata = [("traceparent", f"00-{trace_id}-00f067aa0ba902b7-{flags}")] if trace_id else None
+            stub(channel).Predict(predict_request(x), timeout=5, metadata=metadata)
+    server.proc.signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=15) == 0  # flushes the exporter
+    spans = [json.loads(line) for line in trace_file.read_text().splitlines()] if trace_file.exists() else []
+    assert [s["trace_id"] for s in spans] == [sampled], spans
+
+
 def test_sigterm_turns_not_serving_deregisters_and_drains(
     spawn: Callable[..., ManagedProcess], dev_agent: DevAgent
 ) -> None:

@@ -231,6 +231,34 @@ async def test_an_inline_model_runs_on_the_loop_when_idle_and_in_threads_when_ba
     assert model.calls == [3] and threading.get_ident() not in model.threads
 
 
+async def test_a_check_runs_with_predict_on_an_idle_model_and_before_queueing_on_a_busy_one() -> None:
+    from meshserve.errors import InvalidInput
+
+    model = Recording(cost_s=0.1)
+    checked: list[tuple[float, int]] = []  # (value, thread)
+
+    def check(inputs: Arrays, params: Params) -> None:
+        value = float(inputs["x"][0, 0])  # type: ignore[index]
+        checked.append((value, threading.get_ident()))
+        if value < 0:
+            raise InvalidInput("negative")
+
+    batcher = await _with_batcher(model, BatchingConfig(max_batch_size=8, max_queue_delay_ms=0))
+    try:
+        await batcher.submit(_x(0), {}, None, check=check)  # idle: one hop, check then predict
+        busy = asyncio.ensure_future(batcher.submit(_x(1), {}, None, check=check))
+        await asyncio.sleep(0.03)  # the model runs `busy`: the next ones are checked, then queued
+        outs = await asyncio.gather(busy, *(batcher.submit(_x(v), {}, None, check=check) for v in (2, -1, 3)),
+                                    return_exceptions=True)  # fmt: skip
+    finally:
+        await batcher.close()
+    model_thread = model.threads.copy()
+    assert len(model_thread) == 1 and checked[0][1] in model_thread and checked[1][1] in model_thread
+    assert all(thread not in model_thread for _, thread in checked[2:])  # busy model: the executor
+    assert isinstance(outs[2], InvalidInput) and [float(o["y"][0, 0]) for o in (outs[0], outs[1], outs[3])] == [2, 4, 6]
+    assert model.calls == [1, 1, 2]  # the refused request never joined the batch
+
+
 async def test_model_failure_reaches_every_caller_of_the_batch() -> None:
     model = Recording(fail=True)
     batcher = await _with_batcher(model, BatchingConfig(max_batch_size=4, max_queue_delay_ms=20))
