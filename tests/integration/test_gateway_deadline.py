@@ -108,12 +108,12 @@ def test_a_slow_detector_past_the_deadline_gives_deadline_exceeded_and_drops_exp
     print(f"\n50 ms deadline vs a 300 ms detector: caller saw DEADLINE_EXCEEDED after "
           f"{', '.join(f'{1000 * e:.0f}' for e in sorted(elapsed))} ms")
     assert max(elapsed) < 1.0  # 50 ms asked: generous for a busy 2-core machine, short of 4 × 300 ms
-    # the deadline reached the detector: each of the 4 calls arrived with at most the caller's 50 ms left
-    # (a call without the caller's deadline would land above that bucket, or carry none at all; other
-    # calls the gateway still had in flight on a starved machine may land in the window, so count
-    # the short ones rather than asking that nothing else arrived)
-    wait_until(lambda: histogram(detector_metrics, seen, "0.05")[0] >= within_before + 4, timeout=30,
-               what="4 calls arriving at the detector with at most 50 ms left")  # fmt: skip
+    # the deadline reached the detector: the calls that got there arrived with at most the caller's 50 ms
+    # left (a call without the caller's deadline would land above that bucket, or carry none at all). On a
+    # starved machine some of the 4 expire inside the gateway before they are sent, rightly never reaching
+    # the detector, and other calls may land in the window, so count the short arrivals: at least one.
+    wait_until(lambda: histogram(detector_metrics, seen, "0.05")[0] >= within_before + 1, timeout=30,
+               what="a call arriving at the detector with at most 50 ms left")  # fmt: skip
     # the gateway ended each call at the deadline too (it did not wait for the detector) …
     wait_until(lambda: gateway_ended_at_deadline(gateway_metrics) >= ended_before + 4, timeout=30)
     # … and the detector never computed the calls that expired while queued behind the slow one
