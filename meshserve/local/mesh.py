@@ -45,7 +45,7 @@ class MeshConfig:
     prometheus_addr: str | None = None  # start Prometheus there (or on a free port), see prometheus.py
     nats_addr: str | None = None  # start `meshserve nats dev` here (None: the job queue is someone else's)
     workers: int = 0  # `meshserve worker` processes for the job queue
-    acl: bool = True  # the dev registry with ACLs on and a token per workload (--insecure: off)
+    acl: bool = False  # the dev registry with ACLs on and a token per workload (`up` and `demo`; --insecure: off)
     secure: bool = False  # mTLS between every process, certificates under $MESHSERVE_HOME/pki (`up` and `demo`)
 
     def __post_init__(self) -> None:
