@@ -13,7 +13,8 @@ import grpc
 
 from meshserve.v1 import listing_guard_pb2, listing_guard_pb2_grpc
 from tests.integration.guard_mesh import listing
-from tests.support import DevAgent, wait_until
+from tests.integration.mesh_parts import MeshParts
+from tests.support import DevAgent, wait_serving, wait_until
 
 
 def version_copy(home: Path, kind: str, suffix: str, tmp: Path) -> tuple[Path, str]:
@@ -51,6 +52,19 @@ def slow_detector_allowed(agent: DevAgent, timeout_ms: float = 5000) -> None:
     loaded test machine, and these tests count answers, not speed)."""
     assert agent.client().kv.put("meshserve/config/listing-guard",
                                  json.dumps({"models": {"detector": {"timeout_ms": timeout_ms}}}))
+
+
+def stable_and_candidate_detectors(parts: MeshParts, home: Path, tmp: Path, suffix: str, *candidate_flags: str,
+                                   batch_flags: tuple[str, ...] = ("--max-batch-size", "1")) -> tuple[str, str]:
+    """A detector of the home's version and one of a copy named `<version>-<suffix>` (started with
+    `candidate_flags`), both serving; the listing guard's detector timeout relaxed. (stable, candidate)"""
+    slow_detector_allowed(parts.agent)
+    candidate_dir, candidate = version_copy(home, "detector", suffix, tmp)
+    stable = card_version(home, "detector")
+    for extra in ((), ("--model", str(candidate_dir), *candidate_flags)):
+        server = parts.server("detector", *batch_flags, *extra)
+        wait_serving(server.target, server.proc, timeout=120)
+    return stable, candidate
 
 
 def detector_check(target: str, photo: bytes, subject: str = "", listing_id: str = "",

@@ -19,12 +19,10 @@ from tests.integration.mesh_parts import MeshParts
 from tests.integration.rollout_mesh import (
     DetectorCaller,
     Load,
-    card_version,
     put_rollout,
-    slow_detector_allowed,
-    version_copy,
+    stable_and_candidate_detectors,
 )
-from tests.support import DevAgent, ManagedProcess, meshserve_argv, wait_serving, wait_until
+from tests.support import DevAgent, ManagedProcess, meshserve_argv, wait_until
 
 INTERVAL_S = 2.0
 VERDICT_OK, VERDICT_ERROR = 1, 5
@@ -38,12 +36,7 @@ def test_an_erroring_candidate_is_rolled_back_within_two_intervals(
     home = home_copy()
     agent = start_dev_agent()
     parts = MeshParts(spawn, agent, home)
-    slow_detector_allowed(agent)
-    candidate_dir, candidate = version_copy(home, "detector", "bad", tmp_path)
-    stable = card_version(home, "detector")
-    for extra in ((), ("--model", str(candidate_dir), "--inject-error-rate", "0.2")):
-        server = parts.server("detector", "--max-batch-size", "1", *extra)
-        wait_serving(server.target, server.proc, timeout=120)
+    stable, candidate = stable_and_candidate_detectors(parts, home, tmp_path, "bad", "--inject-error-rate", "0.2")
     index = put_rollout(agent, "detector", {"stable": stable})
     gateway = parts.gateway()
     wait_until(lambda: gateway.metric("meshserve_gateway_rollout_policy_modify_index", 'service="detector"') == index,
@@ -96,12 +89,7 @@ def test_an_interrupted_rollout_resumes_where_it_stood(
     home = home_copy()
     agent = start_dev_agent()
     parts = MeshParts(spawn, agent, home)
-    slow_detector_allowed(agent)
-    candidate_dir, candidate = version_copy(home, "detector", "good", tmp_path)
-    stable = card_version(home, "detector")
-    for extra in ((), ("--model", str(candidate_dir))):
-        server = parts.server("detector", "--max-batch-size", "1", *extra)
-        wait_serving(server.target, server.proc, timeout=120)
+    stable, candidate = stable_and_candidate_detectors(parts, home, tmp_path, "good")
     put_rollout(agent, "detector", {"stable": stable})
     gateway = parts.gateway()
     argv = meshserve_argv("rollout", "start", "detector", "--version", candidate, "--steps", "20,40,100",

@@ -14,12 +14,10 @@ from meshserve.local.demo import held_out_photos
 from tests.integration.mesh_parts import MeshParts, Started
 from tests.integration.rollout_mesh import (
     DetectorCaller,
-    card_version,
     put_rollout,
-    slow_detector_allowed,
-    version_copy,
+    stable_and_candidate_detectors,
 )
-from tests.support import DevAgent, ManagedProcess, wait_serving, wait_until
+from tests.support import DevAgent, ManagedProcess, wait_until
 
 ROUNDS, PER_ROUND = 3, 100
 
@@ -48,12 +46,8 @@ def test_shadow_to_a_slow_candidate_leaves_the_callers_p99_alone(
     home = home_copy()
     agent = start_dev_agent()
     parts = MeshParts(spawn, agent, home)
-    slow_detector_allowed(agent)
-    candidate_dir, candidate = version_copy(home, "detector", "slow", tmp_path)
-    stable = card_version(home, "detector")
-    for extra in ((), ("--model", str(candidate_dir), "--inject-delay-ms", "500")):
-        server = parts.server("detector", *extra)
-        wait_serving(server.target, server.proc, timeout=120)
+    stable, candidate = stable_and_candidate_detectors(parts, home, tmp_path, "slow", "--inject-delay-ms", "500",
+                                                       batch_flags=())
     gateway = parts.gateway()
     caller = DetectorCaller(gateway.target, held_out_photos(home, 1)[0].jpeg)
     without: list[float] = []

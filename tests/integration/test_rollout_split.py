@@ -17,27 +17,15 @@ from meshserve.registry.config import RegistryConfig
 from tests.integration.mesh_parts import MeshParts, Started
 from tests.integration.rollout_mesh import (
     DetectorCaller,
-    card_version,
     detector_check,
     put_rollout,
-    slow_detector_allowed,
-    version_copy,
+    stable_and_candidate_detectors,
 )
-from tests.support import DevAgent, ManagedProcess, wait_serving, wait_until
+from tests.support import DevAgent, ManagedProcess, wait_until
 
 
 def _policy_index(gateway: Started) -> float:
     return gateway.metric("meshserve_gateway_rollout_policy_modify_index", 'service="detector"')
-
-
-def _two_detectors(parts: MeshParts, home: Path, tmp: Path) -> tuple[str, str]:
-    candidate_dir, candidate = version_copy(home, "detector", "b", tmp)
-    stable = card_version(home, "detector")
-    slow_detector_allowed(parts.agent)
-    for extra in ((), ("--model", str(candidate_dir))):
-        server = parts.server("detector", "--max-batch-size", "1", *extra)
-        wait_serving(server.target, server.proc, timeout=120)
-    return stable, candidate
 
 
 @pytest.mark.timeout(600)
@@ -48,7 +36,7 @@ def test_canary_share_and_policy_that_shuts_out_unnamed_versions(
     home = home_copy()
     agent = start_dev_agent()
     parts = MeshParts(spawn, agent, home)
-    stable, candidate = _two_detectors(parts, home, tmp_path)
+    stable, candidate = stable_and_candidate_detectors(parts, home, tmp_path, "b")
     gateway = parts.gateway()
     caller = DetectorCaller(gateway.target, held_out_photos(home, 1)[0].jpeg)
     try:
@@ -94,7 +82,7 @@ def test_ab_split_is_sticky_across_gateways_and_a_restart(
     home = home_copy()
     agent = start_dev_agent()
     parts = MeshParts(spawn, agent, home)
-    stable, candidate = _two_detectors(parts, home, tmp_path)
+    stable, candidate = stable_and_candidate_detectors(parts, home, tmp_path, "b")
     index = put_rollout(agent, "detector", {"stable": stable, "candidate": {"version": candidate,
                                                                             "ab": {"percent": 50, "salt": "t"}}})
     photo = held_out_photos(home, 1)[0].jpeg
