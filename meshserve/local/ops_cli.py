@@ -127,6 +127,8 @@ def _home() -> Path:
 
 def _top(args: argparse.Namespace) -> int:
     import asyncio
+    import contextlib
+    import signal
 
     from meshserve.errors import MeshError
     from meshserve.local.top import frames, render
@@ -142,14 +144,27 @@ def _top(args: argparse.Namespace) -> int:
     clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
 
     async def main() -> None:
+        # Ctrl-C both cancels the frame in progress and stops the loop: a cancellation that lands as a
+        # scrape completes can be lost inside asyncio.wait_for, the stop flag cannot
+        stop, frame_task = asyncio.Event(), asyncio.current_task()
+
+        def interrupt() -> None:
+            stop.set()
+            if frame_task is not None:
+                frame_task.cancel()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, interrupt)
         previous = None
-        async for frame in frames(config, args.interval):
-            text = render(frame, previous, config.http_addr)
-            sys.stdout.write(f"{clear}{text}\n" + ("" if clear or args.once else "\n"))
-            sys.stdout.flush()
-            if args.once:
-                return
-            previous = frame
+        with contextlib.suppress(asyncio.CancelledError):
+            async for frame in frames(config, args.interval, stop=stop):
+                text = render(frame, previous, config.http_addr)
+                sys.stdout.write(f"{clear}{text}\n" + ("" if clear or args.once else "\n"))
+                sys.stdout.flush()
+                if args.once or stop.is_set():
+                    return
+                previous = frame
 
     try:
         asyncio.run(main())

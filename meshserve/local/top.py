@@ -8,6 +8,7 @@ previous frame into rates and latency quantiles (the first frame shows totals si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import defaultdict
@@ -257,16 +258,18 @@ def _gateway_lines(frame: Frame, previous: Frame | None) -> list[str]:
     return lines
 
 
-async def frames(config: RegistryConfig, interval_s: float, scrape_timeout_s: float = 2.0) -> Any:
-    """Yield one Frame per interval, forever. While the registry does not answer, the replicas it last
-    listed are still scraped (their /metrics do not depend on it) and the frame says it is stale."""
+async def frames(config: RegistryConfig, interval_s: float, scrape_timeout_s: float = 2.0,
+                 stop: asyncio.Event | None = None) -> Any:
+    """Yield one Frame per interval until `stop` is set. While the registry does not answer, the replicas it
+    last listed are still scraped (their /metrics do not depend on it) and the frame says it is stale."""
     import aiohttp
 
     from meshserve.registry.consul_http import RegistryUnavailable
 
+    stop = stop or asyncio.Event()
     replicas: list[Replica] | None = None
     async with RegistryClient(config) as client, aiohttp.ClientSession() as session:
-        while True:
+        while not stop.is_set():
             began = time.monotonic()
             stale = ""
             try:
@@ -277,4 +280,5 @@ async def frames(config: RegistryConfig, interval_s: float, scrape_timeout_s: fl
                 stale = str(exc)
             scrapes = await asyncio.gather(*(scrape(session, r, scrape_timeout_s) for r in replicas))
             yield Frame(time.time(), list(scrapes), stale)
-            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - began)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, interval_s - (time.monotonic() - began)))
