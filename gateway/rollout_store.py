@@ -4,15 +4,13 @@ valid one kept when a new one is refused), and read / written with check-and-set
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter, Gauge
 
 from meshserve.errors import FailedPrecondition
-from meshserve.gateway.flow_config import ConfigDocWatch
+from meshserve.gateway.kv_documents import DocumentKind, DocumentMetrics, LiveDocuments
 from meshserve.gateway.rollout_policy import (
     ROLLOUT_PREFIX,
     ROLLOUT_SERVICES,
@@ -23,9 +21,7 @@ from meshserve.gateway.rollout_policy import (
 )
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import RegistryConfig
-from meshserve.registry.watch import KVSnapshot, WatchConfig
-
-log = logging.getLogger(__name__)
+from meshserve.registry.watch import WatchConfig
 
 ROLLOUT_VALID = Gauge("meshserve_gateway_rollout_policy_valid",
                       "1 while the service's rollout document is in force (or absent), 0 while refused", ["service"])
@@ -34,82 +30,28 @@ ROLLOUT_REJECTED = Counter("meshserve_gateway_rollout_policy_rejected_total",
 ROLLOUT_INDEX = Gauge("meshserve_gateway_rollout_policy_modify_index",
                       "KV ModifyIndex of the rollout policy in force (0: none)", ["service"])  # fmt: skip
 
-
-@dataclass(frozen=True)
-class RolloutState:
-    """A service's policy in force (None: no policy, every passing version is eligible as before)
-    and the last document refused since then."""
-
-    policy: RolloutPolicy | None
-    version: str  # "none" or the ModifyIndex of the document in force
-    refused_version: str | None = None
-    refused_reason: str | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {"version": self.version, "refused_version": self.refused_version,
-                "refused_reason": self.refused_reason,
-                "policy": self.policy.describe() if self.policy else None}  # fmt: skip
+# without a document a service has no policy: every passing version is eligible
+ROLLOUT_DOCUMENTS: DocumentKind[RolloutPolicy | None] = DocumentKind(
+    prefix=ROLLOUT_PREFIX,
+    names=ROLLOUT_SERVICES,
+    parse=parse_rollout,
+    refused=RolloutPolicyError,
+    default=lambda service: None,
+    default_version="none",
+    what="rollout policy",
+    metrics=DocumentMetrics(ROLLOUT_VALID, ROLLOUT_REJECTED, ROLLOUT_INDEX),
+)
 
 
-class RolloutPolicies:
+class RolloutPolicies(LiveDocuments[RolloutPolicy | None]):
     """Every service's rollout policy, kept current from `meshserve/rollout/`."""
 
     def __init__(self, registry: RegistryConfig, watch_config: WatchConfig | None = None):
-        self._states = {service: RolloutState(None, "none") for service in ROLLOUT_SERVICES}
-        self._watch = ConfigDocWatch(registry, ROLLOUT_PREFIX, watch_config, self._changed)
-        for service in ROLLOUT_SERVICES:
-            ROLLOUT_VALID.labels(service).set(1)
-            ROLLOUT_INDEX.labels(service).set(0)
-
-    async def start(self) -> None:
-        await self._watch.start()
-
-    async def stop(self) -> None:
-        await self._watch.stop()
+        super().__init__(registry, ROLLOUT_DOCUMENTS, watch_config)
 
     def policy(self, service: str) -> RolloutPolicy | None:
         state = self._states.get(service)
         return state.policy if state else None
-
-    def state(self, service: str) -> RolloutState:
-        return self._states[service]
-
-    def describe(self) -> dict[str, Any]:
-        return {service: state.describe() for service, state in self._states.items()}
-
-    def _changed(self, snapshot: KVSnapshot) -> None:
-        if snapshot.stale:
-            return  # the registry is away: keep what is in force
-        docs: Mapping[str, tuple[str, int]] = snapshot.value  # type: ignore[assignment]
-        for service in ROLLOUT_SERVICES:
-            self._consider(service, docs.get(ROLLOUT_PREFIX + service))
-
-    def _consider(self, service: str, doc: tuple[str, int] | None) -> None:
-        state = self._states[service]
-        if doc is None:
-            if state.policy is not None:
-                log.info("%s: rollout policy deleted; every passing version is eligible again", service)
-            self._states[service] = RolloutState(None, "none")
-            ROLLOUT_VALID.labels(service).set(1)
-            ROLLOUT_INDEX.labels(service).set(0)
-            return
-        text, index = doc
-        version = str(index)
-        if version in (state.version, state.refused_version):
-            return
-        try:
-            policy = parse_rollout(service, text, version)
-        except RolloutPolicyError as exc:
-            log.warning("%s: rollout policy version %s refused, keeping version %s: %s",
-                        service, version, state.version, exc)  # fmt: skip
-            ROLLOUT_REJECTED.labels(service).inc()
-            ROLLOUT_VALID.labels(service).set(0)
-            self._states[service] = RolloutState(state.policy, state.version, version, str(exc))
-            return
-        log.info("%s: rollout policy version %s in force: %s", service, version, policy.describe())
-        ROLLOUT_VALID.labels(service).set(1)
-        ROLLOUT_INDEX.labels(service).set(index)
-        self._states[service] = RolloutState(policy, version)
 
 
 # -- operators' side: read and write the documents ---------------------------------------------

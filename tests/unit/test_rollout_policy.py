@@ -69,3 +69,35 @@ def test_shadow_goes_with_stable_answers_only() -> None:
     policy = parse_rollout("detector", _doc(canary_percent=50, shadow_percent=100))
     assert choose_arm(policy, "", 0.9, 0.0).shadow == "2"
     assert choose_arm(policy, "", 0.1, 0.0).shadow is None  # the candidate answers itself
+
+
+def test_the_gateway_keeps_the_last_valid_rollout_and_drops_it_when_deleted() -> None:
+    from prometheus_client import REGISTRY
+
+    from meshserve.gateway.rollout_store import RolloutPolicies
+    from meshserve.registry.config import RegistryConfig
+    from meshserve.registry.watch import KVSnapshot
+
+    def docs(**by_service: tuple[str, int]) -> KVSnapshot:
+        value = {f"meshserve/rollout/{service}": doc for service, doc in by_service.items()}
+        return KVSnapshot(target="meshserve/rollout/", value=value, version=1, index=1, ready=True, stale=False,
+                          stale_since=None, last_contact=None)  # fmt: skip
+
+    def valid() -> float | None:
+        return REGISTRY.get_sample_value("meshserve_gateway_rollout_policy_valid", {"service": "detector"})
+
+    policies = RolloutPolicies(RegistryConfig())
+    assert policies.policy("detector") is None and policies.policy("not-a-service") is None
+
+    policies._changed(docs(detector=(_doc(canary_percent=10), 5)))
+    in_force = policies.policy("detector")
+    assert in_force is not None and in_force.candidate is not None and in_force.candidate.canary_percent == 10
+    assert policies.state("detector").version == "5" and valid() == 1
+
+    policies._changed(docs(detector=(_doc(canary_percent=101), 6)))
+    state = policies.state("detector")
+    assert state.policy == in_force and state.version == "5" and state.refused_version == "6"
+    assert "canary_percent" in (state.refused_reason or "") and valid() == 0
+
+    policies._changed(docs())
+    assert policies.policy("detector") is None and policies.state("detector").version == "none" and valid() == 1
