@@ -190,14 +190,29 @@ def ray_role(pid: int) -> str:
     return "ray system"
 
 
+def ray_pids(mesh_pids: set[int]) -> list[int]:
+    """Every process the Ray cluster runs: this process's descendants that are not the mesh's."""
+    return _descendants(os.getpid(), _children_by_parent(), mesh_pids)
+
+
 def ray_cpu(mesh_pids: set[int]) -> dict[str, float]:
-    """CPU seconds so far per role of every process the Ray cluster runs: this process's descendants that are not
-    the mesh's; plus this (client) process."""
+    """CPU seconds so far per role of the Ray cluster's processes, plus this (client) process."""
     out: dict[str, float] = {"client (bench)": time.process_time()}
-    for pid in _descendants(os.getpid(), _children_by_parent(), mesh_pids):
+    for pid in ray_pids(mesh_pids):
         role = ray_role(pid)
         out[role] = out.get(role, 0.0) + bg.cpu_seconds(pid)
     return out
+
+
+def resident_mb(pids: Sequence[int]) -> float:
+    """Resident memory of these processes together (pages they share are counted once per process)."""
+    total = 0
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -248,6 +263,19 @@ class Figures:
     cpu_ms: dict[str, dict[str, float]]  # side -> role -> CPU ms per search during (b)
     agreement: Agreement
     startup_s: dict[str, float]
+    idle_cores: dict[str, float]  # side -> cores its processes kept busy while nobody searched
+    resident_mb: dict[str, float]  # side -> resident memory of its processes after the run
+    processes: dict[str, int]  # side -> how many processes it runs
+
+
+IDLE_S = 5.0  # how long both sides are watched doing nothing
+
+
+def idle_cores(probes: dict[str, Callable[[], dict[str, float]]]) -> dict[str, float]:
+    """Cores each side's processes keep busy while up and unused (health checks, heartbeats, controllers)."""
+    before = {side: probe() for side, probe in probes.items()}
+    time.sleep(IDLE_S)
+    return {side: (_cpu_total(probe()) - _cpu_total(before[side])) / IDLE_S for side, probe in probes.items()}
 
 
 def _per_search(before: dict[str, float], after: dict[str, float], searches: int) -> dict[str, float]:
@@ -269,7 +297,8 @@ def run(cfg: RayBenchConfig, photos: Sequence[bytes], say: Callable[[str], None]
         startup["mesh (registry, models, shards, gateway)"] = time.monotonic() - started
         say(f"mesh with S={cfg.shards} up in {startup['mesh (registry, models, shards, gateway)']:.0f}s")
         client = bg.ThroughMesh(info.gateway, cfg.min_score, cfg.shards)
-        mesh_pids = {c.proc.pid for c in mesh.supervisor.children if c.alive}
+        mesh_children = [(c.spec.name, c.proc.pid) for c in mesh.supervisor.children if c.alive]
+        mesh_pids = {pid for _, pid in mesh_children}
         shard_dirs = [mesh_cfg.run_dir / "shards" / bg._embedder_version(cfg.home) / f"base-{i}"
                       for i in range(cfg.shards)]  # fmt: skip
         say(f"starting a local Ray cluster ({RAY_CPUS} CPUs) and the Serve graph over the mesh's {cfg.shards} shards …")
@@ -279,33 +308,32 @@ def run(cfg: RayBenchConfig, photos: Sequence[bytes], say: Callable[[str], None]
         say(f"Ray up in {cluster.cluster_s:.0f}s, graph deployed in {cluster.deploy_s:.0f}s")
         ray_side = ThroughRay(cluster.handle, cfg.min_score)
 
+        probes: dict[str, Callable[[], dict[str, float]]] = {
+            "mesh": lambda: bg.mesh_cpu(mesh_children), "ray": lambda: ray_cpu(mesh_pids)}
         agreed = agreement(client, ray_side, photos[: cfg.agreement_photos], cfg.min_score)
         say(f"agreement over {agreed.photos} photos: {'same results' if agreed.whole else 'RESULTS DIFFER'}")
+        idle = idle_cores(probes)
 
         say(f"(a) concurrency 1: {len(photos)} photos, mesh and Ray interleaved …")
         latency = bg.interleaved({"mesh": client.search, "ray": ray_side.search}, photos, cfg.warmup)
 
         requests = [photos[i % len(photos)] for i in range(cfg.throughput_requests)]
         say(f"(b) throughput: {len(requests)} searches, {bg.CONCURRENCY} in flight, 2 rounds per side alternating …")
-        mesh_children = [(c.spec.name, c.proc.pid) for c in mesh.supervisor.children if c.alive]
         throughput: dict[str, list[float]] = {"mesh": [], "ray": []}
         cpu: dict[str, dict[str, float]] = {"mesh": {}, "ray": {}}
-
-        def measure(side: str) -> None:
-            probe = (lambda: bg.mesh_cpu(mesh_children)) if side == "mesh" else (lambda: ray_cpu(mesh_pids))
-            before = probe()
-            if side == "mesh":
-                throughput[side].append(bg.mesh_throughput(info.gateway, requests, cfg.min_score))
-            else:
-                throughput[side].append(ray_throughput(cluster.handle, requests, cfg.min_score))
-            # each round runs its requests plus one warm-up search per slot in flight
-            for role, value in _per_search(before, probe(), len(requests) + bg.CONCURRENCY).items():
-                cpu[side][role] = cpu[side].get(role, 0.0) + value / 2
-
+        searches: dict[str, Callable[[], float]] = {
+            "mesh": lambda: bg.mesh_throughput(info.gateway, requests, cfg.min_score),
+            "ray": lambda: ray_throughput(ray_side.handle, requests, cfg.min_score)}
         for order in (("mesh", "ray"), ("ray", "mesh")):
             for side in order:
-                measure(side)
-        return Figures(latency, throughput, cpu, agreed, startup)
+                before = probes[side]()
+                throughput[side].append(searches[side]())
+                # each round runs its requests plus one warm-up search per slot in flight
+                for role, value in _per_search(before, probes[side](), len(requests) + bg.CONCURRENCY).items():
+                    cpu[side][role] = cpu[side].get(role, 0.0) + value / 2
+        pids = {"mesh": sorted(mesh_pids), "ray": ray_pids(mesh_pids)}
+        return Figures(latency, throughput, cpu, agreed, startup, idle,
+                       {side: resident_mb(p) for side, p in pids.items()}, {side: len(p) for side, p in pids.items()})
     finally:
         if client is not None:
             client.close()
@@ -365,6 +393,10 @@ def report(cfg: RayBenchConfig, fig: Figures, n_photos: int) -> str:
         lines.append(f"CPU ms per search, {side}: {parts}; the bench client (this process, left out) "
                      f"{cpu[side].get('client (bench)', 0.0):.1f}")  # fmt: skip
     lines.append("start-up: " + ", ".join(f"{what} {s:.1f} s" for what, s in fig.startup_s.items()))
+    lines.append(f"up but idle for {IDLE_S:g} s, cores kept busy: mesh {fig.idle_cores['mesh']:.3f}, "
+                 f"Ray {fig.idle_cores['ray']:.3f}; processes: mesh {fig.processes['mesh']}, "
+                 f"Ray {fig.processes['ray']}; resident memory (shared pages counted per process): "
+                 f"mesh {fig.resident_mb['mesh']:.0f} MB, Ray {fig.resident_mb['ray']:.0f} MB")  # fmt: skip
     return "\n".join(lines)
 
 
