@@ -1,9 +1,10 @@
 """Photo search through the mesh vs the same models, photos and shards as a Ray Serve deployment graph, in one run.
 
 Run:  pip install -e '.[bench]'                                      # Ray Serve, into the bench venv only
-      meshserve train --quick --home ~/.meshserve                    # once: the quick models (no downloads)
+      MESHSERVE_HOME=~/.meshserve meshserve train --quick       # once: the quick models (no downloads)
       nice -n 10 python bench/ray_serve.py --home ~/.meshserve       # 60 photos, S = 4
       nice -n 10 python bench/ray_serve.py --home ~/.meshserve --quick   # 20 photos: a few minutes
+      … --ray-throughput-optimized                                   # Ray Serve in its high-throughput mode
 
 One run, two sides over the same trained models, the same held-out photos, the same top_k and min score:
 
@@ -70,6 +71,7 @@ class RayBenchConfig:
     throughput_requests: int
     warmup: int
     agreement_photos: int
+    ray_throughput_optimized: bool = False  # Ray Serve's documented high-throughput mode (Ray ≥ 2.55)
     ready_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -345,6 +347,12 @@ def run(cfg: RayBenchConfig, photos: Sequence[bytes], say: Callable[[str], None]
 # -- report -------------------------------------------------------------------------------------
 
 
+def _ray_version() -> str:
+    import ray
+
+    return str(ray.__version__)
+
+
 def _verdict(ok: bool) -> str:
     return "meets goal" if ok else "MISSES goal"
 
@@ -357,10 +365,13 @@ def _cpu_total(roles: dict[str, float]) -> float:
 def report(cfg: RayBenchConfig, fig: Figures, n_photos: int) -> str:
     lat, thr, cpu, agreed = fig.latency, fig.throughput, fig.cpu_ms, fig.agreement
     best = {side: max(v) for side, v in thr.items()}
-    labels = {"mesh": "meshserve through the gateway", "ray": "Ray Serve graph (handle)"}
+    labels = {"mesh": "meshserve through the gateway",
+              "ray": "Ray Serve graph (handle)" + (", throughput mode" if cfg.ray_throughput_optimized else "")}
     lines = [
         "",
-        f"photo search, mesh vs Ray Serve in one run: quick models, S={cfg.shards} shards, {n_photos} held-out "
+        f"photo search, mesh vs Ray Serve {_ray_version()} in one run ("
+        + ("RAY_SERVE_THROUGHPUT_OPTIMIZED=1" if cfg.ray_throughput_optimized else "Ray Serve's defaults")
+        + f"): quick models, S={cfg.shards} shards, {n_photos} held-out "
         f"photos, top_k {bg.TOP_K}, min score {cfg.min_score}; torch on 1 thread per model process/replica",
         "",
         f"agreement, {agreed.photos} photos through both sides: detections mesh {agreed.detections[0]} / Ray "
@@ -411,6 +422,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RayBenchConfig:
     parser.add_argument("--min-score", type=float, default=0.3,
                         help="min detection score on both sides (default 0.3, the gateway's default)")  # fmt: skip
     parser.add_argument("--agree", type=int, default=5, help="photos whose results are compared (default 5)")
+    parser.add_argument("--ray-throughput-optimized", action="store_true",
+                        help="run Ray Serve in its high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: "
+                             "gRPC between replicas, user code on the replica's loop), not its defaults")  # fmt: skip
     args = parser.parse_args(argv)
     if args.home is None:
         parser.error("no models: pass --home DIR or set MESHSERVE_HOME")
@@ -423,11 +437,14 @@ def parse_args(argv: Sequence[str] | None = None) -> RayBenchConfig:
         throughput_requests=max(2 * bg.CONCURRENCY, 2 * queries),
         warmup=min(queries, 4 if args.quick else 8),
         agreement_photos=min(args.agree, queries),
+        ray_throughput_optimized=args.ray_throughput_optimized,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
+    if cfg.ray_throughput_optimized:  # read when ray.serve is imported, here and in every Ray process
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     try:
         import ray  # noqa: F401
     except ImportError:
