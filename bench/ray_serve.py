@@ -1,10 +1,10 @@
 """Photo search through the mesh vs the same models, photos and shards as a Ray Serve deployment graph, in one run.
 
-Run:  pip install -e '.[bench]'                                      # Ray Serve, into the bench venv only
-      MESHSERVE_HOME=~/.meshserve meshserve train --quick       # once: the quick models (no downloads)
-      nice -n 10 python bench/ray_serve.py --home ~/.meshserve       # 60 photos, S = 4
-      nice -n 10 python bench/ray_serve.py --home ~/.meshserve --quick   # 20 photos: a few minutes
-      … --ray-throughput-optimized                                   # Ray Serve in its high-throughput mode
+Run:  pip install -e '.[bench]'                                        # Ray Serve, into the bench venv only
+      MESHSERVE_HOME=~/.meshserve meshserve train --quick              # once: the quick models (no downloads)
+      nice -n 10 python bench/ray_serve.py --home ~/.meshserve         # 60 photos, S = 4
+      nice -n 10 python bench/ray_serve.py --home ~/.meshserve --quick # 20 photos: a few minutes
+      … --ray-throughput-optimized                                     # Ray Serve in its high-throughput mode
 
 One run, two sides over the same trained models, the same held-out photos, the same top_k and min score:
 
