@@ -367,6 +367,7 @@ def report(cfg: RayBenchConfig, fig: Figures, n_photos: int) -> str:
     best = {side: max(v) for side, v in thr.items()}
     labels = {"mesh": "meshserve through the gateway",
               "ray": "Ray Serve graph (handle)" + (", throughput mode" if cfg.ray_throughput_optimized else "")}
+    w = max(len(label) for label in labels.values()) + 1
     lines = [
         "",
         f"photo search, mesh vs Ray Serve {_ray_version()} in one run ("
@@ -379,17 +380,17 @@ def report(cfg: RayBenchConfig, fig: Figures, n_photos: int) -> str:
         f"shared {agreed.shared_ids}/{agreed.compared_ids}, largest score difference {agreed.max_score_diff:.2g} "
         f"→ {'the same results' if agreed.whole else 'RESULTS DIFFER: the comparison is not of the same work'}",
         "",
-        f"{'side':<32} {'p50 ms':>8} {'p99 ms':>8} {'searches/s':>11} {'CPU ms/search':>14}",
+        f"{'side':<{w}} {'p50 ms':>8} {'p99 ms':>8} {'searches/s':>11} {'CPU ms/search':>14}",
     ]
     for side in ("mesh", "ray"):
-        lines.append(f"{labels[side]:<32} {bg.ms(lat[side].p50)} {bg.ms(lat[side].p99)} {best[side]:11.1f} "
+        lines.append(f"{labels[side]:<{w}} {bg.ms(lat[side].p50)} {bg.ms(lat[side].p99)} {best[side]:11.1f} "
                      f"{_cpu_total(cpu[side]):14.1f}")  # fmt: skip
     thr_ratio, p50_ratio = best["mesh"] / best["ray"], lat["mesh"].p50 / lat["ray"].p50
     p99_ratio = lat["mesh"].p99 / lat["ray"].p99
     cpu_ratio = _cpu_total(cpu["mesh"]) / max(_cpu_total(cpu["ray"]), 1e-9)
     lines += [
-        f"{'ratio mesh / Ray':<32} {p50_ratio:8.2f} {p99_ratio:8.2f} {thr_ratio:11.2f} {cpu_ratio:14.2f}",
-        f"{'goal (issue #19)':<32} {'≤ ' + str(P50_GOAL):>8} {'≤ ' + str(P99_GOAL):>8} "
+        f"{'ratio mesh / Ray':<{w}} {p50_ratio:8.2f} {p99_ratio:8.2f} {thr_ratio:11.2f} {cpu_ratio:14.2f}",
+        f"{'goal (issue #19)':<{w}} {'≤ ' + str(P50_GOAL):>8} {'≤ ' + str(P99_GOAL):>8} "
         f"{'≥ ' + str(THROUGHPUT_GOAL):>11} {'':>14}",
         f"p50 {_verdict(p50_ratio <= P50_GOAL)}, p99 {_verdict(p99_ratio <= P99_GOAL)}, "
         f"throughput {_verdict(thr_ratio >= THROUGHPUT_GOAL)}",
