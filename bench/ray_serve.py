@@ -102,52 +102,66 @@ class RayCluster:
                  object_store_memory=128 * 2**20)  # fmt: skip
         self.cluster_s = time.monotonic() - started
         started = time.monotonic()
-        serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
-        app = photo_search_app(detector, embedder, shard_dirs, detectors=2, embedders=2)
-        self.handle = serve.run(app, name="photo-search", route_prefix=None)
+        try:
+            serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
+            app = photo_search_app(detector, embedder, shard_dirs, detectors=2, embedders=2)
+            self.handle = serve.run(app, name="photo-search", route_prefix=None)
+        except BaseException:
+            ray.shutdown()
+            raise
         self.deploy_s = time.monotonic() - started
+        # every handle call from this one loop: in Ray Serve's throughput mode a handle routes requests on the
+        # loop that calls it and cannot be called from outside a loop
+        self.loop = asyncio.new_event_loop()
 
     def stop(self) -> None:
         import ray
         from ray import serve
 
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            self.loop.run_until_complete(serve.shutdown_async())  # the handle's router lives on this loop
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        finally:
+            self.loop.close()
+            ray.shutdown()
 
 
 class ThroughRay:
-    """Searches through the ingress's DeploymentHandle."""
+    """Searches through the ingress's DeploymentHandle, on the cluster's event loop."""
 
-    def __init__(self, handle: Any, min_score: float):
-        self.handle = handle
+    def __init__(self, cluster: RayCluster, min_score: float):
+        self.handle, self.loop = cluster.handle, cluster.loop
         self.min_score = min_score
 
+    async def _answer(self, image: bytes) -> list[Any]:
+        return list(await self.handle.remote(image, bg.TOP_K, self.min_score))
+
     def answer(self, image: bytes) -> list[Any]:
-        return list(self.handle.remote(image, bg.TOP_K, self.min_score).result(timeout_s=bg.TIMEOUT_S))
+        return self.loop.run_until_complete(asyncio.wait_for(self._answer(image), bg.TIMEOUT_S))
 
     def search(self, image: bytes) -> int:
         return len(self.answer(image))
 
+    def throughput(self, requests: Sequence[bytes]) -> float:
+        """Searches per second with CONCURRENCY in flight (as bench/gateway.py's mesh run)."""
+        return len(requests) / self.loop.run_until_complete(self._concurrent(requests, bg.CONCURRENCY))
 
-async def _ray_concurrent(handle: Any, requests: Sequence[bytes], min_score: float, concurrency: int) -> float:
-    """Wall seconds for all `requests` with `concurrency` handle calls in flight (as bench/gateway.py's mesh run)."""
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
-    for image in requests:
-        queue.put_nowait(image)
+    async def _concurrent(self, requests: Sequence[bytes], concurrency: int) -> float:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        for image in requests:
+            queue.put_nowait(image)
 
-    async def worker() -> None:
-        while not queue.empty():
-            image = queue.get_nowait()
-            await handle.remote(image, bg.TOP_K, min_score)
+        async def worker() -> None:
+            while not queue.empty():
+                await self._answer(queue.get_nowait())
 
-    await asyncio.gather(*(handle.remote(image, bg.TOP_K, min_score) for image in requests[:concurrency]))
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.perf_counter() - started
-
-
-def ray_throughput(handle: Any, requests: Sequence[bytes], min_score: float) -> float:
-    return len(requests) / asyncio.run(_ray_concurrent(handle, requests, min_score, bg.CONCURRENCY))
+        await asyncio.gather(*(self._answer(image) for image in requests[:concurrency]))
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - started
 
 
 # -- CPU from /proc -----------------------------------------------------------------------------
@@ -308,7 +322,7 @@ def run(cfg: RayBenchConfig, photos: Sequence[bytes], say: Callable[[str], None]
         startup["Ray cluster (ray.init)"] = cluster.cluster_s
         startup["Serve graph deployed (serve.run)"] = cluster.deploy_s
         say(f"Ray up in {cluster.cluster_s:.0f}s, graph deployed in {cluster.deploy_s:.0f}s")
-        ray_side = ThroughRay(cluster.handle, cfg.min_score)
+        ray_side = ThroughRay(cluster, cfg.min_score)
 
         probes: dict[str, Callable[[], dict[str, float]]] = {
             "mesh": lambda: bg.mesh_cpu(mesh_children), "ray": lambda: ray_cpu(mesh_pids)}
@@ -325,7 +339,7 @@ def run(cfg: RayBenchConfig, photos: Sequence[bytes], say: Callable[[str], None]
         cpu: dict[str, dict[str, float]] = {"mesh": {}, "ray": {}}
         searches: dict[str, Callable[[], float]] = {
             "mesh": lambda: bg.mesh_throughput(info.gateway, requests, cfg.min_score),
-            "ray": lambda: ray_throughput(ray_side.handle, requests, cfg.min_score)}
+            "ray": lambda: ray_side.throughput(requests)}
         for order in (("mesh", "ray"), ("ray", "mesh")):
             for side in order:
                 before = probes[side]()
