@@ -29,6 +29,8 @@ SERVICE_NAMES = {
 # Meta key of every server serving /metrics: the port Prometheus and `meshserve top` scrape
 # (the registered address, this port, /metrics).
 METRICS_PORT_META = "metrics_port"
+# "https" when that port wants a client certificate of the mesh CA (absent: plain http)
+METRICS_SCHEME_META = "metrics_scheme"
 
 
 @dataclass(frozen=True)

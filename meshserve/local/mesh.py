@@ -22,6 +22,7 @@ from meshserve.local.supervisor import PARENT_ENV, Child, ChildSpec, Supervisor
 from meshserve.pki.layout import CLIENT_CERT_NAME
 from meshserve.queue.config import WORKER_SERVICE
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
+from meshserve.rpc.tls_files import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class LocalMesh:
             from meshserve.local.prometheus import start_prometheus
 
             info.prometheus = start_prometheus(self.supervisor, cfg.run_dir / "prometheus", self.registry_addr,
-                                               cfg.prometheus_addr)  # fmt: skip
+                                               cfg.prometheus_addr, tls=self._client_tls())  # fmt: skip
         if nats is not None:
             info.endpoints.append(nats)
         for i in range(cfg.workers):
@@ -371,6 +372,10 @@ class LocalMesh:
 
     def _tls_env(self, service: str) -> tuple[tuple[str, str], ...]:
         return self.pki.env(service) if self.pki is not None else ()
+
+    def _client_tls(self) -> TlsFiles | None:
+        """The command-line certificate, for what reads the processes' mTLS ports (Prometheus)."""
+        return TlsFiles.from_pki(self.pki.layout, CLIENT_CERT_NAME) if self.pki is not None else None
 
     def _registry_tls_env(self, name: str) -> tuple[tuple[str, str], ...]:
         """CONSUL_CACERT and CONSUL_CLIENT_CERT/KEY (certificate `name`) for the local HTTPS registry."""
