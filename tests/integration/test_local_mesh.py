@@ -268,6 +268,17 @@ def test_registry_answers_only_https_clients_holding_a_mesh_certificate(up: Up) 
         urllib.request.urlopen(f"https://{leader}", timeout=5, context=up.ssl_context(client_certificate=False))
 
 
+def test_top_finds_the_https_registry_and_reads_every_replicas_metrics_over_mtls_without_flags(up: Up) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "MESHSERVE_TLS"))}
+    done = subprocess.run(meshserve_argv("top", "--once", "--consul", f"127.0.0.1:{up.registry_port}"),
+                          capture_output=True, text=True, timeout=120, env={**env, "MESHSERVE_HOME": str(up.home)})
+    assert done.returncode == 0, done.stderr
+    assert f"registry https://127.0.0.1:{up.registry_port}" in done.stdout
+    rows = [line.split() for line in done.stdout.splitlines() if re.match(r"meshserve-\S+-127\.0\.0\.1-\d+ ", line)]
+    passing = [row for row in rows if "passing" in row]
+    assert len(passing) >= 7 and all(row[-1] == "ok" for row in passing), done.stdout  # scraped over HTTPS
+
+
 def test_sigkilled_replica_turns_critical_within_a_few_check_intervals_then_restarted(up: Up) -> None:
     detector = next(r for r in up.rows() if r.name == "detector-0")
     up.observe()
