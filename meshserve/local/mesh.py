@@ -111,7 +111,8 @@ class LocalMesh:
         self.say = say
         config.run_dir.mkdir(parents=True, exist_ok=True)
         self.trace_file = config.trace_file or config.run_dir / "traces.jsonl"
-        self.pki = MeshPki.prepare(config.home, config.secure, registry_host=config.registry_addr.rpartition(":")[0])
+        registry_host = config.registry_addr.rpartition(":")[0].strip("[]")
+        self.pki = MeshPki.prepare(config.home, config.secure, registry_host=registry_host)
         # Secure, the dev registry speaks only HTTPS and wants a client certificate of the mesh CA.
         self._registry_pki = self.pki if config.consul is None else None
         scheme = "https" if self._registry_pki is not None else "http"
