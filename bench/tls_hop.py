@@ -2,11 +2,12 @@
 
 Run: nice -n 10 python bench/tls_hop.py [--quick] [--only NAME,NAME]
 
-A bare grpc.aio echo server in its own process, called over a kept channel from this one: plaintext and mTLS
+A bare grpc.aio echo server in its own process, called over a kept channel from another: plaintext and mTLS
 (the mesh CA's certificates) side by side, in alternating blocks, for 1 KB and 600 KB. Each variant passes one
-set of gRPC args to both sides (server and channel) of both servers, so the plaintext column is that variant's
-own baseline. Also printed: what encrypting the bytes alone costs (AES-128-GCM and ChaCha20-Poly1305 through
-the `cryptography` package's OpenSSL), times the four passes a round trip makes (the client seals the request,
+set of gRPC args to both sides (server and channel) of both servers, and/or turns on gRPC core experiments
+(GRPC_EXPERIMENTS) in all three processes, so the plaintext column is that variant's own baseline.
+Also printed: what encrypting the bytes alone costs (AES-128-GCM and ChaCha20-Poly1305 through the
+`cryptography` package's OpenSSL), times the four passes a round trip makes (the client seals the request,
 the server opens it, seals the reply, the client opens it): the floor any TLS adds.
 """
 
@@ -34,15 +35,23 @@ from tests.support import free_port  # noqa: E402
 ECHO = "/bench.Echo/Echo"
 LIMIT = 16 << 20
 SIZES = (("1 KB", 1024, 20, 100), ("600 KB", 600_000, 10, 30))
-VARIANTS: dict[str, dict[str, int]] = {
-    "default": {},
-    "tsi frame 4 KB": {"grpc.tsi.max_frame_size": 4096},
-    "tsi frame 1 MB": {"grpc.tsi.max_frame_size": 1 << 20},
-    "http2 frame 1 MB": {"grpc.http2.max_frame_size": 1 << 20},
-    "write buffer 1 MB": {"grpc.http2.write_buffer_size": 1 << 20},
-    "tcp read chunk 1 MB": {"grpc.experimental.tcp_read_chunk_size": 1 << 20,
-                            "grpc.experimental.tcp_min_read_chunk_size": 1 << 20,
-                            "grpc.experimental.tcp_max_read_chunk_size": 1 << 20},
+MB = 1 << 20
+# name → (gRPC args for both sides, GRPC_EXPERIMENTS for both processes)
+VARIANTS: dict[str, tuple[dict[str, int], str]] = {
+    "default": ({}, ""),
+    "tsi frame 4 KB": ({"grpc.tsi.max_frame_size": 4096}, ""),
+    "tsi frame 1 MB": ({"grpc.tsi.max_frame_size": MB}, ""),
+    "http2 frame 1 MB": ({"grpc.http2.max_frame_size": MB}, ""),
+    "write buffer 1 MB": ({"grpc.http2.write_buffer_size": MB}, ""),
+    "tcp read chunk 1 MB": ({"grpc.experimental.tcp_read_chunk_size": MB,
+                             "grpc.experimental.tcp_min_read_chunk_size": MB,
+                             "grpc.experimental.tcp_max_read_chunk_size": MB}, ""),
+    "read coalescing": ({}, "secure_endpoint_read_coalescing"),
+    "pipelined read": ({}, "pipelined_read_secure_endpoint"),
+    "offload large r/w": ({"grpc.secure_endpoint.decryption_offload_threshold": 64 << 10,
+                           "grpc.secure_endpoint.encryption_offload_threshold": 64 << 10},
+                          "secure_endpoint_offload_large_reads,secure_endpoint_offload_large_writes"),
+    "tcp frame size tuning": ({}, "tcp_frame_size_tuning"),
 }  # fmt: skip
 
 
@@ -153,7 +162,7 @@ def crypto_floor(nbytes: int = 600_000, rounds: int = 30) -> list[str]:
     return lines
 
 
-def _pki(directory: Path) -> dict[str, Path]:
+def _pki(directory: Path) -> None:
     from meshserve.pki.authority import client_leaf, init_ca, issue, service_leaf
     from meshserve.pki.layout import PkiLayout
 
@@ -161,6 +170,12 @@ def _pki(directory: Path) -> dict[str, Path]:
     init_ca(layout)
     issue(layout, service_leaf("bench-echo"))
     issue(layout, client_leaf("cli"))
+
+
+def _pki_files(directory: Path) -> dict[str, Path]:
+    from meshserve.pki.layout import PkiLayout
+
+    layout = PkiLayout(directory)
     return {"ca": layout.ca_cert, "server_cert": layout.cert("bench-echo"), "server_key": layout.key("bench-echo"),
             "client_cert": layout.cert("cli"), "client_key": layout.key("cli")}  # fmt: skip
 
@@ -170,10 +185,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer blocks (a smoke run)")
     parser.add_argument("--only", help=f"variants, comma-separated (default all: {', '.join(VARIANTS)})")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--pki", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         spec = json.loads(args.serve)
         asyncio.run(_serve(spec["port"], spec["args"], spec["tls"]))
+        return 0
+    if args.variant:  # in a process of its own: GRPC_EXPERIMENTS is read once, when gRPC starts
+        for line in asyncio.run(measure(args.variant, VARIANTS[args.variant][0], _pki_files(args.pki), args.quick)):
+            print(line, flush=True)
         return 0
     chosen = [v.strip() for v in args.only.split(",")] if args.only else list(VARIANTS)
     unknown = [v for v in chosen if v not in VARIANTS]
@@ -184,10 +205,14 @@ def main() -> int:
         print(line)
     print("\none hop, bare grpc.aio echo, kept channel, ms   p50 off  p50 on    added   ratio    p99 off p99 on")
     with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp:
-        pki = _pki(Path(tmp))
+        _pki(Path(tmp))
         for name in chosen:
-            for line in asyncio.run(measure(name, VARIANTS[name], pki, args.quick)):
-                print(line, flush=True)
+            experiments = VARIANTS[name][1]
+            env = {**os.environ, **({"GRPC_EXPERIMENTS": experiments} if experiments else {})}
+            argv = [sys.executable, __file__, "--variant", name, "--pki", tmp, *(["--quick"] if args.quick else [])]
+            done = subprocess.run(argv, env=env, text=True, capture_output=True, timeout=900)
+            print(done.stdout.rstrip() if done.returncode == 0 else f"  {name}: failed: {done.stderr[-800:]}",
+                  flush=True)  # fmt: skip
     return 0
 
 
