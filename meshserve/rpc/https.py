@@ -7,6 +7,7 @@ certificate from the mesh CA required, renewed files picked up without a restart
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import sys
 import threading
@@ -83,8 +84,12 @@ class _HttpsMetricsServer(ThreadingWSGIServer):
 def serve_metrics(port: int, host: str, registry: CollectorRegistry, tls: TlsFiles | None) -> int:
     """Serve /metrics of `registry` on `port` (0: any free one) from a daemon thread, over HTTPS requiring a
     mesh client certificate when `tls` is given; return the bound port."""
-    server_class: type[WSGIServer] = ThreadingWSGIServer if tls is None else _HttpsMetricsServer
-    server = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+    base: type[WSGIServer] = ThreadingWSGIServer if tls is None else _HttpsMetricsServer
+
+    class Server(base):  # type: ignore[valid-type,misc]
+        address_family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]  # IPv6 hosts too
+
+    server = make_server(host, port, make_wsgi_app(registry), Server, handler_class=_QuietHandler)
     if isinstance(server, _HttpsMetricsServer) and tls is not None:
         server.tls = ServerTls(tls)
         # The handshake runs on first read, in the request's own thread: a silent client cannot stall accept().
