@@ -34,7 +34,7 @@ def add_commands(subparsers: Any) -> None:
     gateway.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     gateway.add_argument("--metrics-port", type=int,
                          help="serve Prometheus /metrics on this port, 0 for any free one; registered as meta "
-                         "metrics_port (default: off)")
+                         "metrics_port (default: off); HTTPS wanting a mesh client certificate with mTLS")
     gateway.add_argument("--consul", help="Consul HTTP address (default: $CONSUL_HTTP_ADDR)")
     gateway.add_argument("--no-register", action="store_true", help="do not register the gateway in Consul")
     gateway.add_argument("--check-interval", type=float, default=1.0,

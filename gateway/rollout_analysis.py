@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import ssl
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshserve.gateway.rollout_policy import CANDIDATE_ARMS, Analysis
 from meshserve.registry.client import RegistryClient
-from meshserve.registry.config import METRICS_PORT_META, SERVICE_NAMES, RegistryConfig
+from meshserve.registry.config import METRICS_PORT_META, METRICS_SCHEME_META, SERVICE_NAMES, RegistryConfig
 
 STEP, ROLLBACK, WAIT = "step", "rollback", "wait"
 
@@ -115,24 +116,27 @@ async def gateway_metrics_urls(registry: RegistryConfig) -> list[str]:
     urls = []
     for entry in entries or ():
         service = entry.get("Service") or {}
-        port = (service.get("Meta") or {}).get(METRICS_PORT_META)
+        meta = service.get("Meta") or {}
+        port, scheme = meta.get(METRICS_PORT_META), "https" if meta.get(METRICS_SCHEME_META) == "https" else "http"
         address = service.get("Address") or (entry.get("Node") or {}).get("Address") or "127.0.0.1"
         if port:
-            urls.append(f"http://{address}:{port}/metrics")
+            urls.append(f"{scheme}://{address}:{port}/metrics")
     return sorted(set(urls))
 
 
-def _fetch(url: str, timeout_s: float) -> str | None:
+def _fetch(url: str, timeout_s: float, tls: ssl.SSLContext | None) -> str | None:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(url, timeout=timeout_s, context=tls) as resp:
             return resp.read().decode()  # type: ignore[no-any-return]
     except OSError:
         return None  # a gateway that went away: the others still tell
 
 
-async def scrape(urls: list[str], service: str, timeout_s: float = 3.0) -> tuple[Snapshot, int]:
-    """The summed figures of `service` over `urls`, and how many gateways answered."""
-    texts = await asyncio.gather(*(asyncio.to_thread(_fetch, url, timeout_s) for url in urls))
+async def scrape(urls: list[str], service: str, timeout_s: float = 3.0,
+                 tls: ssl.SSLContext | None = None) -> tuple[Snapshot, int]:  # fmt: skip
+    """The summed figures of `service` over `urls`, and how many gateways answered (`tls`: the client side of
+    https:// ones, which want a certificate of the mesh CA)."""
+    texts = await asyncio.gather(*(asyncio.to_thread(_fetch, url, timeout_s, tls) for url in urls))
     snapshot: Snapshot = defaultdict(Figures)
     answered = 0
     for text in texts:

@@ -91,6 +91,7 @@ def _start(args: argparse.Namespace) -> int:
     from meshserve.errors import MeshError
     from meshserve.gateway.rollout_run import StartOptions, run_rollout
     from meshserve.registry.config import RegistryConfig
+    from meshserve.rpc.tls_files import client_files
     from meshserve.telemetry import TracingConfig, setup_tracing, shutdown_tracing
 
     steps = args.steps if args.canary is None else tuple(sorted({args.canary, *args.steps}))
@@ -99,7 +100,7 @@ def _start(args: argparse.Namespace) -> int:
     thresholds = tuple((k, v) for k, v in given.items() if v is not None)
     try:
         options = StartOptions(args.service, args.version, steps, args.shadow, args.interval, thresholds, args.stable,
-                               tuple(args.metrics))  # fmt: skip
+                               tuple(args.metrics), tls=client_files())  # fmt: skip
     except MeshError as exc:
         return _fail("start", str(exc), 2)
     setup_tracing(TracingConfig.from_env("meshserve-rollout"))

@@ -21,6 +21,8 @@ from meshserve.gateway.rollout_policy import Analysis, Candidate, RolloutPolicy,
 from meshserve.gateway.rollout_store import read_rollout, write_rollout
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
+from meshserve.rpc.https import client_context
+from meshserve.rpc.tls_files import TlsFiles
 
 log = logging.getLogger(__name__)
 _TRACER = telemetry.tracer("meshserve.rollout")
@@ -130,6 +132,7 @@ class StartOptions:
     thresholds: tuple[tuple[str, float], ...] = ()
     stable: str | None = None
     metrics_urls: tuple[str, ...] = ()  # default: every registered gateway's metrics_port
+    tls: TlsFiles | None = None  # our client certificate for gateways serving /metrics over mTLS
 
     def __post_init__(self) -> None:
         if not self.steps or any(not 0 < s <= 100 for s in self.steps) or list(self.steps) != sorted(self.steps):
@@ -177,8 +180,9 @@ async def run_rollout(registry: RegistryConfig, options: StartOptions) -> Rollou
     """Drive one rollout to its end (promoted, rolled back, or aborted from outside)."""
     async with RegistryClient(registry) as client:
         run = await begin(client, options)
+        tls = client_context(options.tls) if options.tls is not None else None
         urls = list(options.metrics_urls) or await gateway_metrics_urls(registry)
-        before, _ = await scrape(urls, run.service)
+        before, _ = await scrape(urls, run.service, tls=tls)
         while True:
             await asyncio.sleep(run.interval_s)
             stored = await load_run(client, run.service)
@@ -187,7 +191,7 @@ async def run_rollout(registry: RegistryConfig, options: StartOptions) -> Rollou
                 return stored or run
             run = replace(stored, interval_s=run.interval_s)
             urls = list(options.metrics_urls) or await gateway_metrics_urls(registry)
-            now, answered = await scrape(urls, run.service)
+            now, answered = await scrape(urls, run.service, tls=tls)
             verdict = judge(window(now, before, run.stable, "stable"), window(now, before, run.version, "candidate"),
                             window(now, before, run.version, "shadow"), run.analysis, canary=run.step >= 0)
             before = now

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Histogram
 
 from meshserve import telemetry
 from meshserve.gateway.admission import Admission
@@ -28,6 +28,7 @@ from meshserve.gateway.servicer import PhotoSearchServicer, to_query
 from meshserve.gateway.shadow import ShadowRunner
 from meshserve.queue.config import QueueConfig
 from meshserve.registry.config import METRICS_PORT_META, SERVICE_NAMES, RegistryConfig, ServiceInstance
+from meshserve.rpc.https import serve_metrics
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
 from meshserve.rpc.tls_files import TlsFiles
 from meshserve.v1 import jobs_pb2_grpc, photo_search_pb2, photo_search_pb2_grpc
@@ -101,8 +102,7 @@ class Gateway:
 
     async def start(self) -> None:
         if self.config.metrics_port is not None:
-            metrics, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
-            self._metrics_port = int(metrics.server_port)
+            self._metrics_port = serve_metrics(self.config.metrics_port, self.config.host, REGISTRY, self.config.tls)
         await self.rollouts.start()
         await self.routes.start()
         await self.guard.start()

@@ -212,4 +212,5 @@ def protocols(meta: dict[str, str]) -> str:
     """What a replica speaks (registry meta `protocols`, "-" when it does not say), with its OIP
     HTTP port when it has one."""
     spoken = meta.get("protocols") or "-"
-    return f"{spoken} (http :{meta['http_port']})" if meta.get("http_port") else spoken
+    scheme = "https" if meta.get("http_scheme") == "https" else "http"
+    return f"{spoken} ({scheme} :{meta['http_port']})" if meta.get("http_port") else spoken

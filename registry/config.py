@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from meshserve.pki.layout import CLIENT_CERT_NAME, PkiLayout, default_pki_dir
+
 DEFAULT_CONSUL_HTTP_ADDR = "http://127.0.0.1:8500"
 # A local mesh (`meshserve up`) leaves its operator token and its registry's address here; a client of
 # that address with no token set uses it (and never sends it anywhere else).
@@ -27,6 +29,8 @@ SERVICE_NAMES = {
 # Meta key of every server serving /metrics: the port Prometheus and `meshserve top` scrape
 # (the registered address, this port, /metrics).
 METRICS_PORT_META = "metrics_port"
+# "https" when that port wants a client certificate of the mesh CA (absent: plain http)
+METRICS_SCHEME_META = "metrics_scheme"
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,11 @@ class RegistryConfig:
                 f"CONSUL_HTTP_ADDR {addr!r} is not an http(s)://host:port address; "
                 "set it like http://127.0.0.1:8500"
             )
-        return cls(http_addr=addr, token=token or _env_token(addr), ca_file=env.get("CONSUL_CACERT") or None,
-                   cert_file=env.get("CONSUL_CLIENT_CERT") or None, key_file=env.get("CONSUL_CLIENT_KEY") or None,
+        ca, cert, key = (env.get(name) or None for name in ("CONSUL_CACERT", "CONSUL_CLIENT_CERT", "CONSUL_CLIENT_KEY"))
+        local = _local_registry_tls(addr) if ssl is None and not (ca or cert or key) else None
+        if local is not None:
+            addr, ca, cert, key = local
+        return cls(http_addr=addr, token=token or _env_token(addr), ca_file=ca, cert_file=cert, key_file=key,
                    tls_server_name=env.get("CONSUL_TLS_SERVER_NAME") or None,
                    tls_verify=_env_bool("CONSUL_HTTP_SSL_VERIFY") is not False)
 
@@ -108,6 +115,19 @@ def _env_bool(name: str) -> bool | None:
     if raw in ("0", "f", "false", "no"):
         return False
     raise ValueError(f"{name}={os.environ[name]!r} is not true or false")
+
+
+def _local_registry_tls(addr: str) -> tuple[str, str, str, str] | None:
+    """When `addr` is the HTTPS registry of the local mesh (`meshserve up`, $MESHSERVE_HOME/pki/registry), by
+    either scheme: its https:// URL, the mesh CA and the command-line client's certificate and key."""
+    layout = PkiLayout(default_pki_dir())
+    try:
+        local = layout.local_registry.read_text().strip()
+    except OSError:  # no secure local mesh
+        return None
+    if urlsplit(local).netloc != urlsplit(addr).netloc or not layout.has_leaf(CLIENT_CERT_NAME):
+        return None
+    return local, str(layout.ca_cert), str(layout.cert(CLIENT_CERT_NAME)), str(layout.key(CLIENT_CERT_NAME))
 
 
 def _env_token(addr: str) -> str | None:

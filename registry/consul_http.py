@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,10 +40,12 @@ class _HTTPClient(consul.aio.HTTPClient):
         connect_timeout_s: float,
         tls_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        client_cert: tuple[str, str] | None = None,
     ) -> None:
         consul.base.HTTPClient.__init__(self, host, port, scheme, verify, cert)
         self.loop = None
         self._server_hostname = server_hostname
+        self._client_cert = _RenewedCertificate(tls_context, *client_cert) if tls_context and client_cert else None
         tls: ssl.SSLContext | bool = False
         if tls_context is not None:
             tls = tls_context
@@ -71,6 +74,8 @@ class _HTTPClient(consul.aio.HTTPClient):
 
     async def _request(self, callback: Any, method: str, uri: str, headers: dict[str, str] | None,
                        data: Any = None, connections_timeout: Any = None, raw: bool = False) -> Any:
+        if self._client_cert is not None:
+            self._client_cert.refresh()
         if self._server_hostname is None:
             return await super()._request(callback, method, uri, headers, data, connections_timeout, raw)
         # CONSUL_TLS_SERVER_NAME: the agent's certificate names a host other than the address dialled.
@@ -80,14 +85,41 @@ class _HTTPClient(consul.aio.HTTPClient):
             return callback(consul.base.Response(resp.status, resp.headers, body))
 
 
+class _RenewedCertificate:
+    """Our client certificate in `context`, loaded again when its files change: connections opened after a
+    renewal present the new one (the agent refuses an expired certificate; open connections are unaffected)."""
+
+    def __init__(self, context: ssl.SSLContext, cert: str, key: str):
+        self.context, self.cert, self.key = context, cert, key
+        self._stamp = self._now()
+
+    def _now(self) -> tuple[int, ...]:
+        try:
+            return tuple(os.stat(path).st_mtime_ns for path in (self.cert, self.key))
+        except OSError:
+            return ()
+
+    def refresh(self) -> None:
+        now = self._now()
+        if not now or now == self._stamp:
+            return
+        try:
+            self.context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError):  # a renewal half written: the next request tries again
+            return
+        self._stamp = now
+
+
 class AsyncConsul(consul.aio.Consul):
     """consul.aio.Consul whose HTTP adapter is `_HTTPClient`."""
 
     def __init__(self, *args: Any, connect_timeout_s: float = 5.0, tls_context: ssl.SSLContext | None = None,
-                 server_hostname: str | None = None, **kwargs: Any) -> None:
+                 server_hostname: str | None = None, client_cert: tuple[str, str] | None = None,
+                 **kwargs: Any) -> None:  # fmt: skip
         self._connect_timeout_s = connect_timeout_s
         self._tls_context = tls_context
         self._server_hostname = server_hostname
+        self._client_cert = client_cert
         super().__init__(*args, **kwargs)
 
     def http_connect(
@@ -95,7 +127,7 @@ class AsyncConsul(consul.aio.Consul):
     ) -> _HTTPClient:
         return _HTTPClient(
             host, port, scheme, verify, cert, connect_timeout_s=self._connect_timeout_s,
-            tls_context=self._tls_context, server_hostname=self._server_hostname,
+            tls_context=self._tls_context, server_hostname=self._server_hostname, client_cert=self._client_cert,
         )
 
 
@@ -109,6 +141,7 @@ def open_consul(config: RegistryConfig) -> AsyncConsul:
         connect_timeout_s=config.request_timeout_s,
         tls_context=config.ssl_context(),
         server_hostname=config.server_hostname(),
+        client_cert=(config.cert_file, config.key_file) if config.cert_file and config.key_file else None,
     )
     # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; the config already
     # resolved flags against the environment, so it is the one that counts.

@@ -20,7 +20,7 @@ from typing import Any
 
 from meshserve.errors import MeshError
 from meshserve.registry.client import RegistryClient
-from meshserve.registry.config import METRICS_PORT_META, RegistryConfig
+from meshserve.registry.config import METRICS_PORT_META, METRICS_SCHEME_META, RegistryConfig
 from meshserve.registry.instances import Instance
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ def target_group(instance: Instance) -> dict[str, Any] | None:
     host = f"[{instance.address}]" if ":" in instance.address else instance.address
     labels = {"service": instance.name, "instance_id": instance.id}
     labels.update({key: instance.meta[key] for key in META_LABELS if instance.meta.get(key)})
+    if instance.meta.get(METRICS_SCHEME_META) == "https":  # mTLS: the scrape job holds the client certificate
+        labels["__scheme__"] = "https"
     return {"targets": [f"{host}:{port}"], "labels": labels}
 
 
@@ -85,6 +87,8 @@ async def serve_sd(config: SDServerConfig, stop: asyncio.Event) -> None:
             except MeshError as exc:
                 log.warning("service discovery failed: %s", exc)
                 return web.Response(status=503, text=f"registry unavailable: {exc}\n")
+            if service := request.query.get("service"):  # one service's replicas: its scrape job knows its TLS name
+                groups = [g for g in groups if g["labels"]["service"] == service]
             return web.Response(text=json.dumps(groups), content_type="application/json")
 
         async def healthy(request: web.Request) -> web.Response:

@@ -112,8 +112,8 @@ def _add_common_arguments(parser: argparse.ArgumentParser, kind: Kind) -> None:
     net.add_argument(
         "--http-port", type=int,
         help="also serve the Open Inference Protocol v2 REST form (/v2/…, as Triton/KServe HTTP "
-        "clients call it) on this port (0: any free port; default: off). The gRPC port always "
-        "speaks it too (inference.GRPCInferenceService)",
+        "clients call it) on this port (0: any free port; default: off); HTTPS wanting a mesh client "
+        "certificate when mTLS is on. The gRPC port always speaks it too (inference.GRPCInferenceService)",
     )  # fmt: skip
     net.add_argument(
         "--max-message-bytes",
@@ -190,7 +190,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser, kind: Kind) -> None:
     reg.add_argument(
         "--metrics-port", type=int,
         help="serve Prometheus /metrics on this port, 0 for any free one; registered as meta metrics_port "
-        "(default: off)",
+        "(default: off); HTTPS wanting a mesh client certificate when mTLS is on (meta metrics_scheme=https)",
     )
     reg.add_argument(
         "--trace-file",

@@ -12,18 +12,15 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from itertools import accumulate
 
-from prometheus_client import (
-    CollectorRegistry,
-    Gauge,
-    ProcessCollector,
-    start_http_server,
-)
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from meshserve import telemetry
+from meshserve.rpc.https import serve_metrics
+from meshserve.rpc.tls_files import TlsFiles
 from meshserve.servers.batching import BatchObserver
 
 _LATENCY_BUCKETS = (
@@ -87,10 +84,10 @@ class ServerMetrics(BatchObserver, Collector):
         ).labels(model=model, version=version)
         self.registry.register(self)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Expose /metrics on `port` (0: any free port) from a daemon thread; return the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_port)
+    def serve(self, port: int, host: str = "0.0.0.0", tls: TlsFiles | None = None) -> int:
+        """Expose /metrics on `port` (0: any free port) from a daemon thread, over mTLS with `tls`; return the
+        bound port."""
+        return serve_metrics(port, host, self.registry, tls)
 
     # -- per request -----------------------------------------------------------------------
 

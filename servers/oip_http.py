@@ -4,10 +4,13 @@ Same servicer, same path as the gRPC forms (servers/oip.py): one model, one batc
 limits. Each call is counted in the server's metrics (method `http:<Rpc>`) and traced in a
 server span continuing the caller's `traceparent`. Errors are `{"error": "…"}` with 400 (bad
 input), 404 (unknown model or version), 503 (loading, draining, overloaded), 504 (deadline).
+With the server's TLS files it is HTTPS and wants a client certificate of the mesh CA, as its gRPC port does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +24,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 import meshserve
 from meshserve import telemetry
 from meshserve.errors import MeshError, status_for
+from meshserve.rpc.https import ServerTls
+from meshserve.rpc.tls_files import TlsFiles
 from meshserve.servers.metrics import ServerMetrics
 from meshserve.servers.oip import PLATFORM, SERVER_NAME, OipServicer
 from meshserve.wire import oip_json
@@ -32,13 +37,17 @@ _HTTP_STATUS = {
     "UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 503, "DEADLINE_EXCEEDED": 504,
 }  # fmt: skip
 Handler = Callable[[web.Request], Awaitable[web.Response]]
+RELOAD_CHECK_S = 30.0  # certificates are renewed hours before they expire
 
 
 class OipHttp:
     """An aiohttp site answering /v2/… for one OipServicer, on the model server's event loop."""
 
-    def __init__(self, servicer: OipServicer, metrics: ServerMetrics, host: str, port: int, max_body_bytes: int):
+    def __init__(self, servicer: OipServicer, metrics: ServerMetrics, host: str, port: int, max_body_bytes: int,
+                 tls: TlsFiles | None = None):  # fmt: skip
         self.servicer = servicer
+        self.tls = ServerTls(tls) if tls is not None else None
+        self._reloads: asyncio.Task[None] | None = None
         self.metrics = metrics
         self.host = host
         self.port = port
@@ -63,15 +72,28 @@ class OipHttp:
         """Listen; return the bound port (also in self.port, when 0 asked for any)."""
         self._runner = web.AppRunner(self._app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_port=False)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_port=False,
+                           ssl_context=self.tls.context if self.tls is not None else None)  # fmt: skip
         await site.start()
+        if self.tls is not None:
+            self._reloads = asyncio.create_task(self._reload_renewed(self.tls))
         server = site._server  # aiohttp exposes the bound sockets only here
         if server is not None and server.sockets:  # type: ignore[attr-defined]
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        log.info("OIP HTTP on %s:%d", self.host, self.port)
+        log.info("OIP %s on %s:%d", "HTTPS" if self.tls else "HTTP", self.host, self.port)
         return self.port
 
+    @staticmethod
+    async def _reload_renewed(tls: ServerTls) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_CHECK_S)
+            tls.refresh()
+
     async def stop(self) -> None:
+        if self._reloads is not None:
+            self._reloads.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloads
         if self._runner is not None:
             await self._runner.cleanup()
 

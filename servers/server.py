@@ -105,12 +105,12 @@ class ModelServer:
         cfg = self.config
         keep_message_buffers(cfg.max_message_bytes)
         if cfg.metrics_port is not None:
-            self._metrics_port = self.metrics.serve(cfg.metrics_port)
+            self._metrics_port = self.metrics.serve(cfg.metrics_port, tls=cfg.tls)
         if cfg.http_port is None:
             return await self._process.run()
         from meshserve.servers.oip_http import OipHttp
 
-        http = OipHttp(self._oip, self.metrics, cfg.host, cfg.http_port, cfg.max_message_bytes)
+        http = OipHttp(self._oip, self.metrics, cfg.host, cfg.http_port, cfg.max_message_bytes, cfg.tls)
         try:
             self._http_port = await http.start()  # before the model loads: health answers "not ready" meanwhile
         except OSError as exc:
@@ -143,7 +143,7 @@ class ModelServer:
         address = cfg.registered_address
         meta = {"model": self.model.name, "version": self.model.version, "role": self.model.role}
         meta.update(self.model.meta())
-        meta.update(protocol_meta(self._http_port))
+        meta.update(protocol_meta(self._http_port, https=cfg.tls is not None))
         if self._metrics_port is not None:
             meta[METRICS_PORT_META] = str(self._metrics_port)
         return ServiceInstance(
@@ -170,14 +170,16 @@ class ModelServer:
 
 PROTOCOLS_META = "protocols"  # registry meta key: what the server speaks, comma-separated
 HTTP_PORT_META = "http_port"  # registry meta key: the OIP HTTP port, when there is one
+HTTP_SCHEME_META = "http_scheme"  # registry meta key: "https" when that port wants a mesh client certificate
 
 
-def protocol_meta(http_port: int | None) -> dict[str, str]:
+def protocol_meta(http_port: int | None, https: bool = False) -> dict[str, str]:
     """Registry meta naming the protocols on the gRPC port (and the HTTP port when served)."""
     protocols = ["meshserve-v1", "oip-v2-grpc"]
     if http_port is None:
         return {PROTOCOLS_META: ",".join(protocols)}
-    return {PROTOCOLS_META: ",".join([*protocols, "oip-v2-http"]), HTTP_PORT_META: str(http_port)}
+    meta = {PROTOCOLS_META: ",".join([*protocols, "oip-v2-http"]), HTTP_PORT_META: str(http_port)}
+    return {**meta, HTTP_SCHEME_META: "https"} if https else meta
 
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt() parameters (malloc.h)

@@ -40,7 +40,8 @@ def add_commands(subparsers: Any) -> None:
     worker.add_argument("--consul", help="Consul HTTP address (default: $CONSUL_HTTP_ADDR)")
     worker.add_argument("--no-register", action="store_true", help="do not register in the registry")
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port "
-                        "(0: any free port; registered in the meta)")
+                        "(0: any free port; registered in the meta; HTTPS wanting a mesh client certificate "
+                        "with mTLS)")
     worker.add_argument("--check-interval", type=float, default=1.0, help="registry check interval, s (default 1)")
     worker.add_argument("--grace", type=float, default=30.0, help="seconds to finish the job in hand on SIGTERM")
     worker.add_argument("--trace-file", type=Path, default=os.environ.get("MESHSERVE_TRACE_FILE") or None,

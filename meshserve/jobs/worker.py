@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from meshserve import telemetry
 from meshserve.errors import InvalidInput
@@ -25,6 +25,7 @@ from meshserve.queue.config import WORKER_SERVICE, QueueConfig, check_job_id
 from meshserve.queue.connect import connect, find_nats
 from meshserve.queue.store import SUBMITTED_HEADER, Claim, JobQueue
 from meshserve.registry.config import METRICS_PORT_META, RegistryConfig, ServiceInstance
+from meshserve.rpc.https import serve_metrics
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
 from meshserve.rpc.tls_files import TlsFiles
 from meshserve.v1 import jobs_pb2
@@ -85,8 +86,7 @@ class Worker:
     async def start(self) -> None:
         cfg = self.config
         if cfg.metrics_port is not None:
-            metrics, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
-            self._metrics_port = int(metrics.server_port)
+            self._metrics_port = serve_metrics(cfg.metrics_port, cfg.host, REGISTRY, cfg.tls)
         self.queue = await self._open_queue()
         from nats.js.api import AckPolicy, ConsumerConfig
 

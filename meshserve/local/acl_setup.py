@@ -31,15 +31,14 @@ def forget(home: Path) -> None:
     shutil.rmtree(acl_dir(home), ignore_errors=True)
 
 
-def provision(registry_addr: str, home: Path) -> dict[str, Path]:
+def provision(registry: RegistryConfig, home: Path) -> dict[str, Path]:
     """Bootstrap a fresh dev registry's ACLs, create every workload's policy and token; workload → token file."""
     forget(home)
     directory = acl_dir(home)
     directory.mkdir(parents=True, mode=0o700)
     os.chmod(directory, 0o700)
     # No token: the bootstrap needs none, and the management token it makes is used after it.
-    config = dataclasses.replace(RegistryConfig.from_env(http_addr=registry_addr), token=None)
-    return asyncio.run(_provision(config, home))
+    return asyncio.run(_provision(dataclasses.replace(registry, token=None), home))
 
 
 async def _provision(config: RegistryConfig, home: Path) -> dict[str, Path]:

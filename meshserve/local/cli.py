@@ -29,8 +29,9 @@ def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int,
                         help="job workers (default 1, or 0 with --nats-addr none; they find NATS by NATS_URL then)")
     parser.add_argument("--insecure", action="store_true",
-                        help="debugging only: no mTLS between the processes and no registry ACLs (default: both on, "
-                             "certificates under $MESHSERVE_HOME/pki, tokens under $MESHSERVE_HOME/acl)")
+                        help="debugging only: no mTLS between the processes, plain HTTP to the registry and no "
+                             "registry ACLs (default: mTLS, HTTPS on every port and ACLs, certificates under "
+                             "$MESHSERVE_HOME/pki, tokens under $MESHSERVE_HOME/acl)")
 
 
 def add_commands(subparsers: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -18,8 +19,10 @@ from pathlib import Path
 
 from meshserve.local.mesh_pki import MeshPki
 from meshserve.local.supervisor import PARENT_ENV, Child, ChildSpec, Supervisor
+from meshserve.pki.layout import CLIENT_CERT_NAME
 from meshserve.queue.config import WORKER_SERVICE
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
+from meshserve.rpc.tls_files import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +96,10 @@ class MeshInfo:
         return "\n".join(lines)
 
 
-def _leader_answers(http_addr: str) -> bool:
+def _leader_answers(registry: RegistryConfig) -> bool:
     try:
-        context = RegistryConfig.from_env(http_addr=http_addr).ssl_context()  # https: Consul's TLS variables
-        with urllib.request.urlopen(f"{http_addr}/v1/status/leader", timeout=1, context=context) as resp:
+        with urllib.request.urlopen(f"{registry.http_addr}/v1/status/leader", timeout=1,
+                                    context=registry.ssl_context()) as resp:  # fmt: skip
             return resp.status == 200
     except OSError:
         return False
@@ -108,14 +111,19 @@ class LocalMesh:
         self.say = say
         config.run_dir.mkdir(parents=True, exist_ok=True)
         self.trace_file = config.trace_file or config.run_dir / "traces.jsonl"
-        self.registry_addr = config.consul or f"http://{config.registry_addr}"
+        registry_host = config.registry_addr.rpartition(":")[0].strip("[]")
+        self.pki = MeshPki.prepare(config.home, config.secure, registry_host=registry_host)
+        # Secure, the dev registry speaks only HTTPS and wants a client certificate of the mesh CA.
+        self._registry_pki = self.pki if config.consul is None else None
+        scheme = "https" if self._registry_pki is not None else "http"
+        self.registry_addr = config.consul or f"{scheme}://{config.registry_addr}"
         env = {"MESHSERVE_HOME": str(config.home), "CONSUL_HTTP_ADDR": self.registry_addr,
-               "MESHSERVE_TRACE_FILE": str(self.trace_file)}  # fmt: skip
+               "MESHSERVE_TRACE_FILE": str(self.trace_file),
+               **dict(self._registry_tls_env(CLIENT_CERT_NAME))}  # fmt: skip
         self.supervisor = Supervisor(config.run_dir / "logs", env)
         self._ports = config.run_dir / "ports"
         self._ports.mkdir(exist_ok=True)
         self._tokens: dict[str, Path] = {}  # workload → its registry token file, when ACLs are on
-        self.pki = MeshPki.prepare(config.home, config.secure)
         self._renewal_checked = time.monotonic()
 
     # -- bring up -------------------------------------------------------------------------------
@@ -131,7 +139,7 @@ class LocalMesh:
         if cfg.consul is None:
             registry_child = self._start_registry()
             self._provision_acl()
-        elif not _leader_answers(self.registry_addr):
+        elif not _leader_answers(self._registry_config()):
             raise RuntimeError(f"Consul at {self.registry_addr} does not answer /v1/status/leader")
         self._train_if_missing()
         shard_dirs = self._build_shards()
@@ -178,7 +186,7 @@ class LocalMesh:
             from meshserve.local.prometheus import start_prometheus
 
             info.prometheus = start_prometheus(self.supervisor, cfg.run_dir / "prometheus", self.registry_addr,
-                                               cfg.prometheus_addr)  # fmt: skip
+                                               cfg.prometheus_addr, tls=self._client_tls())  # fmt: skip
         if nats is not None:
             info.endpoints.append(nats)
         for i in range(cfg.workers):
@@ -213,7 +221,7 @@ class LocalMesh:
         return Endpoint("nats", "nats", addr, child)
 
     def _start_registry(self) -> Child:
-        if _leader_answers(self.registry_addr):
+        if _leader_answers(self._registry_config()):
             raise RuntimeError(f"something already answers as Consul on {self.registry_addr}; "
                                "stop it, or pass --consul to use it")  # fmt: skip
         # A fresh registry per `up`, persisted so that a restart of it (crash, drill) keeps
@@ -221,12 +229,13 @@ class LocalMesh:
         data_dir = self.config.run_dir / "registry"
         shutil.rmtree(data_dir, ignore_errors=True)
         acl = ("--acl-enabled",) if self.config.acl else ()
-        tls_args = self.pki.agent_args() if self.pki is not None else ()
-        spec = ChildSpec("registry", ("registry", "dev", "--http-addr", self.config.registry_addr,
-                                      "--data-dir", str(data_dir), *acl, *tls_args))  # fmt: skip
+        listen: tuple[str, ...] = ("--http-addr", self.config.registry_addr)
+        if self._registry_pki is not None:
+            listen = self._registry_pki.https_registry_args(self.config.registry_addr)
+        spec = ChildSpec("registry", ("registry", "dev", *listen, "--data-dir", str(data_dir), *acl))
         child = self.supervisor.start(spec)
         deadline = time.monotonic() + 30
-        while not _leader_answers(self.registry_addr):
+        while not _leader_answers(self._registry_config()):
             if not child.alive or time.monotonic() > deadline:
                 raise RuntimeError(f"the dev registry did not come up: {self.supervisor.tail(child)}")
             time.sleep(0.05)
@@ -240,7 +249,7 @@ class LocalMesh:
         if not self.config.acl:
             acl_setup.forget(self.config.home)
             return
-        self._tokens = acl_setup.provision(self.registry_addr, self.config.home)
+        self._tokens = acl_setup.provision(self._registry_config(), self.config.home)
         # Anything started without a workload of its own (Prometheus discovery) reads with the reader token.
         self.supervisor.base_env.update(self._token_env("reader"))
         self.say(f"registry ACLs on: default deny, tokens in {acl_setup.acl_dir(self.config.home)}")
@@ -252,10 +261,16 @@ class LocalMesh:
         return (("CONSUL_HTTP_TOKEN", ""), ("CONSUL_HTTP_TOKEN_FILE", str(path)))
 
     def _registry_config(self) -> RegistryConfig:
-        """How the mesh itself reads the registry (with the operator token when ACLs are on)."""
+        """How the mesh itself reads the registry (with the operator token when ACLs are on, over HTTPS with the
+        command-line certificate when secure)."""
         operator = self._tokens.get("operator")
         token = operator.read_text().strip() if operator else None
-        return RegistryConfig.from_env(http_addr=self.registry_addr, token=token)
+        config = RegistryConfig.from_env(http_addr=self.registry_addr, token=token)
+        if self._registry_pki is None:
+            return config
+        tls = dict(self._registry_tls_env(CLIENT_CERT_NAME))
+        return dataclasses.replace(config, http_addr=self.registry_addr, ca_file=tls["CONSUL_CACERT"],
+                                   cert_file=tls["CONSUL_CLIENT_CERT"], key_file=tls["CONSUL_CLIENT_KEY"])
 
     def _train_if_missing(self) -> None:
         from meshserve.inference.artifacts import latest
@@ -351,13 +366,21 @@ class LocalMesh:
     # -- run and stop ---------------------------------------------------------------------------
 
     def _env(self, role: str) -> tuple[tuple[str, str], ...]:
-        """A child's credentials: its certificate (mTLS) and its registry token (ACLs)."""
-        return self._tls_env(role) + self._token_env(role)
+        """A child's credentials: its certificate (mTLS, and as the HTTPS registry's client) and its registry
+        token (ACLs)."""
+        service = WORKER_SERVICE if role == "worker" else SERVICE_NAMES[role]
+        return self._tls_env(service) + self._registry_tls_env(service) + self._token_env(role)
 
-    def _tls_env(self, role: str) -> tuple[tuple[str, str], ...]:
-        if self.pki is None:
-            return ()
-        return self.pki.env(WORKER_SERVICE if role == "worker" else SERVICE_NAMES[role])
+    def _tls_env(self, service: str) -> tuple[tuple[str, str], ...]:
+        return self.pki.env(service) if self.pki is not None else ()
+
+    def _client_tls(self) -> TlsFiles | None:
+        """The command-line certificate, for what reads the processes' mTLS ports (Prometheus)."""
+        return TlsFiles.from_pki(self.pki.layout, CLIENT_CERT_NAME) if self.pki is not None else None
+
+    def _registry_tls_env(self, name: str) -> tuple[tuple[str, str], ...]:
+        """CONSUL_CACERT and CONSUL_CLIENT_CERT/KEY (certificate `name`) for the local HTTPS registry."""
+        return self._registry_pki.registry_env(name) if self._registry_pki is not None else ()
 
     def watch(self, stop_requested: Callable[[], bool]) -> None:
         while not stop_requested():

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from meshserve.rpc.tls_files import add_tls_arguments
+
 
 def add_commands(subparsers: Any) -> None:
     prometheus = subparsers.add_parser(
@@ -43,6 +45,7 @@ def add_commands(subparsers: Any) -> None:
                      help="seconds between service-discovery refreshes (default 2)")
     run.add_argument("--rules", type=Path, help="directory of rule files (default: the repository's "
                      "deploy/prometheus/rules when present)")  # fmt: skip
+    add_tls_arguments(run)  # Prometheus's client certificate for targets serving /metrics over mTLS
     run.set_defaults(func=_run)
 
     top = subparsers.add_parser(
@@ -102,13 +105,15 @@ def _sd(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from meshserve.local.prometheus import REPO_RULES, PrometheusConfig, parse_addr, prometheus_argv, write_config
+    from meshserve.rpc.tls_files import client_files
 
     try:
         directory = args.dir or _home() / "up" / "prometheus"
         if args.rules is not None and not args.rules.is_dir():
             raise ValueError(f"--rules {args.rules}: not a directory")
         config = PrometheusConfig(args.sd_url, scrape_interval_s=args.scrape_interval,
-                                  refresh_interval_s=args.refresh_interval, rules_dir=args.rules or REPO_RULES)
+                                  refresh_interval_s=args.refresh_interval, rules_dir=args.rules or REPO_RULES,
+                                  tls=client_files(args))  # fmt: skip
         parse_addr(args.listen)  # the form only: Prometheus says so itself if the port is taken
         argv = prometheus_argv(write_config(config, directory), args.listen, directory / "data")
     except (ValueError, RuntimeError) as exc:
@@ -133,6 +138,7 @@ def _top(args: argparse.Namespace) -> int:
     from meshserve.errors import MeshError
     from meshserve.local.top import frames, render
     from meshserve.registry.config import RegistryConfig
+    from meshserve.rpc.tls_files import client_files
 
     try:
         if not args.interval > 0:
@@ -158,7 +164,7 @@ def _top(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, interrupt)
         previous = None
         with contextlib.suppress(asyncio.CancelledError):
-            async for frame in frames(config, args.interval, stop=stop):
+            async for frame in frames(config, args.interval, tls=client_files(), stop=stop):
                 text = render(frame, previous, config.http_addr)
                 sys.stdout.write(f"{clear}{text}\n" + ("" if clear or args.once else "\n"))
                 sys.stdout.flush()

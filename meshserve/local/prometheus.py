@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from meshserve.local.supervisor import ChildSpec, Supervisor
+from meshserve.queue.config import WORKER_SERVICE
+from meshserve.registry.config import SERVICE_NAMES
+from meshserve.rpc.tls_files import TlsFiles
 
 REPO_RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules"
 JOB = "meshserve"
@@ -32,6 +35,7 @@ class PrometheusConfig:
     refresh_interval_s: float = 2.0
     evaluation_interval_s: float = 5.0
     rules_dir: Path | None = REPO_RULES  # None (or missing): no rules loaded
+    tls: TlsFiles | None = None  # the client certificate for targets that serve /metrics over mTLS
 
     def __post_init__(self) -> None:
         if not self.sd_url.startswith(("http://", "https://")):
@@ -52,14 +56,33 @@ def render_config(config: PrometheusConfig) -> dict[str, Any]:
     document: dict[str, Any] = {
         "global": {"scrape_interval": scrape, "scrape_timeout": scrape,
                    "evaluation_interval": _duration(config.evaluation_interval_s)},
-        "scrape_configs": [{
-            "job_name": JOB,
-            "http_sd_configs": [{"url": config.sd_url, "refresh_interval": _duration(config.refresh_interval_s)}],
-        }],
+        "scrape_configs": [_scrape_job(config, JOB, config.sd_url)] if config.tls is None else
+                          [_tls_scrape_job(config, service) for service in MESH_SERVICES],
     }  # fmt: skip
     if config.rules_dir is not None and config.rules_dir.is_dir():
         document["rule_files"] = [str(config.rules_dir.resolve() / "*.yml")]
     return document
+
+
+MESH_SERVICES = (*SERVICE_NAMES.values(), WORKER_SERVICE)
+
+
+def _scrape_job(config: PrometheusConfig, name: str, sd_url: str) -> dict[str, Any]:
+    return {"job_name": name,
+            "http_sd_configs": [{"url": sd_url, "refresh_interval": _duration(config.refresh_interval_s)}]}
+
+
+def _tls_scrape_job(config: PrometheusConfig, service: str) -> dict[str, Any]:
+    """One job per service: a replica's certificate names its service, and a job has one TLS server name.
+    Every one is labelled job="meshserve" as the single plaintext job is (the rules and dashboards ask for it);
+    the targets' `__scheme__` (from the registry meta metrics_scheme) says https."""
+    assert config.tls is not None
+    sep = "&" if "?" in config.sd_url else "?"
+    job = _scrape_job(config, f"{JOB}-{service.removeprefix('meshserve-')}", f"{config.sd_url}{sep}service={service}")
+    job["tls_config"] = {"ca_file": str(config.tls.ca), "cert_file": str(config.tls.cert),
+                         "key_file": str(config.tls.key), "server_name": service}
+    job["relabel_configs"] = [{"target_label": "job", "replacement": JOB}]
+    return job  # fmt: skip
 
 
 def write_config(config: PrometheusConfig, directory: Path) -> Path:
@@ -117,7 +140,7 @@ def ready(url: str) -> bool:
 
 
 def start_prometheus(supervisor: Supervisor, directory: Path, registry_addr: str, wanted_addr: str,
-                     timeout_s: float = 60.0) -> str:  # fmt: skip
+                     timeout_s: float = 60.0, tls: TlsFiles | None = None) -> str:  # fmt: skip
     """Start the service discovery and Prometheus as children of `supervisor`; return Prometheus's URL
     once it is ready."""
     require_binary()
@@ -131,9 +154,10 @@ def start_prometheus(supervisor: Supervisor, directory: Path, registry_addr: str
                                                       str(sd_port_file), "--consul", registry_addr),
                                     port_file=sd_port_file))  # fmt: skip
     supervisor.wait_port(sd, timeout_s)
-    server = supervisor.start(ChildSpec("prometheus", ("prometheus", "run", "--sd-url",
-                                                       f"http://127.0.0.1:{sd_port}/targets",
-                                                       "--listen", listen, "--dir", str(directory))))  # fmt: skip
+    tls_args = ("--tls-ca", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)) if tls else ()
+    run = ("prometheus", "run", "--sd-url", f"http://127.0.0.1:{sd_port}/targets", "--listen", listen,
+           "--dir", str(directory), *tls_args)
+    server = supervisor.start(ChildSpec("prometheus", run))
     url = f"http://{listen}"
     deadline = time.monotonic() + timeout_s
     while not ready(url):

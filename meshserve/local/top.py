@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshserve.registry.client import RegistryClient
-from meshserve.registry.config import METRICS_PORT_META, RegistryConfig
+from meshserve.registry.config import METRICS_PORT_META, METRICS_SCHEME_META, RegistryConfig
 from meshserve.registry.prometheus_sd import mesh_services
+from meshserve.rpc.tls_files import TlsFiles
 
 Labels = frozenset[tuple[str, str]]
 Samples = dict[tuple[str, Labels], float]  # (sample name, labels) → value
@@ -35,6 +36,7 @@ class Replica:
     version: str
     what: str  # the model it serves, or the shard for an indexer
     metrics: str | None  # host:metrics_port, None when it serves no /metrics
+    metrics_scheme: str = "http"  # https: mTLS, read with a client certificate of the mesh CA
 
 
 @dataclass
@@ -59,7 +61,8 @@ def replica_from_entry(entry: Mapping[str, Any]) -> Replica:
     return Replica(service=str(service.get("Service", "")), instance_id=str(service.get("ID", "")),
                    target=f"{host}:{service.get('Port', 0)}", health=_worst(entry.get("Checks") or ()),
                    version=str(meta.get("version", "")), what=str(meta.get("shard") or meta.get("model") or ""),
-                   metrics=f"{host}:{port}" if port.isdigit() else None)  # fmt: skip
+                   metrics=f"{host}:{port}" if port.isdigit() else None,
+                   metrics_scheme="https" if meta.get(METRICS_SCHEME_META) == "https" else "http")  # fmt: skip
 
 
 async def list_replicas(client: RegistryClient) -> list[Replica]:
@@ -88,7 +91,7 @@ async def scrape(session: Any, replica: Replica, timeout_s: float) -> Scrape:
         result.error = "no metrics port"
         return result
     try:
-        async with session.get(f"http://{replica.metrics}/metrics",
+        async with session.get(f"{replica.metrics_scheme}://{replica.metrics}/metrics",
                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:  # fmt: skip
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}"
@@ -259,16 +262,19 @@ def _gateway_lines(frame: Frame, previous: Frame | None) -> list[str]:
 
 
 async def frames(config: RegistryConfig, interval_s: float, scrape_timeout_s: float = 2.0,
-                 stop: asyncio.Event | None = None) -> Any:
+                 tls: TlsFiles | None = None, stop: asyncio.Event | None = None) -> Any:  # fmt: skip
     """Yield one Frame per interval until `stop` is set. While the registry does not answer, the replicas it
-    last listed are still scraped (their /metrics do not depend on it) and the frame says it is stale."""
+    last listed are still scraped (their /metrics do not depend on it) and the frame says it is stale.
+    `tls`: the client certificate for replicas serving /metrics over mTLS."""
     import aiohttp
 
     from meshserve.registry.consul_http import RegistryUnavailable
+    from meshserve.rpc.https import client_context
 
     stop = stop or asyncio.Event()
     replicas: list[Replica] | None = None
-    async with RegistryClient(config) as client, aiohttp.ClientSession() as session:
+    connector = aiohttp.TCPConnector(ssl=client_context(tls) if tls is not None else True)
+    async with RegistryClient(config) as client, aiohttp.ClientSession(connector=connector) as session:
         while not stop.is_set():
             began = time.monotonic()
             stale = ""

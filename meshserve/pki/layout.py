@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TRUST_DOMAIN = "meshserve"
+CLIENT_CERT_NAME = "cli"  # the local mesh's certificate for command-line callers: certs/cli.*
+# Written by `meshserve up --insecure`: the local mesh runs plaintext, so commands do not offer TLS to it.
+INSECURE_MARKER = "insecure-mesh"
+# Written by a secure `meshserve up`: its registry's https:// URL, which commands reach with ca.crt and certs/cli.*
+LOCAL_REGISTRY_FILE = "registry"
 # A leaf's name becomes a file name and, for services, a DNS SAN: keep it a DNS label.
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -71,6 +76,10 @@ class PkiLayout:
 
     def key(self, name: str) -> Path:
         return self.leaf_dir / f"{check_name(name)}.key"
+
+    @property
+    def local_registry(self) -> Path:
+        return self.root / LOCAL_REGISTRY_FILE
 
     def has_ca(self) -> bool:
         return self.ca_cert.is_file() and self.ca_key.is_file()

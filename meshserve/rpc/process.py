@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from meshserve import telemetry
 from meshserve.errors import InvalidInput
-from meshserve.registry.config import RegistryConfig, ServiceInstance
+from meshserve.registry.config import METRICS_PORT_META, METRICS_SCHEME_META, RegistryConfig, ServiceInstance
 from meshserve.rpc.channel_options import server_options
 from meshserve.rpc.interceptor import Observe, StatusInterceptor
 from meshserve.rpc.tls import server_credentials
@@ -208,6 +208,8 @@ class GrpcProcess:
         instance = self.workload.instance(self.port)
         if self.config.tls is not None:  # the registry's gRPC check speaks TLS and verifies the service's name
             instance = replace(instance, tls_server_name=instance.name)
+            if METRICS_PORT_META in instance.meta:  # and /metrics is served over mTLS too (rpc/https.py)
+                instance = replace(instance, meta={**instance.meta, METRICS_SCHEME_META: "https"})
 
         def registered() -> None:
             self._registered_id = instance.instance_id

@@ -17,12 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshserve.pki.inspect import key_matches
-from meshserve.pki.layout import PkiLayout, default_pki_dir
+from meshserve.pki.layout import CLIENT_CERT_NAME, INSECURE_MARKER, PkiLayout, default_pki_dir
 
 ENV_CA, ENV_CERT, ENV_KEY = "MESHSERVE_TLS_CA", "MESHSERVE_TLS_CERT", "MESHSERVE_TLS_KEY"
-CLIENT_CERT_NAME = "cli"  # the local mesh's certificate for command-line callers: $MESHSERVE_HOME/pki/certs/cli.*
-# Written by `meshserve up --insecure`: the local mesh runs plaintext, so commands do not offer TLS to it.
-INSECURE_MARKER = "insecure-mesh"
 _READ_ATTEMPTS = 20  # a renewal replaces key and certificate one after the other: read again until they fit
 
 

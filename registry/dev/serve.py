@@ -58,6 +58,33 @@ def tls_context(config: AgentConfig) -> ssl.SSLContext | None:
     return context
 
 
+async def reload_certificate(config: AgentConfig, context: ssl.SSLContext, every_s: float = 30.0) -> None:
+    """Load a renewed --cert-file/--key-file into the HTTPS listener's context: handshakes from then on present
+    it, without a restart (a key that does not fit yet, mid-renewal, is tried again next time)."""
+    cert, key = config.cert_file, config.key_file
+    assert cert is not None and key is not None
+
+    def stamp() -> tuple[int, ...]:
+        try:
+            return tuple(p.stat().st_mtime_ns for p in (cert, key))
+        except OSError:
+            return ()
+
+    loaded = stamp()
+    while True:
+        await asyncio.sleep(every_s)
+        now = stamp()
+        if not now or now == loaded:
+            continue
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("keeping the current HTTPS certificate: %s", exc)
+            continue
+        loaded = now
+        log.info("reloaded HTTPS certificate %s", cert)
+
+
 def _node_info(config: AgentConfig, node_id: str) -> NodeInfo:
     host = config.host if config.http_enabled or config.https_addr is None else config.https_addr[0]
     address = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
@@ -97,6 +124,7 @@ async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None)
     checks = CheckRunner(state, min_interval=config.min_check_interval, client_tls=check_tls)
     state.start_listeners()
     reaper = asyncio.get_running_loop().create_task(checks.reaper(config.reap_interval))
+    reloader = asyncio.get_running_loop().create_task(reload_certificate(config, tls)) if tls else None
     agent = DevAgent(config, state, persister, acl)
     # handler_cancellation: a watcher that hangs up stops holding a parked blocking query.
     runner = web.AppRunner(agent.app(), access_log=None, handle_signals=False,
@@ -128,6 +156,8 @@ async def serve(config: AgentConfig, ready: Callable[[int], None] | None = None)
     finally:
         log.info("dev agent stopping")
         reaper.cancel()
+        if reloader is not None:
+            reloader.cancel()
         await runner.cleanup()
         await checks.close()
         if persister is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import consul
 
 from meshserve.local.acl_setup import provision
+from meshserve.registry.config import RegistryConfig
 from tests.conftest import DevAgent
 from tests.integration.mesh_parts import MeshParts
 from tests.integration.test_dev_agent import FAST_FLAGS
@@ -21,7 +22,7 @@ def test_a_server_registers_only_with_its_own_services_token(
 ) -> None:  # fmt: skip
     agent = start_dev_agent(["--acl-enabled", *FAST_FLAGS])
     home = home_copy()
-    tokens = provision(agent.http_addr, home)
+    tokens = provision(RegistryConfig(http_addr=agent.http_addr), home)
     assert {"detector", "shipping", "gateway", "operator", "reader"} <= set(tokens)
     admin = agent.client(token=(home / "acl" / "bootstrap.token").read_text().strip())
     gateway = agent.client(token=tokens["gateway"].read_text().strip())

@@ -4,11 +4,13 @@ outlives them — after Ctrl-C, after the demo ends, and when `up` itself is SIG
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,13 +81,33 @@ class Up:
 
     def __init__(self, home: Path, log_dir: Path, *flags: str):
         self.registry_port, self.gateway_port = free_port(), free_port()
-        self.registry = f"http://127.0.0.1:{self.registry_port}"
+        self.registry = f"https://127.0.0.1:{self.registry_port}"  # secure by default: HTTPS only
         self.home = home
         argv = meshserve_argv("up", "--registry-addr", f"127.0.0.1:{self.registry_port}",
                               "--gateway-addr", f"127.0.0.1:{self.gateway_port}", *flags)  # fmt: skip
         self.proc = ManagedProcess(argv, log_dir / "up.log", env={"MESHSERVE_HOME": str(home)})
         self.seen: set[int] = set()  # every descendant ever observed
         self.extra_ports: set[int] = set()  # ports of servers started after the table was printed
+
+    def tls(self) -> dict[str, str]:
+        """Consul's client variables for the mesh's registry: its CA and the command-line certificate."""
+        pki = self.home / "pki"
+        return {"CONSUL_CACERT": str(pki / "ca.crt"), "CONSUL_CLIENT_CERT": str(pki / "certs" / "cli.crt"),
+                "CONSUL_CLIENT_KEY": str(pki / "certs" / "cli.key")}  # fmt: skip
+
+    def ssl_context(self, client_certificate: bool = True) -> ssl.SSLContext:
+        tls = self.tls()
+        context = ssl.create_default_context(cafile=tls["CONSUL_CACERT"])
+        if client_certificate:
+            context.load_cert_chain(tls["CONSUL_CLIENT_CERT"], tls["CONSUL_CLIENT_KEY"])
+        return context
+
+    def consul(self, token: str) -> Any:
+        import consul
+
+        tls = self.tls()
+        return consul.Consul(host="127.0.0.1", port=self.registry_port, scheme="https", token=token,
+                             verify=tls["CONSUL_CACERT"], cert=(tls["CONSUL_CLIENT_CERT"], tls["CONSUL_CLIENT_KEY"]))
 
     def observe(self) -> set[int]:
         now = descendants(self.proc.pid)
@@ -128,11 +151,12 @@ class Up:
             kill_leftovers(self.seen)
 
 
-def meshserve_status(registry: str, home: Path) -> dict:
-    """`meshserve status` in another process of the same MESHSERVE_HOME: it finds the mesh's token there."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_HTTP_TOKEN")}
+def meshserve_status(registry: str, home: Path, tls: dict[str, str] | None = None) -> dict:
+    """`meshserve status` in another process of the same MESHSERVE_HOME: it finds the mesh's token and TLS files
+    there (or is given the TLS files, `tls`, from elsewhere)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_HTTP_TOKEN", "CONSUL_C"))}
     done = subprocess.run([*meshserve_argv("status", "--json", "--consul", registry)], capture_output=True,
-                          text=True, timeout=120, env={**env, "MESHSERVE_HOME": str(home)})  # fmt: skip
+                          text=True, timeout=120, env={**env, **(tls or {}), "MESHSERVE_HOME": str(home)})  # fmt: skip
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -144,12 +168,12 @@ def status_of(status: dict, role: str, port: int) -> str | None:
     return None
 
 
-def registry_check_status(registry: str, service: str, port: int, home: Path) -> str | None:
-    """The aggregated check status of one instance, straight from the registry's HTTP API (with the
+def registry_check_status(up: Up, service: str, port: int) -> str | None:
+    """The aggregated check status of one instance, straight from the registry's HTTPS API (with the
     mesh's operator token: ACLs are on)."""
-    token = (home / "acl" / "operator.token").read_text().strip()
-    request = urllib.request.Request(f"{registry}/v1/health/service/{service}", headers={"X-Consul-Token": token})
-    with urllib.request.urlopen(request, timeout=2) as resp:
+    token = (up.home / "acl" / "operator.token").read_text().strip()
+    request = urllib.request.Request(f"{up.registry}/v1/health/service/{service}", headers={"X-Consul-Token": token})
+    with urllib.request.urlopen(request, timeout=2, context=up.ssl_context()) as resp:
         entries = json.load(resp)
     for entry in entries:
         if entry["Service"]["Port"] == port:
@@ -211,26 +235,48 @@ def test_acls_are_on_and_each_workload_may_do_only_its_own_job(up: Up, tmp_path:
     tokens = {p.stem: p.read_text().strip() for p in acl.glob("*.token")}
     assert {"bootstrap", "detector", "indexer", "gateway", "operator", "reader"} <= set(tokens)
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in acl.glob("*.token"))
-    detector = consul.Consul(host="127.0.0.1", port=up.registry_port, token=tokens["detector"])
+    detector = up.consul(tokens["detector"])
     with pytest.raises(consul.ACLPermissionDenied, match="lacks permission 'service:write' on \"meshserve-indexer\""):
         detector.agent.service.register("meshserve-indexer", service_id="impostor", port=1)
     with pytest.raises(consul.ACLPermissionDenied, match="lacks permission 'key:write' on \"meshserve/config/"):
         detector.kv.put("meshserve/config/photo_search", "{}")
-    with urllib.request.urlopen(f"{up.registry}/v1/catalog/services", timeout=5) as resp:  # anonymous
+    anonymous = urllib.request.urlopen(f"{up.registry}/v1/catalog/services", timeout=5, context=up.ssl_context())
+    with anonymous as resp:
         assert json.load(resp) == {} and resp.headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
     unknown = urllib.request.Request(f"{up.registry}/v1/catalog/services", headers={"X-Consul-Token": "nope"})
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(unknown, timeout=5)
+        urllib.request.urlopen(unknown, timeout=5, context=up.ssl_context())
     assert refused.value.code == 403 and refused.value.read() == b"ACL not found"
     # the gateway's token reads replicas but registers nothing but the gateway
-    gateway = consul.Consul(host="127.0.0.1", port=up.registry_port, token=tokens["gateway"])
+    gateway = up.consul(tokens["gateway"])
     assert gateway.health.service("meshserve-detector", passing=True)[1]
     with pytest.raises(consul.ACLPermissionDenied):
         gateway.agent.service.register("meshserve-detector", service_id="impostor", port=1)
     # `status` without the mesh's token: says the answers were filtered, not that nothing runs
-    elsewhere = meshserve_status(up.registry, tmp_path)
+    elsewhere = meshserve_status(up.registry, tmp_path, up.tls())
     assert all(not replicas for replicas in elsewhere["services"].values())
     assert "hidden by registry ACLs" in elsewhere["acl"]["detector"]
+
+
+def test_registry_answers_only_https_clients_holding_a_mesh_certificate(up: Up) -> None:
+    leader = f"127.0.0.1:{up.registry_port}/v1/status/leader"
+    with urllib.request.urlopen(f"https://{leader}", timeout=5, context=up.ssl_context()) as resp:
+        assert resp.status == 200  # the mesh CA's certificate of the command line
+    with pytest.raises((OSError, http.client.HTTPException)):  # no plain HTTP port: this one speaks only TLS
+        urllib.request.urlopen(f"http://{leader}", timeout=5)
+    with pytest.raises(OSError):  # TLS without a client certificate: refused in the handshake
+        urllib.request.urlopen(f"https://{leader}", timeout=5, context=up.ssl_context(client_certificate=False))
+
+
+def test_top_finds_the_https_registry_and_reads_every_replicas_metrics_over_mtls_without_flags(up: Up) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "MESHSERVE_TLS"))}
+    done = subprocess.run(meshserve_argv("top", "--once", "--consul", f"127.0.0.1:{up.registry_port}"),
+                          capture_output=True, text=True, timeout=120, env={**env, "MESHSERVE_HOME": str(up.home)})
+    assert done.returncode == 0, done.stderr
+    assert f"registry https://127.0.0.1:{up.registry_port}" in done.stdout
+    rows = [line.split() for line in done.stdout.splitlines() if re.match(r"meshserve-\S+-127\.0\.0\.1-\d+ ", line)]
+    passing = [row for row in rows if "passing" in row]
+    assert len(passing) >= 7 and all(row[-1] == "ok" for row in passing), done.stdout  # scraped over HTTPS
 
 
 def test_sigkilled_replica_turns_critical_within_a_few_check_intervals_then_restarted(up: Up) -> None:
@@ -238,7 +284,7 @@ def test_sigkilled_replica_turns_critical_within_a_few_check_intervals_then_rest
     up.observe()
     os.kill(detector.pid, signal.SIGKILL)
     killed = time.monotonic()
-    wait_until(lambda: registry_check_status(up.registry, "meshserve-detector", detector.port, up.home) == "critical",
+    wait_until(lambda: registry_check_status(up, "meshserve-detector", detector.port) == "critical",
                timeout=10, interval=0.05, what="the killed detector to turn critical")  # fmt: skip
     to_critical = time.monotonic() - killed
     status = meshserve_status(up.registry, up.home)

@@ -1,9 +1,11 @@
-"""Mutual TLS with real processes: a model server refuses callers without a valid mesh certificate, the dev agent
-checks it over TLS with its own certificate, and a renewed certificate is served without a restart."""
+"""Mutual TLS with real processes: a model server refuses callers without a valid mesh certificate (on its gRPC,
+OIP REST and /metrics ports), the dev agent checks it over TLS with its own certificate, and a renewed certificate
+is served without a restart."""
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import socket
 import ssl
@@ -29,12 +31,12 @@ def tls_env(layout: PkiLayout, name: str) -> dict[str, str]:
     return {ENV_CA: str(layout.ca_cert), ENV_CERT: str(layout.cert(name)), ENV_KEY: str(layout.key(name))}
 
 
-def start_identity_tls(spawn: Callable[..., ManagedProcess], agent: DevAgent, layout: PkiLayout) -> tuple[
-        ManagedProcess, int]:  # fmt: skip
+def start_identity_tls(spawn: Callable[..., ManagedProcess], agent: DevAgent, layout: PkiLayout,
+                       *extra: str) -> tuple[ManagedProcess, int]:  # fmt: skip
     """`serve identity` with the mesh CA's meshserve-identity certificate, registered in `agent`."""
     port = free_port()
     argv = meshserve_argv("serve", "identity", "--port", str(port), "--consul", agent.http_addr, "--check-interval",
-                          "0.5")  # fmt: skip
+                          "0.5", *extra)  # fmt: skip
     return spawn(argv, name="identity", env=tls_env(layout, IDENTITY)), port
 
 
@@ -67,6 +69,25 @@ def served_certificate(port: int, layout: PkiLayout, client: str) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def https_get(url: str, ca: Path, cert: Path | None = None, key: Path | None = None) -> int | str:
+    """The HTTP status of GET `url` with this client certificate (none: no certificate), or why it failed."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False  # the server's certificate names its service, not 127.0.0.1
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key))
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=context if url.startswith("https") else None) as resp:
+            return int(resp.status)
+    except (OSError, http.client.HTTPException) as exc:
+        return type(exc).__name__
+
+
+def check_meta(agent: DevAgent, service: str) -> dict[str, str]:
+    with urllib.request.urlopen(f"{agent.http_addr}/v1/catalog/service/{service}", timeout=5) as resp:
+        (entry,) = json.load(resp)
+    return entry["ServiceMeta"]  # type: ignore[no-any-return]
+
+
 def check_of(agent: DevAgent, service: str) -> dict:
     with urllib.request.urlopen(f"{agent.http_addr}/v1/health/checks/{service}", timeout=5) as resp:
         checks = json.load(resp)
@@ -93,7 +114,9 @@ def test_a_model_server_serves_mesh_clients_only_and_the_agent_checks_it_over_mt
     issue(other, client_leaf("cli"))
     agent = start_dev_agent(["--ca-file", str(layout.ca_cert), "--cert-file", str(layout.cert("agent")),
                              "--key-file", str(layout.key("agent"))])  # fmt: skip
-    server, port = start_identity_tls(spawn, agent, layout)
+    rest_port, metrics_port = free_port(), free_port()
+    server, port = start_identity_tls(spawn, agent, layout, "--http-port", str(rest_port), "--metrics-port",
+                                      str(metrics_port))  # fmt: skip
     target = f"127.0.0.1:{port}"
 
     # The registry's gRPC check speaks TLS, verifies the service's name and presents the agent's certificate.
@@ -121,6 +144,19 @@ def test_a_model_server_serves_mesh_clients_only_and_the_agent_checks_it_over_mt
     }
     outcomes = {what: call(channel) for what, channel in refused.items()}
     assert outcomes == dict.fromkeys(refused, grpc.StatusCode.UNAVAILABLE), outcomes
+
+    # The OIP REST port and /metrics speak HTTPS with the same certificate and want a mesh client certificate.
+    meta = check_meta(agent, IDENTITY)
+    assert (meta["http_scheme"], meta["metrics_scheme"]) == ("https", "https"), meta
+    for url in (f"127.0.0.1:{rest_port}/v2/health/ready", f"127.0.0.1:{metrics_port}/metrics"):
+        assert https_get(f"https://{url}", ca, cli_cert, cli_key) == 200, url
+        http_refused = {
+            "plaintext": https_get(f"http://{url}", ca),
+            "no client certificate": https_get(f"https://{url}", ca),
+            "a certificate from another CA": https_get(f"https://{url}", ca, other.cert("cli"), other.key("cli")),
+            "an expired certificate": https_get(f"https://{url}", ca, layout.cert("expired"), layout.key("expired")),
+        }
+        assert all(isinstance(outcome, str) for outcome in http_refused.values()), (url, http_refused)
 
     # Renewal: the server presents the new certificate from the next handshake on, no restart.
     kept = secure_channel(target, ca, cli_cert, cli_key, IDENTITY)

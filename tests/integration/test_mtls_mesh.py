@@ -24,7 +24,8 @@ from meshserve.local.demo import held_out_photos
 from meshserve.local.mesh_pki import MeshPki
 from meshserve.pki.authority import LeafSpec, client_leaf, init_ca, issue
 from meshserve.pki.layout import PkiLayout, client_uri
-from meshserve.rpc.tls_files import ENV_CA, ENV_CERT, ENV_KEY
+from meshserve.rpc.https import client_context
+from meshserve.rpc.tls_files import ENV_CA, ENV_CERT, ENV_KEY, TlsFiles
 from tests.integration.mesh_parts import build_shard
 from tests.integration.test_mtls import health_over, secure_channel, served_certificate
 from tests.support import DevAgent, ManagedProcess, free_port, meshserve_argv, wait_until
@@ -37,13 +38,15 @@ class Proc:
     proc: ManagedProcess
     port: int
     metrics_port: int
+    metrics_tls: ssl.SSLContext  # /metrics is HTTPS too, and wants a mesh client certificate
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def metric(self, name: str, labels: str = "") -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+        with urllib.request.urlopen(f"https://127.0.0.1:{self.metrics_port}/metrics", timeout=5,
+                                    context=self.metrics_tls) as resp:  # fmt: skip
             text = resp.read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith(name) and labels in line)  # fmt: skip
@@ -66,13 +69,16 @@ class SecureMesh:
         port, metrics = free_port(), free_port()
         argv = meshserve_argv("serve", kind, "--port", str(port), "--metrics-port", str(metrics), "--check-interval",
                               "1", "--threads", "1", *extra)  # fmt: skip
-        return Proc(self.spawn(argv, name=kind, env=self.env(cert_name)), port, metrics)
+        return Proc(self.spawn(argv, name=kind, env=self.env(cert_name)), port, metrics, self.metrics_tls())
 
     def gateway(self) -> Proc:
         port, metrics = free_port(), free_port()
         argv = meshserve_argv("gateway", "--port", str(port), "--metrics-port", str(metrics), "--check-interval", "1",
                               "--cache-ttl", "0")  # every search goes through every stage
-        return Proc(self.spawn(argv, name="gateway", env=self.env(GATEWAY)), port, metrics)
+        return Proc(self.spawn(argv, name="gateway", env=self.env(GATEWAY)), port, metrics, self.metrics_tls())
+
+    def metrics_tls(self) -> ssl.SSLContext:
+        return client_context(TlsFiles.from_pki(self.pki.layout, "cli"))
 
     def register(self, body: dict) -> None:
         request = urllib.request.Request(f"{self.agent.http_addr}/v1/agent/service/register",

@@ -1,5 +1,6 @@
-"""`meshserve up --prometheus`: prints Prometheus's URL, every server of the table is an up target there,
-and Ctrl-C stops Prometheus and its service discovery with the rest."""
+"""`meshserve up --prometheus`: prints Prometheus's URL, every server of the table is an up target there (scraped
+over HTTPS with a mesh client certificate: `up` runs with mTLS), and Ctrl-C stops Prometheus and its service
+discovery with the rest."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def test_up_with_prometheus_prints_its_url_scrapes_every_server_and_stops_it(
         def up_targets() -> set[int]:
             with urllib.request.urlopen(f"{url[1]}/api/v1/targets?state=active", timeout=5) as resp:
                 active = json.load(resp)["data"]["activeTargets"]
+            secure = [t["scrapeUrl"].startswith("https://") and t["labels"]["job"] == "meshserve" for t in active]
+            assert all(secure), active
             ports = {int(t["labels"]["instance_id"].rsplit("-", 1)[1]) for t in active if t["health"] == "up"}
             return ports if ports >= {r.port for r in rows} else set()
 

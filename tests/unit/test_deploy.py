@@ -604,3 +604,37 @@ def test_consul_service_names_of_the_roles_are_the_contract_names() -> None:
         argv = list(line.argv)
         override = flag(argv, "--service-name")
         assert override is None or override in SERVICE_NAMES.values(), line
+
+
+# -- k8s-mtls: the overlay over every server ------------------------------------------------------
+
+
+def test_k8s_mtls_overlay_gives_every_server_its_certificate_and_token_file_and_tls_probes() -> None:
+    import shutil
+    import subprocess
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("no kubectl to render the kustomize overlay")
+    rendered = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s-mtls")], capture_output=True, text=True,
+                              timeout=60, check=True).stdout  # fmt: skip
+    servers = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment"]
+    roles = set()
+    for workload in servers:
+        spec = workload["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        role = role_of(container["args"])
+        assert role is not None, workload["metadata"]["name"]
+        roles.add(role)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        secrets = {v["name"]: v["secret"] for v in spec["volumes"] if "secret" in v}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert secrets["tls"]["secretName"] == f"{SERVICE_NAMES[role]}-tls"
+        assert env["MESHSERVE_TLS_CERT"] == f"{mounts['tls']}/tls.crt"
+        assert "CONSUL_HTTP_TOKEN" not in env  # the token is a file, never an env value
+        assert secrets["consul-token"]["items"] == [{"key": role, "path": "token"}]
+        assert env["CONSUL_HTTP_TOKEN_FILE"] == f"{mounts['consul-token']}/token"
+        assert env["CONSUL_HTTP_ADDR"].startswith("https://")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert "grpc" not in container[probe] and container[probe]["exec"]["command"][:2] == ["meshserve", "health"]
+    assert roles == set(SERVICE_NAMES)

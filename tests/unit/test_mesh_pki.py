@@ -51,3 +51,29 @@ def test_tls_files_need_all_three_and_a_key_that_fits(tmp_path: Path) -> None:
     mismatched = TlsFiles(layout.ca_cert, layout.cert("cli"), layout.key("meshserve-gateway"))
     with pytest.raises(TlsMaterialError, match="is not the key of"):
         mismatched.read()
+
+
+def test_commands_reach_the_local_https_registry_with_the_mesh_ca_and_the_client_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshserve.registry.config import RegistryConfig
+
+    for name in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_SSL", "CONSUL_CACERT", "CONSUL_CLIENT_CERT", "CONSUL_CLIENT_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MESHSERVE_HOME", str(tmp_path))
+    pki = MeshPki.prepare(tmp_path, secure=True, registry_host="10.1.2.3")
+    assert pki is not None
+    assert "10.1.2.3" in describe_file(pki.layout.cert("agent")).ips
+    args = pki.https_registry_args("127.0.0.1:8500")
+    assert args[:5] == ("--https-addr", "127.0.0.1:8500", "--http-addr", "off", "--verify-incoming")
+    for given in (None, "127.0.0.1:8500", "http://127.0.0.1:8500"):  # no flag, or the local address by any scheme
+        config = RegistryConfig.from_env(http_addr=given)
+        assert config.http_addr == "https://127.0.0.1:8500"
+        assert (config.ca_file, config.cert_file) == (str(pki.layout.ca_cert), str(pki.layout.cert("cli")))
+        assert config.ssl_context() is not None
+    assert RegistryConfig.from_env(http_addr="http://127.0.0.1:9500").ca_file is None  # another registry
+    monkeypatch.setenv("CONSUL_HTTP_SSL", "false")  # an explicit choice wins
+    assert RegistryConfig.from_env().http_addr == "http://127.0.0.1:8500"
+    monkeypatch.delenv("CONSUL_HTTP_SSL")
+    MeshPki.prepare(tmp_path, secure=False)  # `up --insecure`: plain HTTP again
+    assert RegistryConfig.from_env().http_addr == "http://127.0.0.1:8500"

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
+from meshserve.local.mesh_pki import MeshPki
 from meshserve.local.prometheus import PrometheusConfig, write_config
 from meshserve.registry.instances import Instance
 from meshserve.registry.prometheus_sd import target_group
+from meshserve.rpc.tls_files import TlsFiles
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS = REPO / "deploy" / "prometheus"
@@ -60,6 +62,18 @@ def test_the_http_sd_config_and_the_generated_one_are_valid(tmp_path: Path) -> N
     done = promtool("check", "config", str(generated))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "rule files found" in done.stdout  # the repository's rules are loaded
+    # secure (`up` with mTLS): one job per service with its TLS server name and Prometheus's client certificate
+    pki = MeshPki.prepare(tmp_path / "home", secure=True)
+    assert pki is not None
+    tls = TlsFiles.from_pki(pki.layout, "cli")
+    secure = write_config(PrometheusConfig("http://127.0.0.1:9091/targets", tls=tls), tmp_path / "secure")
+    done = promtool("check", "config", str(secure))
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = yaml.safe_load(secure.read_text())["scrape_configs"]
+    detector = next(j for j in jobs if j["tls_config"]["server_name"] == "meshserve-detector")
+    assert detector["http_sd_configs"][0]["url"].endswith("/targets?service=meshserve-detector")
+    assert detector["tls_config"]["cert_file"] == str(pki.layout.cert("cli"))
+    assert detector["relabel_configs"] == [{"target_label": "job", "replacement": "meshserve"}]
 
 
 # -- the metric names are the code's ------------------------------------------------------------
@@ -125,7 +139,7 @@ def relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, st
                 return None
         elif match:
             labels[rule["target_label"]] = match.expand(replacement)
-    return {k: v for k, v in labels.items() if not k.startswith("__") or k == "__address__"}
+    return {k: v for k, v in labels.items() if not k.startswith("__") or k in ("__address__", "__scheme__")}
 
 
 def consul_sd_target(inst: Instance, health: str) -> dict[str, str]:
@@ -142,6 +156,7 @@ def consul_sd_target(inst: Instance, health: str) -> dict[str, str]:
     {"model": "embedder", "version": "7", "role": "embedder", "metrics_port": "9464"},
     {"model": "index", "version": "3", "role": "indexer", "shard": "base-1", "embedder_version": "7",
      "index": "catalogue", "dim": "64", "count": "20", "metric": "ip", "generation": "1", "metrics_port": "9465"},
+    {"model": "detector", "version": "2", "role": "detector", "metrics_port": "9466", "metrics_scheme": "https"},
 ])  # fmt: skip
 def test_consul_sd_relabelling_gives_the_labels_of_our_http_sd(meta: dict[str, str]) -> None:
     config = yaml.safe_load((PROMETHEUS / "prometheus-consul.yml").read_text())
