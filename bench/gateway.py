@@ -564,7 +564,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     if args.home is None:
         parser.error("no models: pass --home DIR or set MESHSERVE_HOME")
     queries = args.queries or (12 if args.quick else 60)
-    shard_counts = (1, 4) if args.quick else (1, 4, 8)
+    shard_counts: tuple[int, ...] = (1, 4) if args.quick else (1, 4, 8)
     if args.shards:
         shard_counts = tuple(int(n) for n in args.shards.split(","))
     return BenchConfig(
