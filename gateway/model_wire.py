@@ -119,7 +119,7 @@ def shards_request(vectors: np.ndarray, k: int, embedder_version: str,
                    shards: Sequence[str]) -> prediction_pb2.PredictRequest:  # fmt: skip
     """Indexer Predict{queries: f32[M,D]; k, embedder_version; shards} → one ShardResult per shard."""
     request = prediction_pb2.PredictRequest(shards=shards)
-    request.inputs["queries"].CopyFrom(tensors.tensor_from(vectors))
+    tensors.encode_tensor(vectors, request.inputs["queries"])
     _set_param(request, "k", int(k))
     _set_param(request, "embedder_version", embedder_version)
     return request

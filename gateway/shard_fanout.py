@@ -148,7 +148,10 @@ class ShardFanOut:
                 for route, _ in leg.picks:
                     progress[route.shard].attempts += 1
                     progress[route.shard].tried.add(leg.target)
-            outcomes = await asyncio.gather(*(self._call(leg) for leg in legs))
+            if len(legs) == 1:  # the common case with one indexer process: no task to make
+                outcomes = [await self._call(legs[0])]
+            else:
+                outcomes = await asyncio.gather(*(self._call(leg) for leg in legs))
             pending = []
             for leg, by_shard in zip(legs, outcomes, strict=True):
                 for route, replica in leg.picks:

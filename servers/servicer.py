@@ -45,10 +45,12 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         self._max_batch_size = max_batch_size
         self._deadline_seen = deadline_seen
         self._metadata: prediction_pb2.ModelMetadata | None = None
+        self._shard_versions: dict[str, str] = {}  # shard → its model version, for a model that serves shards
 
     def mark_ready(self) -> None:
         """The model is loaded and warm: describe it (meta may depend on what load() found)."""
         self._metadata = self._build_metadata(self._max_batch_size)
+        self._shard_versions = {shard: meta.get("version", "") for shard, meta in self.model.shard_meta().items()}
         self.ready = True
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -134,8 +136,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             if not self.ready or self.draining:
                 raise NotReady("model server is " + ("draining" if self.draining else "loading"))
             self.check_model(request.model_name, "")
-            served = self.model.shard_meta()
-            if not served:
+            if not self._shard_versions:
                 raise InvalidInput(f"shards: {self.model.name} is a {self.model.role} model and serves no shards")
             shards = list(request.shards)
             if len(shards) > MAX_SHARDS_PER_CALL:
@@ -159,7 +160,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             if isinstance(outcome, MeshError):
                 result.code, result.message = outcome.code.value[0], str(outcome)
                 continue
-            result.model_version = served.get(shard, {}).get("version", "")
+            result.model_version = self._shard_versions.get(shard, "")
             for name, value in outcome.items():
                 tensors.encode_tensor(value, result.outputs[name])
         return reply
