@@ -87,22 +87,6 @@ async def embed(
     return np.ascontiguousarray(vectors, dtype=np.float32), reply.model_version, stats
 
 
-async def search_shard(
-    caller: ServiceCaller, vectors: np.ndarray, k: int, embedder_version: str, deadline: float
-) -> tuple[np.ndarray, np.ndarray, CallStats]:
-    """Indexer Predict{queries: f32[M,D]; k, embedder_version} → item_ids i64[M,k'], scores f32[M,k']."""
-    request = prediction_pb2.PredictRequest()
-    request.inputs["queries"].CopyFrom(tensors.tensor_from(vectors))
-    _set_param(request, "k", int(k))
-    _set_param(request, "embedder_version", embedder_version)
-    reply, stats = await caller.predict(request, deadline)
-    ids = _output(reply, "item_ids", caller.stage)
-    scores = _output(reply, "scores", caller.stage)
-    if ids.shape != scores.shape or ids.shape[0] != len(vectors):
-        raise BadReply(f"{caller.stage}: item_ids {ids.shape} and scores {scores.shape} for {len(vectors)} queries")
-    return ids, scores, stats
-
-
 @dataclass(frozen=True)
 class ShardFailure:
     """One shard of a grouped indexer call that has no answer: the status it would have had alone."""
