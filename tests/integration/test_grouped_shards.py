@@ -6,7 +6,6 @@ shows as missing coverage, and no search fails."""
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,7 +93,7 @@ def test_four_shards_on_two_processes_one_call_each_and_a_killed_one_is_honest(
                            if e["Service"]["Port"] == replica.port) == 1, timeout=120, what="the replica passing")
     with SearchLoad(gateway.target, photos, rate=10, timeout_s=5) as load:
         wait_until(lambda: len(load.outcomes) >= 5, timeout=60, what="searches before the kill")
-        first.proc.proc.send_signal(signal.SIGKILL)
+        first.proc.kill()
         killed_at = time.monotonic()
 
         def settled() -> bool:
