@@ -213,7 +213,8 @@ class ShardFanOut:
             finally:
                 for replica in replicas:
                     replica.outstanding -= 1
-            _shard_spans(outcomes, started)
+            if span.is_recording():  # (an unsampled search makes no span per shard)
+                _shard_spans(outcomes, started)
         return outcomes
 
 
