@@ -204,3 +204,23 @@ def test_a_group_registers_once_per_shard_at_one_address(shards: dict[str, Index
     assert len({r.instance_id for r in registrations}) == 2 and all("shards" not in r.meta for r in registrations)
     one = ModelServer(shards["s2"], ServerConfig("meshserve-indexer", register=False)).instances(50124)
     assert [r.instance_id for r in one] == ["meshserve-indexer-127.0.0.1-50124"]
+
+
+def test_a_one_shard_server_from_before_grouped_calls_is_read_from_its_outputs() -> None:
+    from meshserve.gateway.model_wire import ShardFailure, shard_outcomes
+
+    reply = prediction_pb2.PredictResponse()
+    tensors.encode_tensor(np.array([[7, 8]], dtype=np.int64), reply.outputs["item_ids"])
+    tensors.encode_tensor(np.array([[0.9, 0.8]], dtype=np.float32), reply.outputs["scores"])
+    [(ids, scores)] = shard_outcomes(reply, ["s0"], 1, "shards").values()  # type: ignore[misc]
+    assert ids.tolist() == [[7, 8]] and scores[0].tolist() == pytest.approx([0.9, 0.8])
+    # with several shards asked, an answer without shard results answers none of them
+    both = shard_outcomes(reply, ["s0", "s1"], 1, "shards")
+    assert all(isinstance(o, ShardFailure) and o.code == grpc.StatusCode.UNKNOWN for o in both.values())
+    # a shard's outputs that do not fit the queries are that shard's failure only
+    reply.shard_results.add(shard="s0").outputs["item_ids"].CopyFrom(reply.outputs["item_ids"])
+    reply.shard_results[0].outputs["scores"].CopyFrom(reply.outputs["scores"])
+    reply.shard_results.add(shard="s1").outputs["item_ids"].CopyFrom(reply.outputs["item_ids"])
+    mixed = shard_outcomes(reply, ["s0", "s1"], 1, "shards")
+    assert not isinstance(mixed["s0"], ShardFailure) and isinstance(mixed["s1"], ShardFailure)
+    assert "scores" in mixed["s1"].message  # type: ignore[union-attr]
