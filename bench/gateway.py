@@ -6,7 +6,8 @@ Run:  nice -n 10 python bench/gateway.py --home ~/.meshserve          # S = 1, 4
 One run, the same trained models and the same held-out photos on both sides:
 
 (a) concurrency 1: p50 and p99 of `InProcessSearch.search` vs `PhotoSearch.Search` through a local
-    mesh (dev registry, 2 detectors, 2 embedders, 4 indexers, gateway; every model server `--threads 1`).
+    mesh (dev registry, 2 detectors, 2 embedders, 4 shards on `up`'s indexer processes, gateway; every model
+    server `--threads 1`; `--indexer-processes 0`: one indexer per shard).
     Goal (issue #19): mesh/in-process ≤ 1.3 at p50 and ≤ 1.5 at p99.
 (b) throughput: 16 searches in flight through the mesh (grpc.aio, one channel) vs the in-process loop
     run sequentially over the same requests. Goal: mesh/in-process ≥ 1.3, thanks to dynamic batching
@@ -54,6 +55,7 @@ from pathlib import Path
 
 import grpc
 
+from meshserve.local.cli import UP_INDEXER_PROCESSES
 from meshserve.v1 import photo_search_pb2, photo_search_pb2_grpc
 
 TOP_K = 10
@@ -77,6 +79,8 @@ class BenchConfig:
     trace_sample: float = 1.0  # share of searches traced (whole traces: parent-based sampling)
     ready_timeout_s: float = 300.0
     tls_only: bool = False
+    indexer_processes: int = 0  # the shards dealt over this many indexer processes (0: one per shard)
+    tls: bool = True  # run (d)
 
     def __post_init__(self) -> None:
         if self.queries < 2:
@@ -374,6 +378,7 @@ def run_mesh(cfg: BenchConfig, shards: int, photos: Sequence[bytes], say: Callab
 
     mesh_cfg = MeshConfig(home=cfg.home, registry_addr=f"127.0.0.1:{free_port()}",
                           gateway_addr=f"127.0.0.1:{free_port()}", shards=shards, threads=1,
+                          indexer_processes=cfg.indexer_processes,
                           gateway_metrics_port=free_port(), ready_timeout_s=cfg.ready_timeout_s)  # fmt: skip
     mesh = LocalMesh(mesh_cfg, say=lambda line: say(f"  mesh: {line}"))
     client: ThroughMesh | None = None
@@ -464,7 +469,10 @@ def report(cfg: BenchConfig, main: MainFigures, rows: list[ShardRow], n_photos: 
     lines = [
         "",
         f"photo search, {n_photos} held-out photos, top_k {TOP_K}, min score {cfg.min_score}, "
-        f"S={cfg.main_shards} for (a) and (b), no_cache on every mesh request, "
+        f"S={cfg.main_shards} for (a) and (b), "
+        + (f"shards on {cfg.indexer_processes} indexer process(es), " if cfg.indexer_processes
+           else "one indexer per shard, ")
+        + "no_cache on every mesh request, "
         + ("every search traced" if cfg.trace_sample >= 1.0 else
            f"{100 * cfg.trace_sample:g}% of searches traced (whole traces)"),
         "",
@@ -546,20 +554,31 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
                         help="share of searches the mesh traces (default 1: every one, as `meshserve up`); "
                              "below 1 every process samples parent-based (OTEL_TRACES_SAMPLER="
                              "parentbased_traceidratio), so a search is traced whole or not at all")  # fmt: skip
+    parser.add_argument("--indexer-processes", type=int, default=UP_INDEXER_PROCESSES, metavar="N",
+                        help=f"indexer processes each mesh deals its shards over, as `meshserve up` does (default "
+                             f"{UP_INDEXER_PROCESSES}, up's; 0: one per shard)")  # fmt: skip
+    parser.add_argument("--shards", help="comma-separated shard counts S to run, e.g. 4,8 (default 1,4,8; "
+                                         "1,4 with --quick); (a) and (b) run at S=4 when listed, else the first")
+    parser.add_argument("--no-tls", action="store_true", help="skip (d), mTLS on vs off")
     args = parser.parse_args(argv)
     if args.home is None:
         parser.error("no models: pass --home DIR or set MESHSERVE_HOME")
     queries = args.queries or (12 if args.quick else 60)
+    shard_counts: tuple[int, ...] = (1, 4) if args.quick else (1, 4, 8)
+    if args.shards:
+        shard_counts = tuple(int(n) for n in args.shards.split(","))
     return BenchConfig(
         home=Path(args.home).expanduser().resolve(),
         queries=queries,
-        shard_counts=(1, 4) if args.quick else (1, 4, 8),
-        main_shards=4,
+        shard_counts=shard_counts,
+        main_shards=4 if 4 in shard_counts else shard_counts[0],
         min_score=args.min_score,
         throughput_requests=max(2 * CONCURRENCY, 2 * queries),
         warmup=min(queries, 4 if args.quick else 8),
         tls_only=args.tls_only,
         trace_sample=args.trace_sample,
+        indexer_processes=args.indexer_processes,
+        tls=not args.no_tls,
     )
 
 
@@ -597,7 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         main_figures = figures or main_figures
         say(f"S={shards}: mesh p50 {1000 * row.mesh.p50:.1f} ms, in-process p50 {1000 * row.inproc.p50:.1f} ms")
     assert main_figures is not None
-    tls_lines = tls_on_off(cfg.home, photos, cfg.min_score, cfg.warmup, cfg.ready_timeout_s, say, tools)
+    tls_lines: list[str] = []
+    if cfg.tls:
+        tls_lines = tls_on_off(cfg.home, photos, cfg.min_score, cfg.warmup, cfg.ready_timeout_s, say, tools)
     print(report(cfg, main_figures, rows, len(photos)) + "\n" + "\n".join(tls_lines))
     return 0
 

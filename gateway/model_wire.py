@@ -5,13 +5,15 @@ One function per stage, so photo_search.py reads as the flow and never touches a
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from meshserve.errors import MeshError
 from meshserve.gateway.calls import CallStats, ServiceCaller
-from meshserve.v1 import prediction_pb2
+from meshserve.v1 import prediction_pb2, tensor_pb2
 from meshserve.wire import tensors
 
 
@@ -27,9 +29,13 @@ class BadReply(MeshError):
 
 
 def _output(reply: prediction_pb2.PredictResponse, name: str, stage: str) -> np.ndarray:
-    if name not in reply.outputs:
-        raise BadReply(f"{stage}: reply lacks output {name!r} (has {sorted(reply.outputs)})")
-    value = tensors.array_from(reply.outputs[name])
+    return _tensor(reply.outputs, name, stage)
+
+
+def _tensor(outputs: Mapping[str, tensor_pb2.Tensor], name: str, stage: str) -> np.ndarray:
+    if name not in outputs:
+        raise BadReply(f"{stage}: reply lacks output {name!r} (has {sorted(outputs)})")
+    value = tensors.array_from(outputs[name])
     if not isinstance(value, np.ndarray):
         raise BadReply(f"{stage}: output {name!r} is not numeric")
     return value
@@ -81,17 +87,55 @@ async def embed(
     return np.ascontiguousarray(vectors, dtype=np.float32), reply.model_version, stats
 
 
-async def search_shard(
-    caller: ServiceCaller, vectors: np.ndarray, k: int, embedder_version: str, deadline: float
-) -> tuple[np.ndarray, np.ndarray, CallStats]:
-    """Indexer Predict{queries: f32[M,D]; k, embedder_version} → item_ids i64[M,k'], scores f32[M,k']."""
-    request = prediction_pb2.PredictRequest()
-    request.inputs["queries"].CopyFrom(tensors.tensor_from(vectors))
+@dataclass(frozen=True)
+class ShardFailure:
+    """One shard of a grouped indexer call that has no answer: the status it would have had alone."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+ShardOutcome = tuple[np.ndarray, np.ndarray] | ShardFailure
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def shards_request(vectors: np.ndarray, k: int, embedder_version: str,
+                   shards: Sequence[str]) -> prediction_pb2.PredictRequest:  # fmt: skip
+    """Indexer Predict{queries: f32[M,D]; k, embedder_version; shards} → one ShardResult per shard."""
+    request = prediction_pb2.PredictRequest(shards=shards)
+    tensors.encode_tensor(vectors, request.inputs["queries"])
     _set_param(request, "k", int(k))
     _set_param(request, "embedder_version", embedder_version)
-    reply, stats = await caller.predict(request, deadline)
-    ids = _output(reply, "item_ids", caller.stage)
-    scores = _output(reply, "scores", caller.stage)
-    if ids.shape != scores.shape or ids.shape[0] != len(vectors):
-        raise BadReply(f"{caller.stage}: item_ids {ids.shape} and scores {scores.shape} for {len(vectors)} queries")
-    return ids, scores, stats
+    return request
+
+
+def shard_outcomes(reply: prediction_pb2.PredictResponse, shards: Sequence[str], n_queries: int,
+                   stage: str) -> dict[str, ShardOutcome]:  # fmt: skip
+    """Each asked shard's (item_ids i64[M,k'], scores f32[M,k']) or failure, from a grouped reply. A
+    one-shard server that predates grouped calls answers in `outputs`: that is its shard's answer."""
+    if not reply.shard_results and len(shards) == 1:
+        return {shards[0]: _shard_answer(reply.outputs, n_queries, stage)}
+    outcomes: dict[str, ShardOutcome] = {}
+    for result in reply.shard_results:
+        if result.shard not in shards or result.shard in outcomes:
+            continue
+        if result.code:
+            code = _STATUS_BY_NUMBER.get(result.code, grpc.StatusCode.UNKNOWN)
+            outcomes[result.shard] = ShardFailure(code, f"{stage}: shard {result.shard}: {result.message}")
+        else:
+            outcomes[result.shard] = _shard_answer(result.outputs, n_queries, f"{stage}: shard {result.shard}")
+    for shard in shards:
+        if shard not in outcomes:
+            outcomes[shard] = ShardFailure(grpc.StatusCode.UNKNOWN, f"{stage}: reply has no result for shard {shard}")
+    return outcomes
+
+
+def _shard_answer(outputs: Mapping[str, tensor_pb2.Tensor], n_queries: int, stage: str) -> ShardOutcome:
+    try:
+        ids, scores = _tensor(outputs, "item_ids", stage), _tensor(outputs, "scores", stage)
+    except (MeshError, ValueError) as exc:
+        return ShardFailure(grpc.StatusCode.UNKNOWN, str(exc))
+    if ids.shape != scores.shape or ids.ndim != 2 or ids.shape[0] != n_queries:
+        return ShardFailure(grpc.StatusCode.UNKNOWN,
+                            f"{stage}: item_ids {ids.shape} and scores {scores.shape} for {n_queries} queries")
+    return ids, scores

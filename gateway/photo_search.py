@@ -3,7 +3,6 @@ shard, merge the top-k per detection, enrich from the catalogue."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -15,16 +14,17 @@ from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
 from meshserve import telemetry
-from meshserve.errors import InvalidInput, MeshError, NotReady
+from meshserve.errors import InvalidInput, NotReady
 from meshserve.gateway import model_wire
 from meshserve.gateway.arms import Arms, observed
 from meshserve.gateway.cache import TTLCache
 from meshserve.gateway.calls import CallStats, ServiceCaller
 from meshserve.gateway.enrich import CatalogueEnricher
 from meshserve.gateway.model_wire import Detected
-from meshserve.gateway.routes import RouteTable, SearchRoute, ShardRoute
+from meshserve.gateway.routes import RouteTable, SearchRoute
 from meshserve.gateway.search_shadow import start_search_shadows
 from meshserve.gateway.shadow import ShadowRunner
+from meshserve.gateway.shard_fanout import ShardAnswer, ShardFanOut
 from meshserve.wire.images import ImageLimits, probe
 
 log = logging.getLogger(__name__)
@@ -104,14 +104,6 @@ class SearchResult:
     @property
     def coverage(self) -> float:
         return self.shards_answered / self.shards_expected if self.shards_expected else 0.0
-
-
-@dataclass
-class _ShardAnswer:
-    shard: str
-    ids: np.ndarray | None = None
-    scores: np.ndarray | None = None
-    reason: str = ""
 
 
 SAME_OBJECT_IOU = 0.9
@@ -198,7 +190,7 @@ class PhotoSearch:
         detected = found
         found = select_detections(found, min_score, query.labels, self.config.max_detections)
 
-        answers: list[_ShardAnswer] = []
+        answers: list[ShardAnswer] = []
         vectors = np.zeros((0, 0), np.float32)
         boxes = np.zeros((0, 4), np.float32)
         if found:
@@ -210,8 +202,8 @@ class PhotoSearch:
             with self._stage("search"):
                 answers = await self._fan_out(route, vectors, top_k, deadline)
         else:
-            answers = [_ShardAnswer(s.shard, reason="no detections") if len(s.replicas)
-                       else _ShardAnswer(s.shard, reason="no passing replica") for s in route.shards]  # fmt: skip
+            answers = [ShardAnswer(s.shard, reason="no detections") if len(s.replicas)
+                       else ShardAnswer(s.shard, reason="no passing replica") for s in route.shards]  # fmt: skip
 
         with self._stage("merge"):
             merged = self._merge(len(found), answers, top_k)
@@ -270,31 +262,17 @@ class PhotoSearch:
 
     async def _fan_out(
         self, route: SearchRoute, vectors: np.ndarray, top_k: int, deadline: float
-    ) -> list[_ShardAnswer]:
-        shard_deadline = deadline - self.config.merge_reserve_s
-
-        async def one(shard: ShardRoute) -> _ShardAnswer:
-            if not len(shard.replicas):
-                return _ShardAnswer(shard.shard, reason="no passing replica")
-            with _TRACER.start_as_current_span(f"shard {shard.shard}", attributes={"shard": shard.shard}):
-                try:
-                    ids, scores, stats = await model_wire.search_shard(
-                        ServiceCaller(shard.replicas, f"shard {shard.shard}"), vectors, top_k,
-                        route.embedder_version, shard_deadline)  # fmt: skip
-                except MeshError as exc:
-                    log.debug("shard %s missing from this search: %s", shard.shard, exc)
-                    return _ShardAnswer(shard.shard, reason=type(exc).__name__)
-                self._count(stats, "indexer")
-                return _ShardAnswer(shard.shard, ids, scores)
-
-        answers = await asyncio.gather(*(one(s) for s in route.shards))
+    ) -> list[ShardAnswer]:
+        fan_out = ShardFanOut(vectors, top_k, route.embedder_version, deadline - self.config.merge_reserve_s)
+        answers = await fan_out.run(route.shards)
+        self._count(fan_out.stats, "indexer")
         for answer in answers:
             if answer.ids is None:
                 SHARD_MISSES.labels(answer.reason).inc()
-        return list(answers)
+        return answers
 
     @staticmethod
-    def _merge(n_queries: int, answers: list[_ShardAnswer], top_k: int) -> list[list[Match]]:
+    def _merge(n_queries: int, answers: list[ShardAnswer], top_k: int) -> list[list[Match]]:
         answered = [(a.shard, a.ids, a.scores) for a in answers if a.ids is not None and a.scores is not None]
         return merge_top_k(n_queries, answered, top_k)
 

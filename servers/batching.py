@@ -260,6 +260,31 @@ class Batcher:
         self._wakeup.set()
         return await future
 
+    async def run_call(self, call: Callable[[], Any], size: int, deadline: float | None) -> Any:
+        """One model call that is not batched with others (a grouped shard search): on the event loop
+        when the model runs inline and is idle, else on a model thread once a worker is free."""
+        if self._closed:
+            raise NotReady("server is shutting down")
+        if deadline is not None and self._clock() >= deadline:
+            self.observer.dropped_expired(1)
+            raise DeadlineExpired("deadline expired before the request was queued")
+        if self._inline and self._idle():
+            self.observer.queued(0.0)
+            started = time.perf_counter()
+            result = call()
+            self.observer.batch_ran(size, 1, time.perf_counter() - started)
+            return result
+        enqueued = self._clock()
+        async with self._slots:
+            if deadline is not None and self._clock() >= deadline:
+                self.observer.dropped_expired(1)
+                raise DeadlineExpired("deadline expired while queued")
+            self.observer.queued(self._clock() - enqueued)
+            started = time.perf_counter()
+            result = await self._threads.run(call)
+            self.observer.batch_ran(size, 1, time.perf_counter() - started)
+            return result
+
     def _idle(self) -> bool:
         return not self._queue and not self._slots.locked() and self._dispatch_now
 

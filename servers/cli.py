@@ -37,7 +37,7 @@ KINDS: dict[str, Kind] = {
     ),
     "indexer": Kind(
         indexer,
-        "nearest-neighbour search over one index shard (--shard DIR)",
+        "nearest-neighbour search over index shards (--shard DIR, repeat it for several in one process)",
         "meshserve-indexer",
     ),
     "detector": Kind(

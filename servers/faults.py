@@ -35,11 +35,22 @@ class _WrappedModel(Model):
     def check(self, inputs: Arrays, params: Params) -> None:
         self.inner.check(inputs, params)
 
+    def fault(self) -> None:
+        """What goes wrong in each model call (a subclass's)."""
+
     def predict(self, inputs: Arrays, params: Params) -> Arrays:
+        self.fault()
         return self.inner.predict(inputs, params)
+
+    def search_shard(self, shard: str, inputs: Arrays, params: Params) -> Arrays:
+        self.fault()
+        return self.inner.search_shard(shard, inputs, params)
 
     def meta(self) -> dict[str, str]:
         return self.inner.meta()
+
+    def shard_meta(self) -> dict[str, dict[str, str]]:
+        return self.inner.shard_meta()
 
     def batch_key(self, inputs: Arrays, params: Params) -> Any:
         return self.inner.batch_key(inputs, params)
@@ -60,9 +71,8 @@ class DelayedModel(_WrappedModel):
         super().__init__(inner)
         self.delay_s = delay_ms / 1000.0
 
-    def predict(self, inputs: Arrays, params: Params) -> Arrays:
+    def fault(self) -> None:
         time.sleep(self.delay_s)
-        return self.inner.predict(inputs, params)
 
 
 class ErroringModel(_WrappedModel):
@@ -75,7 +85,6 @@ class ErroringModel(_WrappedModel):
         self.error_rate = error_rate
         self._random = rng or random.Random()
 
-    def predict(self, inputs: Arrays, params: Params) -> Arrays:
+    def fault(self) -> None:
         if self._random.random() < self.error_rate:
             raise InjectedFault(f"injected fault (--inject-error-rate {self.error_rate:g})")
-        return self.inner.predict(inputs, params)

@@ -72,6 +72,17 @@ class Model(ABC):
         """Extra registry meta for this model (indexer: index, shard, dim …); strings only."""
         return {}
 
+    # -- grouped calls (indexers: one call searches several shards of one process) ----------
+
+    def shard_meta(self) -> dict[str, dict[str, str]]:
+        """Shard id → its registry meta, for a model that answers shards by name in one call
+        (indexers; the process registers once per shard). Empty for every other kind."""
+        return {}
+
+    def search_shard(self, shard: str, inputs: Arrays, params: Params) -> Arrays:
+        """check() and predict() of one shard named in a grouped call (runs like predict())."""
+        raise NotImplementedError(f"{self.role} models answer no shards")
+
     def batch_key(self, inputs: Arrays, params: Params) -> Any:
         """Requests merge into one batch only when their keys are equal. The default: same
         parameters and the same non-batch dimensions of every numeric input."""

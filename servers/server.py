@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -157,6 +157,20 @@ class ModelServer:
             deregister_critical_after_s=cfg.deregister_critical_after_s,
             grpc_health_service=SERVICE_NAME,
         )
+
+    def instances(self, port: int) -> list[ServiceInstance]:
+        """One registration per shard when the model serves several (each with its shard's meta and
+        an id naming the shard, all at this address and port); else the one of instance()."""
+        shards = self.model.shard_meta()
+        if len(shards) <= 1:
+            return [self.instance(port)]
+        base = self.instance(port)
+        registrations = []
+        for shard, shard_meta in shards.items():
+            meta = {**base.meta, **shard_meta}
+            meta.pop("shards", None)
+            registrations.append(replace(base, instance_id=f"{base.instance_id}-{shard}", meta=meta))
+        return registrations
 
     def begin_draining(self) -> None:
         self._servicer.draining = True

@@ -11,17 +11,18 @@ from collections.abc import Callable, Collection
 
 import grpc
 
-from meshserve.errors import InvalidInput, NotFound, NotReady
+from meshserve.errors import InvalidInput, MeshError, NotFound, NotReady
 from meshserve.servers.batching import Admission, Batcher
 from meshserve.servers.model import Model
 from meshserve.v1 import prediction_pb2, prediction_pb2_grpc
 from meshserve.wire import tensors
-from meshserve.wire.signature import Arrays, ParamValue, Signature
+from meshserve.wire.signature import Arrays, ParamValue, Signature, rows
 
 SERVICE_NAME = prediction_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
 # What a protocol's request decodes to: inputs, parameters, and the outputs wanted (None: all).
 Decoded = tuple[Arrays, dict[str, ParamValue], Collection[str] | None]
 Decode = Callable[[Signature], Decoded]
+MAX_SHARDS_PER_CALL = 256  # names in PredictRequest.shards (a shard this process lacks is answered NOT_FOUND)
 
 
 class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
@@ -44,10 +45,12 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         self._max_batch_size = max_batch_size
         self._deadline_seen = deadline_seen
         self._metadata: prediction_pb2.ModelMetadata | None = None
+        self._shard_versions: dict[str, str] = {}  # shard → its model version, for a model that serves shards
 
     def mark_ready(self) -> None:
         """The model is loaded and warm: describe it (meta may depend on what load() found)."""
         self._metadata = self._build_metadata(self._max_batch_size)
+        self._shard_versions = {shard: meta.get("version", "") for shard, meta in self.model.shard_meta().items()}
         self.ready = True
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -73,6 +76,8 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
     async def Predict(
         self, request: prediction_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> tensors.Reply | prediction_pb2.PredictResponse:
+        if request.shards:
+            return await self.search_shards(request, context.time_remaining())
         def decode(signature: Signature) -> Decoded:
             inputs = tensors.decode_inputs(request.inputs, signature)
             params = tensors.decode_params(request.parameters, signature)
@@ -120,6 +125,55 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             return outputs
         finally:
             self.admission.release()
+
+    async def search_shards(self, request: prediction_pb2.PredictRequest,
+                            remaining: float | None) -> prediction_pb2.PredictResponse:  # fmt: skip
+        """A grouped indexer call: the inputs decoded once, each named shard searched with them, one
+        ShardResult per shard carrying its outputs or its own status (a shard this process does
+        not serve is NOT_FOUND, so the caller asks another replica for it)."""
+        self.admission.acquire()
+        try:
+            if not self.ready or self.draining:
+                raise NotReady("model server is " + ("draining" if self.draining else "loading"))
+            self.check_model(request.model_name, "")
+            if not self._shard_versions:
+                raise InvalidInput(f"shards: {self.model.name} is a {self.model.role} model and serves no shards")
+            shards = list(request.shards)
+            if len(shards) > MAX_SHARDS_PER_CALL:
+                raise InvalidInput(f"shards: {len(shards)} names exceed the limit of {MAX_SHARDS_PER_CALL}")
+            if len(set(shards)) != len(shards):
+                raise InvalidInput("shards: a shard is named twice")
+            deadline = None if remaining is None else time.monotonic() + remaining
+            if remaining is not None:
+                self._deadline_seen(remaining)
+            signature = self.model.signature
+            inputs = tensors.decode_inputs(request.inputs, signature)
+            params = tensors.decode_params(request.parameters, signature)
+            size = rows(next(iter(inputs.values())))
+            answers = await self.batcher.run_call(lambda: self._search_each(shards, inputs, params), size, deadline)
+        finally:
+            self.admission.release()
+        reply = prediction_pb2.PredictResponse(model_name=self.model.name, model_version=self.model.version,
+                                               request_id=request.request_id)  # fmt: skip
+        for shard, outcome in zip(shards, answers, strict=True):
+            result = reply.shard_results.add(shard=shard)
+            if isinstance(outcome, MeshError):
+                result.code, result.message = outcome.code.value[0], str(outcome)
+                continue
+            result.model_version = self._shard_versions.get(shard, "")
+            for name, value in outcome.items():
+                tensors.encode_tensor(value, result.outputs[name])
+        return reply
+
+    def _search_each(self, shards: list[str], inputs: Arrays,
+                     params: dict[str, ParamValue]) -> list[Arrays | MeshError]:  # fmt: skip
+        answers: list[Arrays | MeshError] = []
+        for shard in shards:
+            try:
+                answers.append(self.model.search_shard(shard, inputs, params))
+            except MeshError as exc:
+                answers.append(exc)
+        return answers
 
     async def GetModelMetadata(
         self, request: prediction_pb2.GetModelMetadataRequest, context: grpc.aio.ServicerContext

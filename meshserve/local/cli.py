@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+UP_INDEXER_PROCESSES = 2  # `up`'s layout: S shards on this many indexers (bench/gateway.py uses it too)
+
 
 def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gateway-addr", default="127.0.0.1:50050", help="gateway HOST:PORT (default 127.0.0.1:50050)")
@@ -17,6 +19,9 @@ def _add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detectors", type=int, default=2, help="detector replicas (default 2)")
     parser.add_argument("--embedders", type=int, default=2, help="embedder replicas (default 2)")
     parser.add_argument("--shards", type=int, default=4, help="index shards over the catalogue (default 4)")
+    parser.add_argument("--indexer-processes", type=int, default=UP_INDEXER_PROCESSES, metavar="N",
+                        help="indexer processes the shards are dealt over, each registered once per shard it "
+                        f"serves and searched with one call (default {UP_INDEXER_PROCESSES}; 0: one per shard)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model server (default 1)")
     parser.add_argument("--prometheus", action="store_true",
                         help="also run Prometheus (the `prometheus` binary) scraping every replica found through "
@@ -67,7 +72,7 @@ def _config(args: argparse.Namespace) -> Any:
 
     return MeshConfig(home=meshserve_home(), consul=args.consul, registry_addr=args.registry_addr,
                       gateway_addr=args.gateway_addr, detectors=args.detectors, embedders=args.embedders,
-                      shards=args.shards, threads=args.threads,
+                      shards=args.shards, indexer_processes=args.indexer_processes, threads=args.threads,
                       prometheus_addr=args.prometheus_addr if args.prometheus else None,
                       nats_addr=None if args.nats_addr == "none" else args.nats_addr,
                       workers=args.workers if args.workers is not None else int(args.nats_addr != "none"),

@@ -39,6 +39,7 @@ class MeshConfig:
     detectors: int = 2
     embedders: int = 2
     shards: int = 4
+    indexer_processes: int = 0  # the shards dealt over this many indexer processes (0: one per shard)
     threads: int = 1
     check_interval_s: float = 1.0
     ready_timeout_s: float = 180.0
@@ -54,6 +55,8 @@ class MeshConfig:
     def __post_init__(self) -> None:
         if self.detectors < 1 or self.embedders < 1 or self.shards < 1:
             raise ValueError("need at least one detector, one embedder and one shard")
+        if self.indexer_processes < 0:
+            raise ValueError("--indexer-processes must be ≥ 0 (0: one per shard)")
         host, _, port = self.gateway_addr.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--gateway-addr {self.gateway_addr!r} is not HOST:PORT")
@@ -94,6 +97,13 @@ class MeshInfo:
             lines.append(f"prometheus {self.prometheus}   (meshserve top: the same live, in this terminal)")
         lines.append(f"mtls       {self.pki}   (meshserve certs show)" if self.pki else "mtls       off (--insecure)")
         return "\n".join(lines)
+
+
+def indexer_groups(shard_dirs: list[Path], processes: int) -> list[list[Path]]:
+    """The shards of each indexer process: dealt in order over `processes` (0: one process per shard)."""
+    count = len(shard_dirs) if processes <= 0 else min(processes, len(shard_dirs))
+    bounds = [len(shard_dirs) * i // count for i in range(count + 1)]
+    return [shard_dirs[bounds[i]:bounds[i + 1]] for i in range(count)]
 
 
 def _leader_answers(registry: RegistryConfig) -> bool:
@@ -166,7 +176,9 @@ class LocalMesh:
         plan += [("classifier", f"classifier-{name}", ["serve", "classifier", "--model", name])
                  for name in self._classifier_names()]  # fmt: skip
         plan += [("shipping", "shipping", ["serve", "shipping"])]
-        plan += [("indexer", f"indexer-{d.name}", ["serve", "indexer", "--shard", str(d)]) for d in shard_dirs]
+        for group in indexer_groups(shard_dirs, cfg.indexer_processes):
+            shard_args = [arg for d in group for arg in ("--shard", str(d))]
+            plan += [("indexer", "indexer-" + "+".join(d.name for d in group), ["serve", "indexer", *shard_args])]
         self.say(f"starting {len(plan)} model servers …")
         for role, name, args in plan:
             port_file = self._ports / f"{name}.port"

@@ -215,7 +215,9 @@ def _service_row(service: str, scrapes: list[Scrape], before: Mapping[str, Scrap
     versions = ",".join(sorted({s.replica.version for s in scrapes if s.replica.version}))
     req = err = req0 = err0 = 0.0
     latency: dict[float, float] = defaultdict(float)
-    for s in scrapes:
+    # an indexer serving several shards is registered once per shard: count its process once
+    processes = {s.replica.metrics or s.replica.instance_id: s for s in scrapes}
+    for s in processes.values():
         now = replica_figures(s)
         prior = before.get(s.replica.instance_id)
         old = replica_figures(prior) if prior is not None else None

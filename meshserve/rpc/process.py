@@ -68,6 +68,14 @@ class Workload(Protocol):
 
 
 @runtime_checkable
+class RegistersSeveral(Protocol):
+    """A workload registered more than once (an indexer serving several shards: one per shard)."""
+
+    def instances(self, port: int) -> Sequence[ServiceInstance]:
+        """Every registration of this process once it serves on `port` (instead of instance())."""
+
+
+@runtime_checkable
 class ReportsReadiness(Protocol):
     """A workload that can be started yet unable to serve (the gateway while it has no route)."""
 
@@ -110,7 +118,7 @@ class GrpcProcess:
         self.port = 0
         self._interceptor = StatusInterceptor(workload.services, observe, span_attributes)
         self._stop = asyncio.Event()
-        self._registered_id: str | None = None
+        self._registered_ids: list[str] = []
         self._exit_code = 0
         self._health_lock = asyncio.Lock()  # FIFO: readiness reports reach health in their order
         self._health_updates: set[asyncio.Task[None]] = set()
@@ -203,16 +211,22 @@ class GrpcProcess:
     async def _register_until_done(self, registry: RegistryConfig) -> None:
         """Register once ready and stay registered (re-registering if the agent forgets us);
         while Consul is away, keep trying and keep serving."""
+        if isinstance(self.workload, RegistersSeveral):
+            instances = list(self.workload.instances(self.port))
+        else:
+            instances = [self.workload.instance(self.port)]
+        await asyncio.gather(*(self._keep_registered(registry, instance) for instance in instances))
+
+    async def _keep_registered(self, registry: RegistryConfig, instance: ServiceInstance) -> None:
         from meshserve.registry.keeper import keep_registered
 
-        instance = self.workload.instance(self.port)
         if self.config.tls is not None:  # the registry's gRPC check speaks TLS and verifies the service's name
             instance = replace(instance, tls_server_name=instance.name)
             if METRICS_PORT_META in instance.meta:  # and /metrics is served over mTLS too (rpc/https.py)
                 instance = replace(instance, meta={**instance.meta, METRICS_SCHEME_META: "https"})
 
         def registered() -> None:
-            self._registered_id = instance.instance_id
+            self._registered_ids.append(instance.instance_id)
 
         try:
             await keep_registered(registry, instance, self._stop, self.config.resync_interval_s, registered)
@@ -222,14 +236,18 @@ class GrpcProcess:
             self._stop.set()
 
     async def _deregister(self) -> None:
-        if self._registered_id is None or self.config.registry is None:
+        registry = self.config.registry
+        if not self._registered_ids or registry is None:
             return
         from meshserve.registry import client
 
-        try:
-            await asyncio.wait_for(client.deregister(self.config.registry, self._registered_id), timeout=3.0)
-        except Exception as exc:  # Consul's critical-check reaper will remove it later
-            log.warning("deregister of %s failed: %s", self._registered_id, exc)
+        async def one(instance_id: str) -> None:
+            try:
+                await asyncio.wait_for(client.deregister(registry, instance_id), timeout=3.0)
+            except Exception as exc:  # Consul's critical-check reaper will remove it later
+                log.warning("deregister of %s failed: %s", instance_id, exc)
+
+        await asyncio.gather(*(one(instance_id) for instance_id in self._registered_ids))
 
     async def _shutdown(
         self,

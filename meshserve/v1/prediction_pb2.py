@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshserve.v1 import tensor_pb2 as meshserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmeshserve/v1/prediction.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/tensor.proto\"t\n\x0eParameterValue\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x42\x07\n\x05value\"\xfe\x02\n\x0ePredictRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x38\n\x06inputs\x18\x03 \x03(\x0b\x32(.meshserve.v1.PredictRequest.InputsEntry\x12@\n\nparameters\x18\x04 \x03(\x0b\x32,.meshserve.v1.PredictRequest.ParametersEntry\x12\x15\n\routput_filter\x18\x05 \x03(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x1a\x43\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.meshserve.v1.Tensor:\x02\x38\x01\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.meshserve.v1.ParameterValue:\x02\x38\x01J\x04\x08\x07\x10\x10\"\xd9\x01\n\x0fPredictResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12;\n\x07outputs\x18\x03 \x03(\x0b\x32*.meshserve.v1.PredictResponse.OutputsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.meshserve.v1.Tensor:\x02\x38\x01J\x04\x08\x05\x10\x10\"3\n\x17GetModelMetadataRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\tJ\x04\x08\x02\x10\x08\"\xc2\x02\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12(\n\x06inputs\x18\x04 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12)\n\x07outputs\x18\x05 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12\x33\n\x04meta\x18\x06 \x03(\x0b\x32%.meshserve.v1.ModelMetadata.MetaEntry\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12/\n\nparameters\x18\x08 \x03(\x0b\x32\x1b.meshserve.v1.ParameterSpec\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\t\x10\x10\"\x8e\x02\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x04kind\x18\x02 \x01(\x0e\x32 .meshserve.v1.ParameterSpec.Kind\x12\x0b\n\x03min\x18\x03 \x01(\x01\x12\x0b\n\x03max\x18\x04 \x01(\x01\x12-\n\x07\x64\x65\x66\x61ult\x18\x05 \x01(\x0b\x32\x1c.meshserve.v1.ParameterValue\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\"[\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tKIND_BOOL\x10\x01\x12\x0c\n\x08KIND_INT\x10\x02\x12\x0f\n\x0bKIND_DOUBLE\x10\x03\x12\x0f\n\x0bKIND_STRING\x10\x04J\x04\x08\x07\x10\x0b\x32\xb3\x01\n\x11PredictionService\x12\x46\n\x07Predict\x12\x1c.meshserve.v1.PredictRequest\x1a\x1d.meshserve.v1.PredictResponse\x12V\n\x10GetModelMetadata\x12%.meshserve.v1.GetModelMetadataRequest\x1a\x1b.meshserve.v1.ModelMetadatab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmeshserve/v1/prediction.proto\x12\x0cmeshserve.v1\x1a\x19meshserve/v1/tensor.proto\"t\n\x0eParameterValue\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x42\x07\n\x05value\"\x8e\x03\n\x0ePredictRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x38\n\x06inputs\x18\x03 \x03(\x0b\x32(.meshserve.v1.PredictRequest.InputsEntry\x12@\n\nparameters\x18\x04 \x03(\x0b\x32,.meshserve.v1.PredictRequest.ParametersEntry\x12\x15\n\routput_filter\x18\x05 \x03(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0e\n\x06shards\x18\x10 \x03(\t\x1a\x43\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.meshserve.v1.Tensor:\x02\x38\x01\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.meshserve.v1.ParameterValue:\x02\x38\x01J\x04\x08\x07\x10\x10\"\x8b\x02\n\x0fPredictResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12;\n\x07outputs\x18\x03 \x03(\x0b\x32*.meshserve.v1.PredictResponse.OutputsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x30\n\rshard_results\x18\x10 \x03(\x0b\x32\x19.meshserve.v1.ShardResult\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.meshserve.v1.Tensor:\x02\x38\x01J\x04\x08\x05\x10\x10\"\xd1\x01\n\x0bShardResult\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x37\n\x07outputs\x18\x05 \x03(\x0b\x32&.meshserve.v1.ShardResult.OutputsEntry\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.meshserve.v1.Tensor:\x02\x38\x01\"3\n\x17GetModelMetadataRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\tJ\x04\x08\x02\x10\x08\"\xc2\x02\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12(\n\x06inputs\x18\x04 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12)\n\x07outputs\x18\x05 \x03(\x0b\x32\x18.meshserve.v1.TensorSpec\x12\x33\n\x04meta\x18\x06 \x03(\x0b\x32%.meshserve.v1.ModelMetadata.MetaEntry\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12/\n\nparameters\x18\x08 \x03(\x0b\x32\x1b.meshserve.v1.ParameterSpec\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\t\x10\x10\"\x8e\x02\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x04kind\x18\x02 \x01(\x0e\x32 .meshserve.v1.ParameterSpec.Kind\x12\x0b\n\x03min\x18\x03 \x01(\x01\x12\x0b\n\x03max\x18\x04 \x01(\x01\x12-\n\x07\x64\x65\x66\x61ult\x18\x05 \x01(\x0b\x32\x1c.meshserve.v1.ParameterValue\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\"[\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tKIND_BOOL\x10\x01\x12\x0c\n\x08KIND_INT\x10\x02\x12\x0f\n\x0bKIND_DOUBLE\x10\x03\x12\x0f\n\x0bKIND_STRING\x10\x04J\x04\x08\x07\x10\x0b\x32\xb3\x01\n\x11PredictionService\x12\x46\n\x07Predict\x12\x1c.meshserve.v1.PredictRequest\x1a\x1d.meshserve.v1.PredictResponse\x12V\n\x10GetModelMetadata\x12%.meshserve.v1.GetModelMetadataRequest\x1a\x1b.meshserve.v1.ModelMetadatab\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,30 +38,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._loaded_options = None
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_SHARDRESULT_OUTPUTSENTRY']._loaded_options = None
+  _globals['_SHARDRESULT_OUTPUTSENTRY']._serialized_options = b'8\001'
   _globals['_MODELMETADATA_METAENTRY']._loaded_options = None
   _globals['_MODELMETADATA_METAENTRY']._serialized_options = b'8\001'
   _globals['_PARAMETERVALUE']._serialized_start=74
   _globals['_PARAMETERVALUE']._serialized_end=190
   _globals['_PREDICTREQUEST']._serialized_start=193
-  _globals['_PREDICTREQUEST']._serialized_end=575
-  _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_start=421
-  _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_end=488
-  _globals['_PREDICTREQUEST_PARAMETERSENTRY']._serialized_start=490
-  _globals['_PREDICTREQUEST_PARAMETERSENTRY']._serialized_end=569
-  _globals['_PREDICTRESPONSE']._serialized_start=578
-  _globals['_PREDICTRESPONSE']._serialized_end=795
-  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_start=721
-  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_end=789
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=797
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=848
-  _globals['_MODELMETADATA']._serialized_start=851
-  _globals['_MODELMETADATA']._serialized_end=1173
-  _globals['_MODELMETADATA_METAENTRY']._serialized_start=1124
-  _globals['_MODELMETADATA_METAENTRY']._serialized_end=1167
-  _globals['_PARAMETERSPEC']._serialized_start=1176
-  _globals['_PARAMETERSPEC']._serialized_end=1446
-  _globals['_PARAMETERSPEC_KIND']._serialized_start=1349
-  _globals['_PARAMETERSPEC_KIND']._serialized_end=1440
-  _globals['_PREDICTIONSERVICE']._serialized_start=1449
-  _globals['_PREDICTIONSERVICE']._serialized_end=1628
+  _globals['_PREDICTREQUEST']._serialized_end=591
+  _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_start=437
+  _globals['_PREDICTREQUEST_INPUTSENTRY']._serialized_end=504
+  _globals['_PREDICTREQUEST_PARAMETERSENTRY']._serialized_start=506
+  _globals['_PREDICTREQUEST_PARAMETERSENTRY']._serialized_end=585
+  _globals['_PREDICTRESPONSE']._serialized_start=594
+  _globals['_PREDICTRESPONSE']._serialized_end=861
+  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_start=787
+  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_end=855
+  _globals['_SHARDRESULT']._serialized_start=864
+  _globals['_SHARDRESULT']._serialized_end=1073
+  _globals['_SHARDRESULT_OUTPUTSENTRY']._serialized_start=787
+  _globals['_SHARDRESULT_OUTPUTSENTRY']._serialized_end=855
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=1075
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=1126
+  _globals['_MODELMETADATA']._serialized_start=1129
+  _globals['_MODELMETADATA']._serialized_end=1451
+  _globals['_MODELMETADATA_METAENTRY']._serialized_start=1402
+  _globals['_MODELMETADATA_METAENTRY']._serialized_end=1445
+  _globals['_PARAMETERSPEC']._serialized_start=1454
+  _globals['_PARAMETERSPEC']._serialized_end=1724
+  _globals['_PARAMETERSPEC_KIND']._serialized_start=1627
+  _globals['_PARAMETERSPEC_KIND']._serialized_end=1718
+  _globals['_PREDICTIONSERVICE']._serialized_start=1727
+  _globals['_PREDICTIONSERVICE']._serialized_end=1906
 # @@protoc_insertion_point(module_scope)

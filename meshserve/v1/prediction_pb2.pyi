@@ -21,7 +21,7 @@ class ParameterValue(_message.Message):
     def __init__(self, bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., double_value: _Optional[float] = ..., string_value: _Optional[str] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "inputs", "parameters", "output_filter", "request_id")
+    __slots__ = ("model_name", "model_version", "inputs", "parameters", "output_filter", "request_id", "shards")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -42,16 +42,18 @@ class PredictRequest(_message.Message):
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FILTER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     parameters: _containers.MessageMap[str, ParameterValue]
     output_filter: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., parameters: _Optional[_Mapping[str, ParameterValue]] = ..., output_filter: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., parameters: _Optional[_Mapping[str, ParameterValue]] = ..., output_filter: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., shards: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "outputs", "request_id")
+    __slots__ = ("model_name", "model_version", "outputs", "request_id", "shard_results")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,11 +65,34 @@ class PredictResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_RESULTS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     request_id: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    shard_results: _containers.RepeatedCompositeFieldContainer[ShardResult]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., request_id: _Optional[str] = ..., shard_results: _Optional[_Iterable[_Union[ShardResult, _Mapping]]] = ...) -> None: ...
+
+class ShardResult(_message.Message):
+    __slots__ = ("shard", "code", "message", "model_version", "outputs")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    shard: str
+    code: int
+    message: str
+    model_version: str
+    outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, shard: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., model_version: _Optional[str] = ..., outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
 class GetModelMetadataRequest(_message.Message):
     __slots__ = ("model_name",)

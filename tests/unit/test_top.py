@@ -56,3 +56,17 @@ def test_frames_show_totals_first_then_rates_and_quantiles_of_the_interval() -> 
     assert row[:5] == ["meshserve-embedder", "1/1", "7", "10.0", "2.0"]  # req/s, err/s
     assert float(row[5]) == pytest.approx(55.0) and float(row[6]) == pytest.approx(99.1)  # p50, p99 in ms
     assert "(no gateway metrics)" in screen
+
+
+def test_an_indexer_registered_once_per_shard_counts_once_in_its_service_row() -> None:
+    def shard(name: str) -> Replica:
+        return Replica("meshserve-indexer", f"meshserve-indexer-10.0.0.3-5000-{name}", "10.0.0.3:5000", "passing",
+                       "7.g1", "catalogue", "10.0.0.3:9465")  # fmt: skip
+
+    samples = parse_samples(server_metrics(ok=10, failed=0, fast=10))
+    first = Frame(100.0, [Scrape(shard("base-0"), samples), Scrape(shard("base-1"), samples)])
+    later = parse_samples(server_metrics(ok=30, failed=0, fast=30))
+    second = Frame(102.0, [Scrape(shard("base-0"), later), Scrape(shard("base-1"), later)])
+    screen = render(second, first, "c")
+    row = next(line.split() for line in screen.splitlines() if line.startswith("meshserve-indexer "))
+    assert row[:4] == ["meshserve-indexer", "2/2", "7.g1", "10.0"]  # 20 Predicts in 2 s, not 40
