@@ -72,6 +72,7 @@ class RayBenchConfig:
     warmup: int
     agreement_photos: int
     ray_throughput_optimized: bool = False  # Ray Serve's documented high-throughput mode (Ray ≥ 2.55)
+    indexer_processes: int = 0  # the mesh's shards dealt over this many indexer processes (0: one per shard)
     ready_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -304,6 +305,7 @@ def run(cfg: RayBenchConfig, photos: Sequence[bytes], say: Callable[[str], None]
 
     mesh_cfg = MeshConfig(home=cfg.home, registry_addr=f"127.0.0.1:{bg.free_port()}",
                           gateway_addr=f"127.0.0.1:{bg.free_port()}", shards=cfg.shards, threads=1,
+                          indexer_processes=cfg.indexer_processes,
                           gateway_metrics_port=bg.free_port(), ready_timeout_s=cfg.ready_timeout_s)  # fmt: skip
     mesh = LocalMesh(mesh_cfg, say=lambda line: say(f"  mesh: {line}"))
     client = cluster = None
@@ -440,6 +442,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RayBenchConfig:
     parser.add_argument("--shards", type=int, default=4, help="index shards S on both sides (default 4)")
     parser.add_argument("--min-score", type=float, default=0.3,
                         help="min detection score on both sides (default 0.3, the gateway's default)")  # fmt: skip
+    parser.add_argument("--indexer-processes", type=int, default=bg.UP_INDEXER_PROCESSES, metavar="N",
+                        help=f"the mesh's shards on N indexer processes (default {bg.UP_INDEXER_PROCESSES}, up's; "
+                             "0: one per shard); Ray keeps one replica per shard")  # fmt: skip
     parser.add_argument("--agree", type=int, default=5, help="photos whose results are compared (default 5)")
     parser.add_argument("--ray-throughput-optimized", action="store_true",
                         help="run Ray Serve in its high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: "
@@ -457,6 +462,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RayBenchConfig:
         warmup=min(queries, 4 if args.quick else 8),
         agreement_photos=min(args.agree, queries),
         ray_throughput_optimized=args.ray_throughput_optimized,
+        indexer_processes=args.indexer_processes,
     )
 
 
