@@ -14,6 +14,8 @@ the sides alternating so outside load on this shared machine falls on all of the
               --photo): what the gateway's hop costs without any fan-out
   <model>     that model's Predict called directly, alone, with the request the gateway sends
   sequential  every model's Predict called directly, one after another
+  parallel    every model's Predict called directly, all at once (no gateway): what the models cost
+              together on this machine's cores, the floor under check
 
 With --model-delay-ms D every model server also waits D ms per call without using a core: models
 that wait (a GPU, a remote store) rather than compute. The tiny models otherwise cost ~1–2 ms of CPU
@@ -223,6 +225,8 @@ def run(home: Path, rounds: int, warmup: int, with_photo: bool, model_delay_ms: 
             "check": lambda title: guard.Check(check_request(title, photo), timeout=10),
             "check-1": lambda title: guard.Check(check_request(title, photo, models[-1:]), timeout=10),
             "sequential": lambda title: [stubs[m].Predict(model_request(m, title, photo), timeout=10) for m in models],
+            "parallel": lambda title: [f.result() for f in [stubs[m].Predict.future(model_request(m, title, photo),
+                                                                                     timeout=10) for m in models]],
             **{m: (lambda title, m=m: stubs[m].Predict(model_request(m, title, photo), timeout=10)) for m in models},
         }
         out = {name: Timings() for name in sides}
@@ -242,7 +246,7 @@ def run(home: Path, rounds: int, warmup: int, with_photo: bool, model_delay_ms: 
 
 
 def report(out: dict[str, Timings], with_photo: bool) -> str:
-    models = [m for m in out if m not in ("check", "check-1", "sequential")]
+    models = [m for m in out if m not in ("check", "check-1", "sequential", "parallel")]
     slowest = max(models, key=lambda m: out[m].p50)
     lines = [f"{'side':<14} {'p50 ms':>8} {'p99 ms':>8}"]
     for name, t in out.items():
@@ -256,6 +260,10 @@ def report(out: dict[str, Timings], with_photo: bool) -> str:
                  f"{'met' if ok else 'NOT met'})")  # fmt: skip
     hop = out["check-1"].p50 - out[models[-1]].p50
     lines.append(f"the gateway hop alone (check-1 p50 − {models[-1]} p50) = {1000 * hop:+.2f} ms")
+    together = out["parallel"].p50
+    lines.append(f"the models called at once without the gateway (parallel p50 − slowest model p50) = "
+                 f"{1000 * (together - slow):+.2f} ms; the gateway's share (check p50 − parallel p50) = "
+                 f"{1000 * (check - together):+.2f} ms")  # fmt: skip
     lines.append(f"check p50 / sequential p50 = {check / seq:.2f}  ({1000 * seq:.2f} ms one after another)")
     return "\n".join(lines)
 

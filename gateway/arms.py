@@ -4,6 +4,7 @@ shadow), and the per-version metrics every answering call is counted in."""
 from __future__ import annotations
 
 import contextvars
+import functools
 import random
 import time
 from collections.abc import Iterator, Mapping
@@ -13,6 +14,7 @@ from dataclasses import dataclass, replace
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
+from meshserve import telemetry
 from meshserve.gateway.balancer import ReplicaSet
 from meshserve.gateway.rollout_policy import CANARY, STABLE, ArmChoice, RolloutPolicy, choose_arm
 from meshserve.gateway.rollout_store import RolloutPolicies
@@ -40,20 +42,26 @@ def subject_from(metadata: object, fallback: str = "") -> str:
     return fallback[:256]
 
 
+# Label children looked up once per label set, not per call (versions and arms are few).
+_version_requests = functools.cache(VERSION_REQUESTS.labels)
+_version_latency = functools.cache(VERSION_LATENCY.labels)
+
+
 @contextmanager
 def observed(service: str, version: str, arm: str) -> Iterator[None]:
     """Count one call to `service`@`version` on `arm`: outcome and latency, and tag the span."""
-    span = trace.get_current_span()
-    span.set_attribute(f"{service}.version", version)
-    span.set_attribute(f"{service}.arm", arm)
+    if telemetry.exporting():
+        span = trace.get_current_span()
+        span.set_attribute(f"{service}.version", version)
+        span.set_attribute(f"{service}.arm", arm)
     started = time.perf_counter()
     outcome = "error"
     try:
         yield
         outcome = "ok"
     finally:
-        VERSION_REQUESTS.labels(service, version, arm, outcome).inc()
-        VERSION_LATENCY.labels(service, version, arm).observe(time.perf_counter() - started)
+        _version_requests(service, version, arm, outcome).inc()
+        _version_latency(service, version, arm).observe(time.perf_counter() - started)
 
 
 @dataclass(frozen=True)

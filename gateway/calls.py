@@ -82,6 +82,8 @@ class ServiceCaller:
         policy = self.replicas.policy
         stats = CallStats()
         self.budget.on_call()
+        if policy.hedge_after_ms is None:
+            return await self._one_at_a_time(request, deadline, stats)
         tried: set[str] = set()
         running: dict[asyncio.Task[prediction_pb2.PredictResponse], Replica] = {}
         last_error: MeshError | None = None
@@ -153,25 +155,69 @@ class ServiceCaller:
             for task in running:
                 task.cancel()
 
+    async def _one_at_a_time(
+        self, request: prediction_pb2.PredictRequest, deadline: float, stats: CallStats
+    ) -> tuple[prediction_pb2.PredictResponse, CallStats]:
+        """predict() without hedging: the attempts run in this task one after another (no task, no
+        wait per call); each attempt's gRPC deadline is what is left of the caller's."""
+        policy = self.replicas.policy
+        if deadline - time.monotonic() <= 0:
+            raise DeadlineExpired(f"{self.stage}: no time left before calling it")
+        tried: set[str] = set()
+        last_error: MeshError | None = None
+        while True:
+            replica = self.replicas.pick(tried)
+            if replica is None:
+                if last_error is None:
+                    raise NotReady(f"{self.stage}: no passing replica of {self.replicas.name}")
+                raise last_error
+            tried.add(replica.id)
+            stats.attempts += 1
+            try:
+                response = await self._attempt(replica, request, deadline - time.monotonic())
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+                stats.errors.append(f"{replica.id}: {code.name}")
+                if code in _REPLICA_FAULTS and self.replicas.failed(replica):
+                    stats.ejections += 1
+                last_error = translate(self.stage, error)
+                if code not in policy.retry_on or stats.attempts >= policy.max_attempts:
+                    raise last_error from None
+                if deadline - time.monotonic() <= 0 or not self.budget.try_spend():
+                    raise last_error from None
+                stats.retries += 1
+                continue
+            self.replicas.succeeded(replica)
+            stats.replica = replica.id
+            return response, stats
+
     async def _attempt(
         self,
         replica: Replica,
         request: prediction_pb2.PredictRequest,
         timeout: float,
     ) -> prediction_pb2.PredictResponse:
+        if not telemetry.exporting():  # no span to record: the caller's trace context still goes out
+            return await self._send(replica, request, timeout)
         with _TRACER.start_as_current_span(
             f"{self.stage} → {replica.instance.target}", kind=SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": "meshserve.v1.PredictionService",
                         "rpc.method": "Predict", "replica": replica.id},
         ) as span:  # fmt: skip
-            replica.outstanding += 1
-            replica.calls += 1
             try:
-                return await replica.stub.Predict(
-                    request, timeout=max(timeout, 0.001), metadata=telemetry.inject_metadata()
-                )
+                return await self._send(replica, request, timeout)
             except grpc.aio.AioRpcError as error:
                 span.set_status(Status(StatusCode.ERROR, error.code().name))
                 raise
-            finally:
-                replica.outstanding -= 1
+
+    @staticmethod
+    async def _send(
+        replica: Replica, request: prediction_pb2.PredictRequest, timeout: float
+    ) -> prediction_pb2.PredictResponse:
+        replica.outstanding += 1
+        replica.calls += 1
+        try:
+            metadata = telemetry.inject_metadata()
+            return await replica.stub.Predict(request, timeout=max(timeout, 0.001), metadata=metadata)
+        finally:
+            replica.outstanding -= 1

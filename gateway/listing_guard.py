@@ -4,13 +4,15 @@ once (each under its own timeout inside the caller's deadline, cached verdicts f
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
@@ -28,6 +30,7 @@ from meshserve.gateway.listing_routes import ListingRoutes
 from meshserve.gateway.routes import RouteTable
 from meshserve.gateway.shadow import Comparison, ShadowRunner, compare_labels, compare_scores
 from meshserve.gateway.verdict_cache import VerdictCache, VerdictKey
+from meshserve.v1 import prediction_pb2
 from meshserve.wire.images import ImageLimits, probe
 
 log = logging.getLogger(__name__)
@@ -103,6 +106,37 @@ def _cut_utf8(data: bytes, limit: int) -> bytes:
     return data[:limit].decode("utf-8", errors="ignore").encode() if len(data) > limit else data
 
 
+class _ModelRequests:
+    """What each kind of listing model is sent for one listing, built once per Check on first use: the
+    three classifiers (and a shadow of any model) get the very same request."""
+
+    def __init__(self, listing: Listing, max_title_bytes: int):
+        self.listing = listing
+        self.title = _cut_utf8(listing.title.encode(), max_title_bytes)
+
+    @cached_property
+    def classifier(self) -> prediction_pb2.PredictRequest:
+        given = self.listing
+        return listing_wire.classifier_request(self.title, given.description.encode(), given.price_cents / 100.0,
+                                               given.category.encode())  # fmt: skip
+
+    @cached_property
+    def shipping(self) -> prediction_pb2.PredictRequest:
+        a = {name: float(self.listing.attributes[name]) for name in SHIPPING_ATTRIBUTES}
+        return listing_wire.shipping_request((a["width_cm"], a["height_cm"], a["depth_cm"]), a["weight_kg"],
+                                             self.listing.category.encode(), self.title)  # fmt: skip
+
+    @cached_property
+    def detector(self) -> prediction_pb2.PredictRequest:
+        return listing_wire.detector_request(list(self.listing.images))
+
+
+# Label children looked up once per label set, not per call.
+_verdicts = functools.cache(VERDICTS.labels)
+_decisions = functools.cache(DECISIONS.labels)
+_model_seconds = functools.cache(MODEL_SECONDS.labels)
+
+
 class ListingGuard:
     def __init__(self, routes: RouteTable, listing_routes: ListingRoutes, configs: FlowConfigs,
                  config: GuardConfig | None = None, arms: Arms | None = None,
@@ -125,8 +159,9 @@ class ListingGuard:
         if reply_by <= time.monotonic():
             raise DeadlineExpired("listing guard: no time left to ask any model")
         key = listing.content_hash()
+        requests = _ModelRequests(listing, self.config.max_title_bytes_to_models)
         wanted = models or GUARD_MODELS
-        jobs: dict[str, Callable[[], Awaitable[Verdict]]] = {}
+        jobs: dict[str, Coroutine[None, None, Verdict]] = {}
         verdicts: dict[str, Verdict] = {}
         suggestions: list[tuple[str, float]] = []
         for model in wanted:
@@ -138,9 +173,9 @@ class ListingGuard:
                 verdicts[model] = Verdict(model, Status.DISABLED,
                                           detail=f"needs attributes {', '.join(SHIPPING_ATTRIBUTES)}")
             else:
-                jobs[model] = self._judge(model, listing, key, policy, reply_by, suggestions)
+                jobs[model] = self._judge(model, requests, key, policy, reply_by, suggestions)
 
-        answered = await asyncio.gather(*(job() for job in jobs.values()), return_exceptions=True)
+        answered = await asyncio.gather(*jobs.values(), return_exceptions=True)
         for model, answer in zip(jobs, answered, strict=True):
             if isinstance(answer, _CutByCaller):
                 raise DeadlineExpired(f"listing guard: the caller's deadline ended while {model} was still "
@@ -153,8 +188,8 @@ class ListingGuard:
         result = GuardResult(ordered, decision, tuple(reasons), policy.version, tuple(suggestions),
                              telemetry.trace_id_of())  # fmt: skip
         for v in ordered:
-            VERDICTS.labels(v.model, v.status.name).inc()
-        DECISIONS.labels(decision.name, str(result.partial).lower()).inc()
+            _verdicts(v.model, v.status.name).inc()
+        _decisions(decision.name, "true" if result.partial else "false").inc()
         span.set_attribute("decision", decision.name)
         span.set_attribute("partial", result.partial)
         return result
@@ -200,52 +235,49 @@ class ListingGuard:
         if unknown:
             raise InvalidInput(f"models: unknown model {unknown[0]!r} (known: {', '.join(GUARD_MODELS)})")
 
-    def _judge(self, model: str, listing: Listing, key: str, policy: GuardPolicy, reply_by: float,
-               suggestions: list[tuple[str, float]]) -> Callable[[], Awaitable[Verdict]]:  # fmt: skip
+    async def _judge(self, model: str, requests: _ModelRequests, key: str, policy: GuardPolicy, reply_by: float,
+                     suggestions: list[tuple[str, float]]) -> Verdict:  # fmt: skip
+        if not telemetry.exporting():  # a span per model only where spans are recorded
+            return await self._ask(model, requests, key, policy, reply_by, suggestions)
+        with _TRACER.start_as_current_span(f"guard {model}", attributes={"model": model,
+                                           "policy_version": policy.version}) as span:  # fmt: skip
+            verdict = await self._ask(model, requests, key, policy, reply_by, suggestions)
+            span.set_attribute("status", verdict.status.name)
+            span.set_attribute("model_version", verdict.version)
+            span.set_attribute("arm", verdict.arm)
+            return verdict
+
+    async def _ask(self, model: str, requests: _ModelRequests, key: str, policy: GuardPolicy, reply_by: float,
+                   suggestions: list[tuple[str, float]]) -> Verdict:  # fmt: skip
         rule = policy.model(model)
         thresholds = {"review_threshold": rule.review_threshold, "block_threshold": rule.block_threshold}
-
-        async def judge() -> Verdict:
-            with _TRACER.start_as_current_span(f"guard {model}", attributes={"model": model,
-                                               "policy_version": policy.version}) as span:  # fmt: skip
-                verdict = await self._ask(model, listing, key, policy, reply_by, suggestions, thresholds)
-                span.set_attribute("status", verdict.status.name)
-                span.set_attribute("model_version", verdict.version)
-                span.set_attribute("arm", verdict.arm)
-                return verdict
-
-        return judge
-
-    async def _ask(self, model: str, listing: Listing, key: str, policy: GuardPolicy, reply_by: float,
-                   suggestions: list[tuple[str, float]], thresholds: dict[str, float]) -> Verdict:  # fmt: skip
         routed = self._route(model)
         if routed is None:
             return Verdict(model, Status.UNAVAILABLE, detail="no passing replica", **thresholds)
         version, arm, caller = routed.version, routed.arm, ServiceCaller(routed.replicas, model)
-        cache_key = VerdictKey(key, model, version, policy.version)
-        if model != DETECTOR and (hit := self.cache.get(cache_key)) is not None:
+        if model != DETECTOR and (hit := self.cache.get(VerdictKey(key, model, version, policy.version))) is not None:
             return replace(hit, cached=True, latency_ms=0.0, arm=arm)
-        timeout_s = policy.model(model).timeout_ms / 1000.0
+        timeout_s = rule.timeout_ms / 1000.0
         started = time.monotonic()
         call_deadline = min(started + timeout_s, reply_by)
         try:
             with observed(model, version, arm):
-                answer = await self._call(model, caller, listing, call_deadline, policy.top_k, suggestions)
+                answer = await self._call(model, caller, requests, call_deadline, policy.top_k, suggestions)
         except (DeadlineExpired, TimeoutError) as exc:
             if call_deadline < started + timeout_s:
                 raise _CutByCaller() from exc
-            status, detail = Status.TIMEOUT, f"no answer within {policy.model(model).timeout_ms:g} ms"
+            status, detail = Status.TIMEOUT, f"no answer within {rule.timeout_ms:g} ms"
         except (NotReady, Overloaded) as exc:
             status, detail = Status.UNAVAILABLE, str(exc)
         except MeshError as exc:  # BadReply, the model refusing our input, an upstream failure
             status, detail = Status.ERROR, str(exc)
         else:
             latency_ms = 1000 * (time.monotonic() - started)
-            MODEL_SECONDS.labels(model).observe(latency_ms / 1000)
+            _model_seconds(model).observe(latency_ms / 1000)
             verdict = Verdict(model, Status.OK, answer.version or version, answer.score, label=answer.label,
                               latency_ms=latency_ms, arm=arm, **thresholds)  # fmt: skip
             if routed.shadow is not None:
-                self._shadow(model, routed.shadow, listing, policy.top_k, answer, suggestions)
+                self._shadow(model, routed.shadow, requests, policy.top_k, answer, suggestions)
             if model != DETECTOR:
                 self.cache.put(VerdictKey(key, model, verdict.version, policy.version), verdict)
             return verdict
@@ -261,32 +293,29 @@ class ListingGuard:
         route = self.listing_routes.route(model)
         return self.arms.route(model, self.listing_routes.passing_versions(model), route.version if route else None)
 
-    def _shadow(self, model: str, shadow: tuple[str, ReplicaSet], listing: Listing, top_k: int,
+    def _shadow(self, model: str, shadow: tuple[str, ReplicaSet], requests: _ModelRequests, top_k: int,
                 stable: listing_wire.Answer, suggestions: list[tuple[str, float]]) -> None:  # fmt: skip
         version, replicas = shadow
         stable_labels = [category for category, _ in suggestions]
 
         async def compare(deadline: float) -> Comparison:
             seen: list[tuple[str, float]] = []
-            answer = await self._call(model, ServiceCaller(replicas, f"{model} shadow"), listing, deadline, top_k, seen)
+            answer = await self._call(model, ServiceCaller(replicas, f"{model} shadow"), requests, deadline, top_k,
+                                      seen)  # fmt: skip
             if model == DETECTOR:
                 return compare_labels(stable_labels, [category for category, _ in seen])
             return compare_scores(stable.score, answer.score)
 
         self.shadows.submit(model, version, compare)
 
-    async def _call(self, model: str, caller: ServiceCaller, listing: Listing, deadline: float, top_k: int,
+    async def _call(self, model: str, caller: ServiceCaller, requests: _ModelRequests, deadline: float, top_k: int,
                     suggestions: list[tuple[str, float]]) -> listing_wire.Answer:  # fmt: skip
-        title = _cut_utf8(listing.title.encode(), self.config.max_title_bytes_to_models)
-        category = listing.category.encode()
         if model in CLASSIFIERS:
-            return await listing_wire.classify(caller, title, listing.description.encode(),
-                                               listing.price_cents / 100.0, category, deadline)  # fmt: skip
+            return await listing_wire.classify(caller, requests.classifier, deadline)
         if model == SHIPPING:
-            a = {name: float(listing.attributes[name]) for name in SHIPPING_ATTRIBUTES}
-            return await listing_wire.estimate_shipping(
-                caller, (a["width_cm"], a["height_cm"], a["depth_cm"]), a["weight_kg"], category, title, deadline)
-        version, ranked = await listing_wire.detect_categories(caller, list(listing.images), deadline, top_k)
+            return await listing_wire.estimate_shipping(caller, requests.shipping, deadline)
+        n_images = len(requests.listing.images)
+        version, ranked = await listing_wire.detect_categories(caller, requests.detector, n_images, deadline, top_k)
         suggestions.extend(ranked)
         return listing_wire.Answer(version, ranked[0][1] if ranked else 0.0, ranked[0][0] if ranked else "")
 

@@ -34,32 +34,42 @@ def _scores(value: np.ndarray | list, name: str, stage: str, shape: tuple[int, .
         raise BadReply(f"{stage}: output {name!r} is not a float tensor")
     if value.shape != shape:
         raise BadReply(f"{stage}: output {name!r} has shape {list(value.shape)}, expected {list(shape)}")
-    if not np.all(np.isfinite(value)) or np.any(value < 0) or np.any(value > 1):
+    if value.size and not (value.min() >= 0 and value.max() <= 1):  # NaN fails both comparisons
         raise BadReply(f"{stage}: output {name!r} holds a value outside [0, 1] (NaN or out of range)")
     return value
 
 
-async def classify(caller: ServiceCaller, title: bytes, description: bytes, price: float,
-                   category: bytes, deadline: float) -> Answer:  # fmt: skip
-    """Classifier Predict{title, description, category: BYTES[1], price: f32[1]} → score f32[1]."""
+def classifier_request(title: bytes, description: bytes, price: float,
+                       category: bytes) -> prediction_pb2.PredictRequest:  # fmt: skip
+    """Classifier Predict{title, description, category: BYTES[1], price: f32[1]}: the same for every classifier."""
     request = prediction_pb2.PredictRequest()
     request.inputs["title"].CopyFrom(tensors.tensor_from([title]))
     request.inputs["description"].CopyFrom(tensors.tensor_from([description]))
     request.inputs["price"].CopyFrom(tensors.tensor_from(np.array([price], np.float32)))
     request.inputs["category"].CopyFrom(tensors.tensor_from([category]))
+    return request
+
+
+async def classify(caller: ServiceCaller, request: prediction_pb2.PredictRequest, deadline: float) -> Answer:
+    """A classifier_request() → score f32[1] in [0, 1]."""
     reply, _ = await caller.predict(request, deadline)
     score = _scores(_output(reply, "score", caller.stage), "score", caller.stage, (1,))
     return Answer(reply.model_version, float(score[0]))
 
 
-async def estimate_shipping(caller: ServiceCaller, dims: tuple[float, float, float], weight_kg: float,
-                            category: bytes, title: bytes, deadline: float) -> Answer:  # fmt: skip
-    """Shipping Predict{dims f32[1,3], weight_kg f32[1], category, title} → size BYTES[1], probs f32[1,C]."""
+def shipping_request(dims: tuple[float, float, float], weight_kg: float, category: bytes,
+                     title: bytes) -> prediction_pb2.PredictRequest:  # fmt: skip
+    """Shipping Predict{dims f32[1,3], weight_kg f32[1], category, title}."""
     request = prediction_pb2.PredictRequest()
     request.inputs["dims"].CopyFrom(tensors.tensor_from(np.array([dims], np.float32)))
     request.inputs["weight_kg"].CopyFrom(tensors.tensor_from(np.array([weight_kg], np.float32)))
     request.inputs["category"].CopyFrom(tensors.tensor_from([category]))
     request.inputs["title"].CopyFrom(tensors.tensor_from([title]))
+    return request
+
+
+async def estimate_shipping(caller: ServiceCaller, request: prediction_pb2.PredictRequest, deadline: float) -> Answer:
+    """A shipping_request() → size BYTES[1], probs f32[1,C]."""
     reply, _ = await caller.predict(request, deadline)
     size = _output(reply, "size", caller.stage)
     probs = _output(reply, "probs", caller.stage)
@@ -71,18 +81,23 @@ async def estimate_shipping(caller: ServiceCaller, dims: tuple[float, float, flo
     return Answer(reply.model_version, float(probs.max()), bytes(size[0]).decode("utf-8", errors="replace"))
 
 
-async def detect_categories(caller: ServiceCaller, images: list[bytes], deadline: float,
-                            top_k: int) -> tuple[str, list[tuple[str, float]]]:  # fmt: skip
-    """Detector Predict{image: BYTES[n]} → the categories it saw on any photo, best score first."""
+def detector_request(images: list[bytes]) -> prediction_pb2.PredictRequest:
+    """Detector Predict{image: BYTES[n]}."""
     request = prediction_pb2.PredictRequest()
     request.inputs["image"].CopyFrom(tensors.tensor_from(images))
+    return request
+
+
+async def detect_categories(caller: ServiceCaller, request: prediction_pb2.PredictRequest, n_images: int,
+                            deadline: float, top_k: int) -> tuple[str, list[tuple[str, float]]]:  # fmt: skip
+    """A detector_request() of `n_images` photos → the categories it saw on any photo, best score first."""
     reply, _ = await caller.predict(request, deadline)
     scores = _output(reply, "scores", caller.stage)
     labels = _output(reply, "labels", caller.stage)
     names = _output(reply, "label_names", caller.stage)
-    if not isinstance(scores, np.ndarray) or scores.ndim != 2 or scores.shape[0] != len(images):
+    if not isinstance(scores, np.ndarray) or scores.ndim != 2 or scores.shape[0] != n_images:
         raise BadReply(f"{caller.stage}: output 'scores' has shape {list(np.shape(scores))}, "
-                       f"expected [{len(images)}, K]")
+                       f"expected [{n_images}, K]")
     scores = _scores(scores, "scores", caller.stage, scores.shape)
     if not isinstance(labels, np.ndarray) or labels.shape != scores.shape or isinstance(names, np.ndarray):
         raise BadReply(f"{caller.stage}: labels {list(np.shape(labels))} do not match scores {list(scores.shape)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -168,11 +169,16 @@ class Gateway:
             await asyncio.gather(self._renewals, return_exceptions=True)
 
 
+# Label children looked up once per label set, not per call.
+_requests = functools.cache(REQUESTS.labels)
+_latency = functools.cache(LATENCY.labels)
+
+
 def observe_request(method: str, code: str, seconds: float) -> None:
     """Called inside the call's trace context: the latency carries its trace id as an exemplar."""
-    REQUESTS.labels(method, code).inc()
+    _requests(method, code).inc()
     trace_id = telemetry.trace_id_of()
-    LATENCY.labels(method).observe(seconds, {"trace_id": trace_id} if trace_id else None)
+    _latency(method).observe(seconds, {"trace_id": trace_id} if trace_id else None)
 
 
 async def run_gateway(config: GatewayConfig) -> int:
