@@ -3,12 +3,12 @@ check-and-set (for `meshserve config` and `meshserve status`)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from meshserve.errors import FailedPrecondition
 from meshserve.gateway.flow_policy import FLOWS, PolicyError, flow_key, validate
+from meshserve.gateway.kv_documents import read_stored, shown
 from meshserve.registry.client import RegistryClient
 
 
@@ -25,29 +25,21 @@ class StoredDoc:
         return str(self.modify_index) if self.text is not None else "default"
 
     def describe(self) -> dict[str, Any]:
-        document: Any = None
-        if self.text is not None:
-            try:
-                document = json.loads(self.text)
-            except ValueError:
-                document = self.text
         return {"flow": self.flow, "key": self.key, "version": self.version, "modify_index": self.modify_index,
-                "valid": self.error is None, "error": self.error, "document": document}  # fmt: skip
+                "valid": self.error is None, "error": self.error, "document": shown(self.text)}  # fmt: skip
 
 
 async def read_doc(client: RegistryClient, flow: str) -> StoredDoc:
     key = flow_key(flow)
-    _, item = await client.call(f"kv get {key}", client.consul.kv.get(key))
-    if item is None:
+    text, modify_index = await read_stored(client, key)
+    if text is None:
         return StoredDoc(flow, key, None, 0, None)
-    raw = item.get("Value") or b""
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
     try:
         validate(flow, text)
         error = None
     except PolicyError as exc:
         error = str(exc)
-    return StoredDoc(flow, key, text, int(item.get("ModifyIndex") or 0), error)
+    return StoredDoc(flow, key, text, modify_index, error)
 
 
 async def read_all(client: RegistryClient) -> dict[str, StoredDoc]:

@@ -4,6 +4,7 @@ used, and a refused one leaves the last valid document in force (logged and coun
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from prometheus_client import Counter, Gauge
 
+from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import RegistryConfig
 from meshserve.registry.watch import KVSnapshot, KVWatch, WatchConfig
 
@@ -144,3 +146,26 @@ class LiveDocuments(Generic[P]):
         callback = self._on_apply.get(name)
         if callback is not None:
             callback(state.policy)
+
+
+# -- operators' side: the stored document as it is -------------------------------------------------
+
+
+async def read_stored(client: RegistryClient, key: str) -> tuple[str | None, int]:
+    """A KV document as stored: its text (None: no such key) and its ModifyIndex (0 without one)."""
+    _, item = await client.call(f"kv get {key}", client.consul.kv.get(key))
+    if item is None:
+        return None, 0
+    raw = item.get("Value") or b""
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+    return text, int(item.get("ModifyIndex") or 0)
+
+
+def shown(text: str | None) -> Any:
+    """A stored document for display: its JSON, or its raw text when it is not JSON."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

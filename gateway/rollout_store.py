@@ -10,7 +10,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from meshserve.errors import FailedPrecondition
-from meshserve.gateway.kv_documents import DocumentKind, DocumentMetrics, LiveDocuments
+from meshserve.gateway.kv_documents import DocumentKind, DocumentMetrics, LiveDocuments, read_stored, shown
 from meshserve.gateway.rollout_policy import (
     ROLLOUT_PREFIX,
     ROLLOUT_SERVICES,
@@ -71,29 +71,20 @@ class StoredRollout:
         return parse_rollout(self.service, self.text, str(self.modify_index))
 
     def describe(self) -> dict[str, Any]:
-        document: Any = None
-        if self.text is not None:
-            try:
-                document = json.loads(self.text)
-            except ValueError:
-                document = self.text
         return {"service": self.service, "key": rollout_key(self.service), "modify_index": self.modify_index,
-                "valid": self.error is None, "error": self.error, "document": document}  # fmt: skip
+                "valid": self.error is None, "error": self.error, "document": shown(self.text)}  # fmt: skip
 
 
 async def read_rollout(client: RegistryClient, service: str) -> StoredRollout:
-    key = rollout_key(service)
-    _, item = await client.call(f"kv get {key}", client.consul.kv.get(key))
-    if item is None:
+    text, modify_index = await read_stored(client, rollout_key(service))
+    if text is None:
         return StoredRollout(service, None, 0, None)
-    raw = item.get("Value") or b""
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
     try:
         parse_rollout(service, text)
         error = None
     except RolloutPolicyError as exc:
         error = str(exc)
-    return StoredRollout(service, text, int(item.get("ModifyIndex") or 0), error)
+    return StoredRollout(service, text, modify_index, error)
 
 
 async def read_rollouts(client: RegistryClient) -> dict[str, StoredRollout]:
