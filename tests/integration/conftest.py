@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,3 +41,11 @@ def home_copy(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Call
         return target
 
     return _copy
+
+
+@pytest.fixture
+def parts(spawn: Callable[..., Any], start_dev_agent: Callable[..., Any], home_copy: Callable[[], Path]) -> Any:
+    """MeshParts over a private copy of the tiny home and a dev agent of this test's own."""
+    from tests.integration.mesh_parts import MeshParts
+
+    return MeshParts(spawn, start_dev_agent(), home_copy())

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from tests.integration.rollout_mesh import (
     put_rollout,
     stable_and_candidate_detectors,
 )
-from tests.support import DevAgent, ManagedProcess, meshserve_argv, wait_until
+from tests.support import meshserve_argv, wait_until
 
 INTERVAL_S = 2.0
 VERDICT_OK, VERDICT_ERROR = 1, 5
@@ -30,12 +29,10 @@ VERDICT_OK, VERDICT_ERROR = 1, 5
 
 @pytest.mark.timeout(600)
 def test_an_erroring_candidate_is_rolled_back_within_two_intervals(
-    spawn: Callable[..., ManagedProcess], start_dev_agent: Callable[..., DevAgent], home_copy: Callable[[], Path],
+    parts: MeshParts,
     tmp_path: Path,
 ) -> None:
-    home = home_copy()
-    agent = start_dev_agent()
-    parts = MeshParts(spawn, agent, home)
+    home, agent = parts.home, parts.agent
     stable, candidate = stable_and_candidate_detectors(parts, home, tmp_path, "bad", "--inject-error-rate", "0.2")
     index = put_rollout(agent, "detector", {"stable": stable})
     gateway = parts.gateway()
@@ -45,10 +42,10 @@ def test_an_erroring_candidate_is_rolled_back_within_two_intervals(
 
     with Load(gateway.target, photo) as load:
         wait_until(lambda: len(load.verdicts) >= 10, timeout=60, what="load running")
-        rollout = spawn(meshserve_argv("rollout", "start", "detector", "--version", candidate, "--steps", "50,75,100",
-                                       "--interval", f"{INTERVAL_S}s", "--min-requests", "10",
-                                       "--max-error-rate", "0.05", "--max-p99-ratio", "100"),
-                        name="rollout", env={"CONSUL_HTTP_ADDR": agent.http_addr})  # fmt: skip
+        argv = meshserve_argv("rollout", "start", "detector", "--version", candidate, "--steps", "50,75,100",
+                              "--interval", f"{INTERVAL_S}s", "--min-requests", "10",
+                              "--max-error-rate", "0.05", "--max-p99-ratio", "100")  # fmt: skip
+        rollout = parts.spawn(argv, name="rollout", env={"CONSUL_HTTP_ADDR": agent.http_addr})
         code = rollout.wait(timeout=120)
         assert code == 3, rollout.output()
         state = json.loads(agent.client().kv.get("meshserve/rollout-state/detector")[1]["Value"])
@@ -83,12 +80,10 @@ def test_an_erroring_candidate_is_rolled_back_within_two_intervals(
 
 @pytest.mark.timeout(600)
 def test_an_interrupted_rollout_resumes_where_it_stood(
-    spawn: Callable[..., ManagedProcess], start_dev_agent: Callable[..., DevAgent], home_copy: Callable[[], Path],
+    parts: MeshParts,
     tmp_path: Path,
 ) -> None:
-    home = home_copy()
-    agent = start_dev_agent()
-    parts = MeshParts(spawn, agent, home)
+    home, agent = parts.home, parts.agent
     stable, candidate = stable_and_candidate_detectors(parts, home, tmp_path, "good")
     put_rollout(agent, "detector", {"stable": stable})
     gateway = parts.gateway()
@@ -100,12 +95,12 @@ def test_an_interrupted_rollout_resumes_where_it_stood(
 
     with Load(gateway.target, held_out_photos(home, 1)[0].jpeg) as load:
         wait_until(lambda: len(load.verdicts) >= 10, timeout=60, what="load running")
-        first = spawn(argv, name="rollout-1", env={"CONSUL_HTTP_ADDR": agent.http_addr})
+        first = parts.spawn(argv, name="rollout-1", env={"CONSUL_HTTP_ADDR": agent.http_addr})
         wait_until(lambda: state()["step"] >= 1, timeout=60, what="the first step taken")
         first.kill()  # interrupted mid-run: no chance to clean up
         assert state()["status"] == "running"
         at_step = state()["step"]
-        again = spawn(argv, name="rollout-2", env={"CONSUL_HTTP_ADDR": agent.http_addr})
+        again = parts.spawn(argv, name="rollout-2", env={"CONSUL_HTTP_ADDR": agent.http_addr})
         assert again.wait(timeout=120) == 0, again.output()
         wait_until(lambda: {version for _, version, _, _ in load.verdicts[-5:]} == {candidate}, timeout=30,
                    what="the promoted version answering")  # fmt: skip

@@ -4,7 +4,6 @@ p99 without shadow (both measured here, interleaved), and agreement metrics appe
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from tests.integration.rollout_mesh import (
     put_rollout,
     stable_and_candidate_detectors,
 )
-from tests.support import DevAgent, ManagedProcess, wait_until
+from tests.support import DevAgent, wait_until
 
 ROUNDS, PER_ROUND = 3, 100
 
@@ -40,12 +39,10 @@ def _latencies(caller: DetectorCaller, n: int) -> list[float]:
 
 @pytest.mark.timeout(600)
 def test_shadow_to_a_slow_candidate_leaves_the_callers_p99_alone(
-    spawn: Callable[..., ManagedProcess], start_dev_agent: Callable[..., DevAgent], home_copy: Callable[[], Path],
+    parts: MeshParts,
     tmp_path: Path,
 ) -> None:
-    home = home_copy()
-    agent = start_dev_agent()
-    parts = MeshParts(spawn, agent, home)
+    home, agent = parts.home, parts.agent
     stable, candidate = stable_and_candidate_detectors(parts, home, tmp_path, "slow", "--inject-delay-ms", "500",
                                                        batch_flags=())
     gateway = parts.gateway()

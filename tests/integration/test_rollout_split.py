@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from tests.integration.rollout_mesh import (
     put_rollout,
     stable_and_candidate_detectors,
 )
-from tests.support import DevAgent, ManagedProcess, wait_until
+from tests.support import wait_until
 
 
 def _policy_index(gateway: Started) -> float:
@@ -30,12 +29,10 @@ def _policy_index(gateway: Started) -> float:
 
 @pytest.mark.timeout(600)
 def test_canary_share_and_policy_that_shuts_out_unnamed_versions(
-    spawn: Callable[..., ManagedProcess], start_dev_agent: Callable[..., DevAgent], home_copy: Callable[[], Path],
+    parts: MeshParts,
     tmp_path: Path,
 ) -> None:
-    home = home_copy()
-    agent = start_dev_agent()
-    parts = MeshParts(spawn, agent, home)
+    home, agent = parts.home, parts.agent
     stable, candidate = stable_and_candidate_detectors(parts, home, tmp_path, "b")
     gateway = parts.gateway()
     caller = DetectorCaller(gateway.target, held_out_photos(home, 1)[0].jpeg)
@@ -76,12 +73,10 @@ def test_canary_share_and_policy_that_shuts_out_unnamed_versions(
 
 @pytest.mark.timeout(600)
 def test_ab_split_is_sticky_across_gateways_and_a_restart(
-    spawn: Callable[..., ManagedProcess], start_dev_agent: Callable[..., DevAgent], home_copy: Callable[[], Path],
+    parts: MeshParts,
     tmp_path: Path,
 ) -> None:
-    home = home_copy()
-    agent = start_dev_agent()
-    parts = MeshParts(spawn, agent, home)
+    home, agent = parts.home, parts.agent
     stable, candidate = stable_and_candidate_detectors(parts, home, tmp_path, "b")
     index = put_rollout(agent, "detector", {"stable": stable, "candidate": {"version": candidate,
                                                                             "ab": {"percent": 50, "salt": "t"}}})
