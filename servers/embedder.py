@@ -9,6 +9,7 @@ INVALID_ARGUMENT naming the problem.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -93,9 +94,35 @@ class EmbedderModel(Model):
         assert self.embedder is not None, "load() first"
         images = decode_rows(inputs, self.limits)
         boxes = inputs["boxes"]
-        assert isinstance(boxes, np.ndarray)
         vectors = self.embedder.embed(images, list(boxes))
-        return {"embeddings": vectors.reshape(boxes.shape[0], boxes.shape[1], -1)}
+        if isinstance(boxes, np.ndarray):
+            return {"embeddings": vectors.reshape(boxes.shape[0], boxes.shape[1], -1)}
+        counts = np.cumsum([len(per_image) for per_image in boxes])[:-1]
+        return {"embeddings": np.split(vectors, counts)}  # type: ignore[dict-item]  # merged: [M_i, D] per image
+
+    # Photos with different box counts share one forward pass: every box becomes a crop, and the
+    # crops of all merged requests go through the network as one stack.
+
+    def batch_key(self, inputs: Arrays, params: Params) -> Any:
+        return tuple(sorted(params.items()))
+
+    def batch(self, requests: Sequence[Arrays]) -> Arrays:
+        if len(requests) == 1:
+            return requests[0]
+        images = [image for request in requests for image in request["image"]]
+        boxes = [per_image for request in requests for per_image in request["boxes"]]  # [M_i, 4] each
+        return {"image": images, "boxes": boxes}  # type: ignore[dict-item]
+
+    def unbatch(self, outputs: Arrays, sizes: Sequence[int]) -> list[Arrays]:
+        if len(sizes) == 1:
+            return [outputs]
+        per_image = outputs["embeddings"]
+        parts: list[Arrays] = []
+        start = 0
+        for size in sizes:  # a request's photos share its box count M: stack them back to [n, M, D]
+            parts.append({"embeddings": np.stack(per_image[start : start + size])})  # type: ignore[arg-type]
+            start += size
+        return parts
 
 
 def embed_in_process(embedder, image: bytes, boxes: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
