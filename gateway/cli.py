@@ -84,7 +84,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    import asyncio
 
     from meshserve.gateway.photo_search import SearchConfig
     from meshserve.gateway.server import GatewayConfig, run_gateway
@@ -111,4 +110,6 @@ def _gateway(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"meshserve gateway: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(run_gateway(config))
+    from meshserve.rpc import event_loop
+
+    return event_loop.run(run_gateway(config))

@@ -201,7 +201,6 @@ def _add_common_arguments(parser: argparse.ArgumentParser, kind: Kind) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
 
     from meshserve.registry.config import RegistryConfig
     from meshserve.servers.batching import BatchingConfig
@@ -250,4 +249,6 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"meshserve serve {args.kind}: {exc}", file=sys.stderr)
         return 2
     configure_threads(args.threads)  # again, now that the kind may have imported torch
-    return asyncio.run(ModelServer(model, config).run())
+    from meshserve.rpc import event_loop
+
+    return event_loop.run(ModelServer(model, config).run())

@@ -111,7 +111,6 @@ def _fail(what: str, exc: BaseException | str) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    import asyncio
 
     from meshserve.jobs.worker import WorkerConfig, run_worker
     from meshserve.registry.config import RegistryConfig
@@ -126,7 +125,9 @@ def _worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"meshserve worker: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(run_worker(config))
+    from meshserve.rpc import event_loop
+
+    return event_loop.run(run_worker(config))
 
 
 def _submit(args: argparse.Namespace) -> int:
