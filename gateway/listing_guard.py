@@ -56,7 +56,9 @@ class GuardConfig:
                                                                      max_pixels=25_000_000))
     # Kept back from the caller's deadline to build the reply: a model still running then
     # makes the whole Check DEADLINE_EXCEEDED rather than an answer the caller never reads.
-    reply_reserve_s: float = 0.003
+    # gRPC reports a model call's own deadline 2–6 ms after it passed (gRPC core's timers), and
+    # the reply must still leave before the caller's deadline, so the reserve covers that too.
+    reply_reserve_s: float = 0.010
     cache_entries: int = 50_000
     cache_bytes: int = 32 * 1024 * 1024
 
