@@ -84,7 +84,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-
     from meshserve.gateway.photo_search import SearchConfig
     from meshserve.gateway.server import GatewayConfig, run_gateway
     from meshserve.registry.config import RegistryConfig

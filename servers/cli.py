@@ -201,7 +201,6 @@ def _add_common_arguments(parser: argparse.ArgumentParser, kind: Kind) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-
     from meshserve.registry.config import RegistryConfig
     from meshserve.servers.batching import BatchingConfig
     from meshserve.servers.server import ModelServer, ServerConfig, configure_threads

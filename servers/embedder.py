@@ -97,8 +97,9 @@ class EmbedderModel(Model):
         vectors = self.embedder.embed(images, list(boxes))
         if isinstance(boxes, np.ndarray):
             return {"embeddings": vectors.reshape(boxes.shape[0], boxes.shape[1], -1)}
+        # A merged batch (see batch()): one [M_i, D] array per photo, M_i its box count.
         counts = np.cumsum([len(per_image) for per_image in boxes])[:-1]
-        return {"embeddings": np.split(vectors, counts)}  # type: ignore[dict-item]  # merged: [M_i, D] per image
+        return {"embeddings": np.split(vectors, counts)}  # type: ignore[dict-item]
 
     # Photos with different box counts share one forward pass: every box becomes a crop, and the
     # crops of all merged requests go through the network as one stack.

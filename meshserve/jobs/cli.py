@@ -111,7 +111,6 @@ def _fail(what: str, exc: BaseException | str) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-
     from meshserve.jobs.worker import WorkerConfig, run_worker
     from meshserve.registry.config import RegistryConfig
 
