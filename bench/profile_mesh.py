@@ -42,6 +42,7 @@ def _gateway_bench() -> Any:
 gateway_bench = _gateway_bench()
 
 OWN_CODE = ("meshserve/", "gateway/", "servers/", "registry/")
+ENTRY_POINTS = ("cli.py", "child.py", "event_loop.py")  # under every sample: they say nothing
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def read_raw(path: Path) -> Profile:
         threads[frames[0].partition("): ")[2] if frames[0].startswith("thread (") else "-"] += count
         running[frames[-1]] += count
         for frame in set(frames):
-            if any(part in frame for part in OWN_CODE):
+            if any(part in frame for part in OWN_CODE) and not any(entry in frame for entry in ENTRY_POINTS):
                 on_stack[frame] += count
     return Profile(samples, threads, running, on_stack)
 
@@ -87,7 +88,10 @@ def read_raw(path: Path) -> Profile:
 def report(role: str, profile: Profile, top: int) -> list[str]:
     if not profile.samples:
         return [f"{role}: no samples"]
-    share = lambda n: f"{100 * n / profile.samples:5.1f}%"  # noqa: E731
+
+    def share(n: int) -> str:
+        return f"{100 * n / profile.samples:5.1f}%"
+
     lines = [f"== {role}: {profile.samples} samples; by thread: "
              + ", ".join(f"{name} {share(n).strip()}" for name, n in profile.threads.most_common(4))]
     lines += ["  running (self):"] + [f"    {share(n)}  {frame}" for frame, n in profile.running.most_common(top)]
