@@ -99,8 +99,15 @@ class RayCluster:
         assert detector is not None and embedder is not None
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a benchmark
         started = time.monotonic()
-        ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=128 * 2**20)  # fmt: skip
+        for attempt in (1, 2):
+            try:
+                ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False,
+                         object_store_memory=128 * 2**20)  # fmt: skip
+                break
+            except Exception:  # ray.init gives up after 30 s when its raylet registers slowly (seen on 2 busy cores)
+                ray.shutdown()
+                if attempt == 2:
+                    raise
         self.cluster_s = time.monotonic() - started
         started = time.monotonic()
         try:
