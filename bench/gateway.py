@@ -540,16 +540,21 @@ def report(cfg: BenchConfig, main: MainFigures, rows: list[ShardRow], n_photos: 
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_search_arguments(parser: argparse.ArgumentParser, quick_queries: int) -> None:
+    """--home, --queries and --min-score, as every photo-search bench takes them."""
     parser.add_argument("--home", type=Path, default=os.environ.get("MESHSERVE_HOME"),
                         help="MESHSERVE_HOME with trained models (default $MESHSERVE_HOME)")  # fmt: skip
     parser.add_argument("--queries", type=int, default=None,
-                        help="held-out photos timed per side (default 60, 12 with --quick)")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="smoke run: fewer queries, S = 1, 4 only")
-    parser.add_argument("--tls-only", action="store_true", help="run only (d), mTLS on vs off")
+                        help=f"held-out photos timed per side (default 60, {quick_queries} with --quick)")  # fmt: skip
     parser.add_argument("--min-score", type=float, default=0.3,
                         help="min detection score on both sides (default 0.3, the gateway's default)")  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_search_arguments(parser, quick_queries=12)
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer queries, S = 1, 4 only")
+    parser.add_argument("--tls-only", action="store_true", help="run only (d), mTLS on vs off")
     parser.add_argument("--trace-sample", type=float, default=1.0,
                         help="share of searches the mesh traces (default 1: every one, as `meshserve up`); "
                              "below 1 every process samples parent-based (OTEL_TRACES_SAMPLER="

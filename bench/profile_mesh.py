@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -23,23 +22,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
+from helpers import gateway_bench  # bench/helpers/, beside this script
 
-
-def _gateway_bench() -> Any:
-    """bench/gateway.py as a module (its file name is also the name of the gateway package)."""
-    spec = importlib.util.spec_from_file_location("gateway_bench", BENCH / "gateway.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gateway_bench"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gateway_bench = _gateway_bench()
+bg = gateway_bench.load()  # bench/gateway.py: the mesh's ports, roles and search load
 
 OWN_CODE = ("meshserve/", "gateway/", "servers/", "registry/")
 ENTRY_POINTS = ("cli.py", "child.py", "event_loop.py")  # under every sample: they say nothing
@@ -105,7 +91,7 @@ def profile_mesh(cfg: ProfileConfig, py_spy: str) -> list[str]:
     from meshserve.local.mesh import LocalMesh, MeshConfig
 
     photos = [p.jpeg for p in held_out_photos(cfg.home, 60)]
-    port = gateway_bench.free_port
+    port = bg.free_port
     mesh_cfg = MeshConfig(home=cfg.home, registry_addr=f"127.0.0.1:{port()}", gateway_addr=f"127.0.0.1:{port()}",
                           shards=cfg.shards, threads=1, indexer_processes=cfg.indexer_processes,
                           gateway_metrics_port=port())  # fmt: skip
@@ -113,7 +99,7 @@ def profile_mesh(cfg: ProfileConfig, py_spy: str) -> list[str]:
     out_dir = Path(tempfile.mkdtemp(prefix="meshserve-profile-"))
     try:
         info = mesh.start()
-        gateway_bench.mesh_throughput(info.gateway, photos, cfg.min_score)  # warm every process up
+        bg.mesh_throughput(info.gateway, photos, cfg.min_score)  # warm every process up
         children = [(c.spec.name, c.proc.pid) for c in mesh.supervisor.children if c.alive]
         recorders = [
             (name, out_dir / f"{name}.raw",
@@ -127,7 +113,7 @@ def profile_mesh(cfg: ProfileConfig, py_spy: str) -> list[str]:
         done = threading.Event()
         threading.Timer(cfg.seconds + 1.0, done.set).start()
         while not done.is_set():
-            gateway_bench.mesh_throughput(info.gateway, photos, cfg.min_score)
+            bg.mesh_throughput(info.gateway, photos, cfg.min_score)
             searches += len(photos)
         for _, _, recorder in recorders:
             recorder.wait(60)
@@ -135,7 +121,7 @@ def profile_mesh(cfg: ProfileConfig, py_spy: str) -> list[str]:
                  f"{cfg.seconds:g} s at {cfg.rate}/s per process"]  # fmt: skip
         for name, raw, _ in recorders:
             if raw.exists():
-                lines += report(f"{gateway_bench.role_of(name)} ({name})", read_raw(raw), cfg.top)
+                lines += report(f"{bg.role_of(name)} ({name})", read_raw(raw), cfg.top)
         return lines
     finally:
         mesh.stop()

@@ -31,35 +31,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from helpers import gateway_bench  # bench/helpers/, beside this script
 
 THROUGHPUT_GOAL, P50_GOAL, P99_GOAL = 2.0, 0.6, 0.7  # issue #19, mesh / Ray
 RAY_CPUS = 2
 SCORE_TOLERANCE = 1e-4  # float32 scores through protobuf vs through Ray's pickles
 
-
-def _bench_gateway() -> ModuleType:
-    """bench/gateway.py, whose helpers (ports, timings, the mesh client) this run shares.
-
-    Loaded from its file under its own name: `gateway` is already the gateway package's name.
-    """
-    spec = importlib.util.spec_from_file_location("bench_gateway", Path(__file__).with_name("gateway.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bg = _bench_gateway()
+bg = gateway_bench.load()  # bench/gateway.py: ports, timings, the mesh client, arguments
 
 
 @dataclass(frozen=True)
@@ -441,14 +427,9 @@ def report(cfg: RayBenchConfig, fig: Figures, n_photos: int) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> RayBenchConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--home", type=Path, default=os.environ.get("MESHSERVE_HOME"),
-                        help="MESHSERVE_HOME with trained models (default $MESHSERVE_HOME)")  # fmt: skip
-    parser.add_argument("--queries", type=int, default=None,
-                        help="held-out photos timed per side (default 60, 20 with --quick)")  # fmt: skip
+    bg.add_search_arguments(parser, quick_queries=20)
     parser.add_argument("--quick", action="store_true", help="a run of a few minutes: 20 photos")
     parser.add_argument("--shards", type=int, default=4, help="index shards S on both sides (default 4)")
-    parser.add_argument("--min-score", type=float, default=0.3,
-                        help="min detection score on both sides (default 0.3, the gateway's default)")  # fmt: skip
     parser.add_argument("--indexer-processes", type=int, default=bg.UP_INDEXER_PROCESSES, metavar="N",
                         help=f"the mesh's shards on N indexer processes (default {bg.UP_INDEXER_PROCESSES}, up's; "
                              "0: one per shard); Ray keeps one replica per shard")  # fmt: skip
