@@ -22,6 +22,10 @@ that wait (a GPU, a remote store) rather than compute. The tiny models otherwise
 each; on 2 cores shared with other work, calling them at once cannot beat the CPU they need
 together, so without a delay the fan-out's gain is bounded by the cores, not by the gateway.
 
+With --cpu-calls N, N calls of check, parallel and the last model alone follow in a row, each with
+the CPU every process spent per call (/proc): what the fan-out asks of the 2 shared cores. A model
+process that waited idle spends more per call than one called back to back (bench/idle_gap.py).
+
 Goal: check p50 ≤ (slowest single model's p50) + 3 ms, i.e. the fan-out costs the gateway's hop and
 not the sum of the models. The sequential figure shows what the parallel fan-out saves.
 """
@@ -89,12 +93,14 @@ class Processes:
     def __init__(self, env: dict[str, str], log_dir: Path):
         self.env, self.log_dir = env, log_dir
         self.children: list[subprocess.Popen[bytes]] = []
+        self.names: dict[subprocess.Popen[bytes], str] = {}
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - the child holds it
         proc = subprocess.Popen([sys.executable, "-m", "meshserve.cli", *args], stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **self.env}, start_new_session=True)  # fmt: skip
         self.children.append(proc)
+        self.names[proc] = name
         return proc
 
     def close(self) -> None:
@@ -179,7 +185,27 @@ def photo_of(home: Path) -> bytes:
     return render_photo(load_items(home)[0], 4_000_000_007).jpeg
 
 
-def run(home: Path, rounds: int, warmup: int, with_photo: bool, model_delay_ms: float,
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_report(procs: Processes, sides: dict[str, Callable[[str], object]], names: Sequence[str], calls: int) -> str:
+    """CPU milliseconds per call in each process, for `calls` calls of each side in a row."""
+    lines = [f"CPU ms per call ({calls} calls of each side in a row)"]
+    for name in names:
+        before = {child: process_cpu_s(child.pid) for child in procs.children}
+        own_before = time.process_time()
+        for n in range(calls):
+            sides[name](f"ceramic mug, blue glaze, cpu round {n} side {name}")
+        spent = {procs.names[child]: process_cpu_s(child.pid) - before[child] for child in procs.children}
+        spent["bench"] = time.process_time() - own_before
+        lines.append(f"  {name:<10} " + "  ".join(f"{who} {1000 * s / calls:.2f}" for who, s in spent.items() if s))
+    return "\n".join(lines)
+
+
+def run(home: Path, rounds: int, warmup: int, with_photo: bool, model_delay_ms: float, cpu_rounds: int,
         say: Callable[[str], None]) -> dict[str, Timings]:  # fmt: skip
     registry = f"127.0.0.1:{free_port()}"
     logs = Path(tempfile.mkdtemp(prefix="meshserve-bench-guard-logs-"))
@@ -238,6 +264,9 @@ def run(home: Path, rounds: int, warmup: int, with_photo: bool, model_delay_ms: 
                 seconds = timed(lambda name=name, title=title: sides[name](title))
                 if n >= warmup:
                     out[name].seconds.append(seconds)
+        if cpu_rounds:
+            say("")
+            say(cpu_report(procs, sides, ["check", "parallel", models[-1]], cpu_rounds))
         return out
     finally:
         for channel in channels:
@@ -277,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-delay-ms", type=float, default=0.0,
                         help="every model server waits this long per call (--inject-delay-ms): models that "
                              "wait (a GPU, a remote store) rather than compute on the 2 shared cores")
+    parser.add_argument("--cpu-calls", type=int, default=0,
+                        help="after the timed rounds, this many calls of check, parallel and the last model in a "
+                             "row, with the CPU each process spent per call (default 0: none)")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2")
@@ -285,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, flush=True)
 
     home = ensure_home(args.home, say)
-    out = run(home, args.rounds, args.warmup, args.photo, args.model_delay_ms, say)
+    out = run(home, args.rounds, args.warmup, args.photo, args.model_delay_ms, args.cpu_calls, say)
     say("")
     say(report(out, args.photo))
     return 0
