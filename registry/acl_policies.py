@@ -7,6 +7,8 @@ from meshserve.registry.config import SERVICE_NAMES
 # KV prefixes the operator commands write: `meshserve config set` and `meshserve rollout ...`.
 CONFIG_PREFIX = "meshserve/config/"
 ROLLOUT_PREFIX = "meshserve/rollout/"
+# `meshserve shard retire` marks a shard here; its indexers read it before registering again.
+RETIRED_SHARDS_PREFIX = "meshserve/shards/retired/"
 NATS_SERVICE = "meshserve-nats"
 WORKER_SERVICE = "meshserve-worker"
 
@@ -20,8 +22,12 @@ def _write_service(name: str) -> str:
 
 
 def server_rules(service: str) -> str:
-    """A model server: registers, re-registers and deregisters its own service name, nothing else."""
-    return _write_service(service)
+    """A model server: registers, re-registers and deregisters its own service name, nothing else;
+    an indexer also reads which shards were retired."""
+    rules = _write_service(service)
+    if service == SERVICE_NAMES["indexer"]:
+        rules += f'key_prefix "{RETIRED_SHARDS_PREFIX}" {{ policy = "read" }}\n'
+    return rules
 
 
 def gateway_rules() -> str:
@@ -48,7 +54,8 @@ def reader_rules() -> str:
 def operator_rules() -> str:
     """The operator's commands: read the mesh, write its live config and rollouts, publish/retire shards."""
     return (reader_rules() + f'key_prefix "{CONFIG_PREFIX}" {{ policy = "write" }}\n'
-            f'key_prefix "{ROLLOUT_PREFIX}" {{ policy = "write" }}\n' + _write_service(SERVICE_NAMES["indexer"]))
+            f'key_prefix "{ROLLOUT_PREFIX}" {{ policy = "write" }}\n'
+            f'key_prefix "{RETIRED_SHARDS_PREFIX}" {{ policy = "write" }}\n' + _write_service(SERVICE_NAMES["indexer"]))
 
 
 def workload_policies() -> dict[str, str]:

@@ -2,14 +2,15 @@
 
 Consul's agent keeps its local services in sync with the catalog; but if the agent itself loses
 them (a dev agent restarted without a data dir, an agent rebuilt), nothing would bring them back.
-So a server re-checks every `resync_s` that its agent still knows it, and registers again if not.
+So a server re-checks every `resync_s` that its agent still knows it, and registers again if not,
+unless the instance was withdrawn on purpose (a retired shard: registry/retired_shards.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from meshserve.errors import InvalidInput
 from meshserve.registry.client import RegistryClient
@@ -33,10 +34,14 @@ async def keep_registered(
     stop: asyncio.Event,
     resync_s: float = 10.0,
     on_registered: Callable[[], None] = lambda: None,
+    withdrawn: Callable[[RegistryClient], Awaitable[str | None]] | None = None,
 ) -> None:
     """Register `instance` (retrying with backoff while Consul is away), then re-register whenever
     the agent no longer lists it, until `stop` is set. InvalidInput (Consul would never accept
-    it) is raised to the caller."""
+    it) is raised to the caller.
+
+    `withdrawn(client)` is asked before registering again: a reason (the operator took the
+    instance out on purpose) ends the keeping, None registers again."""
     delay = 0.25
     registered = False
     while not stop.is_set():
@@ -49,6 +54,11 @@ async def keep_registered(
                         if await _wait(stop, resync_s):
                             return
                         continue
+                    reason = await withdrawn(client) if withdrawn is not None else None
+                    if reason is not None:
+                        log.warning("the agent no longer knows %s: %s; not registering it again",
+                                    instance.instance_id, reason)  # fmt: skip
+                        return
                     log.warning("the agent no longer knows %s; registering again", instance.instance_id)
                 await client.register(instance)
         except InvalidInput:

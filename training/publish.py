@@ -25,6 +25,7 @@ from meshserve.inference.shards import ShardManifest, read_manifest
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
 from meshserve.registry.instances import Instance, instance_from_entry
+from meshserve.registry.retired_shards import mark_retired, unmark_retired
 
 INDEXER_SERVICE = SERVICE_NAMES["indexer"]
 
@@ -155,6 +156,7 @@ def publish(
 ) -> tuple[ShardManifest, list[RunRecord]]:
     """Start `config.replicas` indexers for the shard and wait until Consul passes all of them."""
     manifest = read_manifest(shard_dir)
+    asyncio.run(_unretire(config.registry, manifest.shard))
     records: list[RunRecord] = []
     try:
         for _ in range(config.replicas):
@@ -192,8 +194,14 @@ def _reap_zombie(pid: int) -> None:
         pass
 
 
+async def _unretire(config: RegistryConfig, shard: str) -> None:
+    async with RegistryClient(config) as client:
+        await unmark_retired(client, shard)
+
+
 def retire(shard: str, config: RegistryConfig, home: Path | None = None, grace_s: float = 15.0) -> list[str]:
     """Take `shard` out of the registry at once, then stop the indexers of it this machine started.
+    The shard is marked retired in KV, so a server that also serves other shards keeps it out.
 
     Deregistering first means no new query is routed to the shard while its servers drain.
     Returns the instance ids retired; an unknown shard gives an empty list.
@@ -202,6 +210,8 @@ def retire(shard: str, config: RegistryConfig, home: Path | None = None, grace_s
 
     async def deregister_all() -> None:
         async with RegistryClient(config) as client:
+            if replicas:  # first: a server that serves other shards too must not register this one again
+                await mark_retired(client, shard, [r.instance.id for r in replicas])
             for replica in replicas:
                 await client.deregister(replica.instance.id)
 

@@ -62,7 +62,9 @@ def add_commands(subparsers: Any) -> None:
     retire = commands.add_parser(
         "retire", help="stop and deregister every indexer of a shard",
         description="Stop the indexers of SHARD_ID gracefully (NOT_SERVING, deregister, drain) and "
-        "deregister any replica of it still registered.",
+        "deregister any replica of it still registered. The shard is marked retired in KV "
+        "(meshserve/shards/retired/SHARD_ID), so an indexer that serves other shards too keeps it out "
+        "and serves on; publishing the shard again removes the mark.",
         epilog=_ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     retire.add_argument("shard_id", metavar="SHARD_ID")

@@ -14,6 +14,7 @@ and registration.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -228,8 +229,16 @@ class GrpcProcess:
         def registered() -> None:
             self._registered_ids.append(instance.instance_id)
 
+        withdrawn = None
+        if shard := instance.meta.get("shard"):  # an index shard: `shard retire` keeps it out
+            from meshserve.registry.retired_shards import withdrawn_shard
+
+            withdrawn = functools.partial(withdrawn_shard, shard=shard)
         try:
-            await keep_registered(registry, instance, self._stop, self.config.resync_interval_s, registered)
+            await keep_registered(registry, instance, self._stop, self.config.resync_interval_s, registered,
+                                  withdrawn)  # fmt: skip
+            if not self._stop.is_set() and instance.instance_id in self._registered_ids:  # withdrawn: gone already
+                self._registered_ids.remove(instance.instance_id)
         except InvalidInput as exc:  # retrying cannot fix it: say so and stop
             log.error("cannot register: %s", exc)
             self._exit_code = 2

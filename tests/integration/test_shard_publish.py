@@ -128,3 +128,38 @@ def test_publish_refuses_a_damaged_shard_and_registers_nothing(dev_agent: DevAge
     assert done.returncode == 1
     assert "checksum mismatch" in done.stderr
     assert indexer_entries(dev_agent) == []
+
+
+def test_retire_keeps_a_shard_of_a_grouped_indexer_out(start_dev_agent, spawn, home: Path, tmp_path: Path) -> None:
+    """One process serving two shards: `shard retire` takes one out for good (its resync does not put
+    it back), the other keeps serving; an instance deregistered without retiring comes back."""
+    agent = start_dev_agent()
+    day0, day1 = make_shards(tmp_path, 2)
+    indexer = spawn(meshserve_argv("serve", "indexer", "--shard", str(day0), "--shard", str(day1), "--port", "0",
+                                   "--consul", agent.http_addr, "--check-interval", "0.5", "--resync-interval", "0.3"),
+                    name="grouped-indexer", env={**os.environ, "MESHSERVE_HOME": str(home)})  # fmt: skip
+
+    def passing_shards() -> list[str]:
+        indexer.check_alive()
+        return sorted(e["Service"]["Meta"]["shard"] for e in indexer_entries(agent, passing=True))
+
+    wait_until(lambda: passing_shards() == ["day-0", "day-1"], timeout=90, what="both shards passing")
+    api = consul.Consul(host="127.0.0.1", port=agent.port)
+
+    # anti-entropy still works: an instance the agent lost without a retirement is registered again
+    [day0_id] = [e["Service"]["ID"] for e in indexer_entries(agent) if e["Service"]["Meta"]["shard"] == "day-0"]
+    api.agent.service.deregister(day0_id)
+    wait_until(lambda: passing_shards() == ["day-0", "day-1"], timeout=30, what="day-0 registered again")
+
+    done = cli(home, "shard", "retire", "day-1", "--consul", agent.http_addr)
+    assert done.returncode == 0, done.stderr
+    assert "retired meshserve-indexer-" in done.stdout and done.stdout.strip().endswith("-day-1"), done.stdout
+    _, marker = api.kv.get("meshserve/shards/retired/day-1")
+    assert marker is not None and json.loads(marker["Value"])["instances"][0].endswith("-day-1")
+    wait_until(lambda: "shard day-1 was retired" in indexer.output(), timeout=30, what="the server saw the mark")
+    # the server still resyncs (day-0, lost again, comes back), and day-1 stays out
+    [day0_id] = [e["Service"]["ID"] for e in indexer_entries(agent) if e["Service"]["Meta"]["shard"] == "day-0"]
+    api.agent.service.deregister(day0_id)
+    wait_until(lambda: passing_shards() == ["day-0"], timeout=30, what="day-0 registered again")
+    assert {e["Service"]["Meta"]["shard"] for e in indexer_entries(agent)} == {"day-0"}
+    assert indexer.output().count("not registering it again") == 1
