@@ -45,9 +45,27 @@ def target_group(instance: Instance) -> dict[str, Any] | None:
 
 
 def target_groups(instances: Iterable[Instance]) -> list[dict[str, Any]]:
-    """Target groups of `instances` that serve /metrics, in a stable order (by instance id)."""
-    groups = (target_group(i) for i in sorted(instances, key=lambda i: (i.name, i.id)))
-    return [g for g in groups if g is not None]
+    """Target groups of `instances` that serve /metrics, in a stable order (by instance id).
+
+    A process that registers several instances (an indexer serving several shards) has one /metrics:
+    its registrations become one group, so Prometheus scrapes it once and sums count it once. A
+    label its registrations disagree on (shard, instance_id) holds their values, sorted, joined by ","."""
+    by_target: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for instance in sorted(instances, key=lambda i: (i.name, i.id)):
+        group = target_group(instance)
+        if group is not None:
+            scrape = (group["labels"].get("__scheme__", "http"), group["targets"][0])
+            by_target.setdefault(scrape, []).append(group)
+    return [_merged(groups) for groups in by_target.values()]
+
+
+def _merged(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(groups) == 1:
+        return groups[0]
+    keys = dict.fromkeys(key for group in groups for key in group["labels"])
+    labels = {key: ",".join(sorted({group["labels"][key] for group in groups if key in group["labels"]}))
+              for key in keys}  # fmt: skip
+    return {"targets": groups[0]["targets"], "labels": labels}
 
 
 async def mesh_services(client: RegistryClient, prefix: str = SERVICE_PREFIX) -> list[str]:

@@ -18,7 +18,7 @@ import yaml
 from meshserve.local.mesh_pki import MeshPki
 from meshserve.local.prometheus import PrometheusConfig, write_config
 from meshserve.registry.instances import Instance
-from meshserve.registry.prometheus_sd import target_group
+from meshserve.registry.prometheus_sd import target_group, target_groups
 from meshserve.rpc.tls_files import TlsFiles
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,6 +175,24 @@ def test_consul_sd_relabelling_gives_the_labels_of_our_http_sd(meta: dict[str, s
                     meta=MappingProxyType(without_port))  # fmt: skip
     assert target_group(bare) is None
     assert relabel(consul_sd_target(bare, "passing"), job["relabel_configs"]) is None
+
+
+def test_a_process_registered_once_per_shard_is_one_target() -> None:
+    def indexer(shard: str, port: int, metrics_port: str) -> Instance:
+        meta = {"model": "index", "version": "3", "role": "indexer", "shard": shard, "embedder_version": "7",
+                "index": "catalogue", "metrics_port": metrics_port}  # fmt: skip
+        return Instance(id=f"meshserve-indexer-10.1.2.3-{port}-{shard}", name="meshserve-indexer",
+                        address="10.1.2.3", port=port, meta=MappingProxyType(meta))  # fmt: skip
+
+    grouped = [indexer("day-2", 50051, "9465"), indexer("day-0", 50051, "9465")]
+    alone = indexer("day-1", 50052, "9466")
+    groups = target_groups([*grouped, alone])
+    assert [g["targets"] for g in groups] == [["10.1.2.3:9465"], ["10.1.2.3:9466"]]
+    assert groups[0]["labels"] == {
+        "service": "meshserve-indexer", "model": "index", "version": "3", "role": "indexer",
+        "shard": "day-0,day-2", "embedder_version": "7", "index": "catalogue",
+        "instance_id": "meshserve-indexer-10.1.2.3-50051-day-0,meshserve-indexer-10.1.2.3-50051-day-2"}  # fmt: skip
+    assert groups[1] == target_group(alone)
 
 
 def test_compose_prometheus_mounts_the_consul_config_and_the_rules_it_names() -> None:
