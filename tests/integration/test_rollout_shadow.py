@@ -75,4 +75,7 @@ def test_shadow_to_a_slow_candidate_leaves_the_callers_p99_alone(
     agreement = gateway.metric("meshserve_gateway_shadow_agreement_sum", labels) / \
         gateway.metric("meshserve_gateway_shadow_agreement_count", labels)
     print(f"shadow calls compared {compared:.0f}, mean top-1 agreement {agreement:.3f}")
-    assert compared > 0 and agreement == 1.0  # same weights under another version name
+    # Same weights under another version name. Both sides batch whatever is queued with them, and a
+    # photo's scores in a batch of 8 differ from its scores alone by up to 5e-7: a near-tied top label
+    # can swap. Seen once at 0.970 under load; a different model agrees far less.
+    assert compared > 0 and agreement >= 0.95, agreement
