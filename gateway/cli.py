@@ -41,6 +41,9 @@ def add_commands(subparsers: Any) -> None:
                          help="Consul gRPC check interval of the gateway, s (≤ 2; default 1)")
     gateway.add_argument("--hedge-ms", type=float,
                          help="hedge detector/embedder calls after this many ms (default: off)")
+    gateway.add_argument("--hedge-shards-ms", type=float,
+                         help="ask the shards of an indexer call that has not answered after this many ms of "
+                              "other replicas too; the first answer serves (default: off)")
     gateway.add_argument("--default-deadline", type=float, default=10.0,
                          help="deadline (s) for callers that send none (default 10)")
     gateway.add_argument("--cache-ttl", type=float, default=60.0,
@@ -89,6 +92,10 @@ def _gateway(args: argparse.Namespace) -> int:
     from meshserve.registry.config import RegistryConfig
     from meshserve.rpc.tls_files import tls_from_args
 
+    for flag, value in (("--hedge-ms", args.hedge_ms), ("--hedge-shards-ms", args.hedge_shards_ms)):
+        if value is not None and not value > 0:
+            print(f"meshserve gateway: {flag} {value:g}: need a number of milliseconds > 0", file=sys.stderr)
+            return 2
     host, port = args.host, args.port
     if args.addr:
         host, _, port_text = args.addr.rpartition(":")
@@ -101,6 +108,7 @@ def _gateway(args: argparse.Namespace) -> int:
             registry=RegistryConfig.from_env(http_addr=args.consul), host=host, port=port,
             advertise_address=args.advertise_address, metrics_port=args.metrics_port,
             register=not args.no_register, grace_s=args.grace, hedge_after_ms=args.hedge_ms,
+            hedge_shards_after_ms=args.hedge_shards_ms,
             default_deadline_s=args.default_deadline, catalogue_ttl_s=args.cache_ttl,
             port_file=args.port_file, trace_file=args.trace_file, check_interval_s=args.check_interval,
             search=SearchConfig(cache_ttl_s=args.cache_ttl, cache_max_bytes=int(args.cache_max_mb * 1024 * 1024)),

@@ -91,15 +91,16 @@ class RetryBudget:
         return cls(ratio=policy.retry_budget_ratio, floor_per_s=policy.retry_budget_floor_per_s)
 
 
-def default_policies(hedge_ms: float | None = None) -> dict[str, CallPolicy]:
-    """The gateway's declared policies. Detector and embedder may hedge; indexers fan out
-    to every shard already, so a hedge there would double the whole fan-out."""
+def default_policies(hedge_ms: float | None = None, hedge_shards_ms: float | None = None) -> dict[str, CallPolicy]:
+    """The gateway's declared policies. Detector and embedder may hedge after `hedge_ms`; a shard
+    call after `hedge_shards_ms`, its own setting: only the slow calls of a fan-out are hedged, and
+    their shards are asked of other processes (gateway/shard_fanout.py)."""
     from meshserve.registry.config import SERVICE_NAMES
 
     return {
         "detector": CallPolicy(SERVICE_NAMES["detector"], hedge_after_ms=hedge_ms),
         "embedder": CallPolicy(SERVICE_NAMES["embedder"], hedge_after_ms=hedge_ms),
-        "indexer": CallPolicy(SERVICE_NAMES["indexer"]),
+        "indexer": CallPolicy(SERVICE_NAMES["indexer"], hedge_after_ms=hedge_shards_ms),
         "classifier": CallPolicy(SERVICE_NAMES["classifier"], max_attempts=2),
         "shipping": CallPolicy(SERVICE_NAMES["shipping"]),
     }

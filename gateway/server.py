@@ -53,6 +53,7 @@ class GatewayConfig:
     max_message_bytes: int = 10 * 1024 * 1024
     grace_s: float = 10.0
     hedge_after_ms: float | None = None
+    hedge_shards_after_ms: float | None = None
     default_deadline_s: float = 10.0
     catalogue_home: Path | None = None
     catalogue_ttl_s: float = 60.0
@@ -76,8 +77,8 @@ class Gateway:
         self.admission = Admission(channels)
         self.channels = channels
         self._renewals: asyncio.Task[None] | None = None
-        self.routes = RouteTable(config.registry, default_policies(config.hedge_after_ms), channels,
-                                 admission=self.admission)  # fmt: skip
+        policies = default_policies(config.hedge_after_ms, config.hedge_shards_after_ms)
+        self.routes = RouteTable(config.registry, policies, channels, admission=self.admission)
         enricher = CatalogueEnricher(config.catalogue_home, config.catalogue_ttl_s)
         # Rollout policies (KV meshserve/rollout/<service>) choose each request's version and arm.
         self.rollouts = RolloutPolicies(config.registry)

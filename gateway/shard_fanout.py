@@ -1,5 +1,7 @@
 """A photo search's shard fan-out: the shards grouped by the indexer process that serves them, one call
 per process naming its shards, and a shard that failed asked again of another replica that has it.
+With a hedge delay (`gateway --hedge-shards-ms`), the shards of a call that is slower than that are
+also asked of other replicas, and the first answer serves (a host whose link went down mid-call).
 
 The registry holds one registration per shard, so each shard keeps its own replica set (coverage,
 version sets, ejection and the retry budget stay per shard); replicas of different shards at one
@@ -113,6 +115,7 @@ class _Progress:
     attempts: int = 0
     tried: set[str] = field(default_factory=set)
     reason: str = ""
+    last_code: grpc.StatusCode | None = None
 
 
 class ShardFanOut:
@@ -144,44 +147,104 @@ class ShardFanOut:
             legs, stranded = plan(pending, {s: p.tried for s, p in progress.items()})
             for route in stranded:
                 answers[route.shard] = ShardAnswer(route.shard, reason=progress[route.shard].reason or "NotReady")
-            for leg in legs:
-                for route, _ in leg.picks:
-                    progress[route.shard].attempts += 1
-                    progress[route.shard].tried.add(leg.target)
-            if len(legs) == 1:  # the common case with one indexer process: no task to make
-                outcomes = [await self._call(legs[0])]
-            else:
-                outcomes = await asyncio.gather(*(self._call(leg) for leg in legs))
-            pending = []
-            for leg, by_shard in zip(legs, outcomes, strict=True):
+            self._count_attempts(legs, progress)
+            results = await self._round(legs, progress)
+            for leg, by_shard in results:  # the answers first: a hedged shard may also have failed elsewhere
                 for route, replica in leg.picks:
                     outcome = by_shard[route.shard]
-                    if isinstance(outcome, ShardFailure):
-                        if self._retry(route, replica, outcome, progress[route.shard]):
-                            pending.append(route)
-                        else:
-                            answers[route.shard] = ShardAnswer(route.shard, reason=progress[route.shard].reason)
-                    else:
+                    if not isinstance(outcome, ShardFailure) and route.shard not in answers:
                         route.replicas.succeeded(replica)
                         answers[route.shard] = ShardAnswer(route.shard, outcome[0], outcome[1])
+            failed: dict[str, ShardRoute] = {}
+            for leg, by_shard in results:
+                for route, replica in leg.picks:
+                    outcome = by_shard[route.shard]
+                    if isinstance(outcome, ShardFailure) and route.shard not in answers:
+                        self._count_failure(route, replica, outcome, progress[route.shard])
+                        failed[route.shard] = route
+            pending = []
+            for shard, route in failed.items():
+                if self._may_retry(route, progress[shard]):
+                    self.stats.retries += 1
+                    pending.append(route)
+                else:
+                    answers[shard] = ShardAnswer(shard, reason=progress[shard].reason)
         return [answers[route.shard] for route in shards]
 
-    def _retry(self, route: ShardRoute, replica: Replica, failure: ShardFailure, progress: _Progress) -> bool:
-        """Count one shard's failure on `replica`; True when it should be asked of another replica."""
+    @staticmethod
+    def _count_attempts(legs: Sequence[Leg], progress: dict[str, _Progress]) -> None:
+        for leg in legs:
+            for route, _ in leg.picks:
+                progress[route.shard].attempts += 1
+                progress[route.shard].tried.add(leg.target)
+
+    async def _round(self, legs: list[Leg], progress: dict[str, _Progress]
+                     ) -> list[tuple[Leg, dict[str, model_wire.ShardOutcome]]]:  # fmt: skip
+        """Every leg's outcomes. With a hedge delay in the indexers' policy, the shards of a leg that has
+        not answered by then are asked once more of other replicas, and whichever answers first serves;
+        a leg all of whose shards are answered elsewhere is cancelled (its outcomes are not returned)."""
+        hedge_ms = legs[0].picks[0][0].replicas.policy.hedge_after_ms if legs else None
+        if hedge_ms is None:
+            if len(legs) == 1:  # the common case with one indexer process: no task to make
+                return [(legs[0], await self._call(legs[0]))]
+            return list(zip(legs, await asyncio.gather(*(self._call(leg) for leg in legs)), strict=True))
+        running = {asyncio.ensure_future(self._call(leg)): leg for leg in legs}
+        results: list[tuple[Leg, dict[str, model_wire.ShardOutcome]]] = []
+        answered: set[str] = set()
+        hedge_at: float | None = time.monotonic() + hedge_ms / 1000.0
+        try:
+            while running:
+                wait_s = None if hedge_at is None else max(0.0, hedge_at - time.monotonic())
+                done, _ = await asyncio.wait(running, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    leg = running.pop(task)
+                    by_shard = task.result()
+                    results.append((leg, by_shard))
+                    answered.update(s for s, o in by_shard.items() if not isinstance(o, ShardFailure))
+                for task, leg in list(running.items()):
+                    if answered.issuperset(leg.shards):
+                        task.cancel()
+                        del running[task]
+                if hedge_at is not None and time.monotonic() >= hedge_at:
+                    hedge_at = None  # one hedge per round
+                    slow = {route.shard: route for leg in running.values() for route, _ in leg.picks
+                            if route.shard not in answered}  # fmt: skip
+                    hedges = self._hedges(list(slow.values()), progress)
+                    self._count_attempts(hedges, progress)
+                    running.update({asyncio.ensure_future(self._call(leg)): leg for leg in hedges})
+        finally:
+            for task in running:
+                task.cancel()
+        return results
+
+    def _hedges(self, slow: list[ShardRoute], progress: dict[str, _Progress]) -> list[Leg]:
+        """Legs asking the slow shards of other replicas than they were asked of, as far as each shard has
+        another replica and its retry budget a token."""
+        if self.deadline - time.monotonic() <= 0:
+            return []
+        legs, _ = plan(slow, {route.shard: progress[route.shard].tried for route in slow})
+        hedged = [Leg(leg.target, tuple((r, replica) for r, replica in leg.picks if r.replicas.budget.try_spend()))
+                  for leg in legs]  # fmt: skip
+        hedged = [leg for leg in hedged if leg.picks]
+        self.stats.hedges += sum(len(leg.picks) for leg in hedged)
+        return hedged
+
+    def _count_failure(self, route: ShardRoute, replica: Replica, failure: ShardFailure, progress: _Progress) -> None:
         log.debug("shard %s: %s", route.shard, failure.message)
         self.stats.errors.append(f"{replica.id}: {failure.code.name}")
         if failure.code in _REPLICA_FAULTS and route.replicas.failed(replica):
             self.stats.ejections += 1
         progress.reason = _REASONS.get(failure.code, "UpstreamFailed")
+        progress.last_code = failure.code
+
+    def _may_retry(self, route: ShardRoute, progress: _Progress) -> bool:
+        """Whether a shard that failed this round is asked of another replica in the next."""
         policy = route.replicas.policy
-        if failure.code not in policy.retry_on and failure.code not in _ASK_ELSEWHERE:
+        if progress.last_code not in policy.retry_on and progress.last_code not in _ASK_ELSEWHERE:
             return False
         if progress.attempts >= policy.max_attempts or self.deadline - time.monotonic() <= 0:
             return False
-        if len(route.replicas) <= len(progress.tried) or not route.replicas.budget.try_spend():
-            return False
-        self.stats.retries += 1
-        return True
+        return len(route.replicas) > len(progress.tried) and route.replicas.budget.try_spend()
 
     async def _call(self, leg: Leg) -> dict[str, model_wire.ShardOutcome]:
         """One grouped Predict to one process; a failure of the whole call is each of its shards'."""

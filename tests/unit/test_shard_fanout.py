@@ -22,6 +22,7 @@ from meshserve.local.mesh import indexer_groups
 from meshserve.registry.instances import Instance
 from meshserve.rpc.interceptor import StatusInterceptor
 from meshserve.servers.batching import Admission, Batcher, BatchingConfig
+from meshserve.servers.faults import DelayedModel
 from meshserve.servers.indexer import IndexerModel, ShardGroup
 from meshserve.servers.model import Model
 from meshserve.servers.server import ModelServer, ServerConfig
@@ -73,9 +74,9 @@ async def serve() -> AsyncIterator[Serve]:
         await batcher.close()
 
 
-def routes(registered: dict[str, Sequence[int]]) -> list[ShardRoute]:
+def routes(registered: dict[str, Sequence[int]], hedge_ms: float | None = None) -> list[ShardRoute]:
     """Shard → the ports of its registered replicas (one registration per shard and process)."""
-    policy = default_policies()["indexer"]
+    policy = default_policies(hedge_shards_ms=hedge_ms)["indexer"]
     out = []
     for shard, ports in registered.items():
         replicas = ReplicaSet(f"shard {shard}", policy)
@@ -224,3 +225,37 @@ def test_a_one_shard_server_from_before_grouped_calls_is_read_from_its_outputs()
     mixed = shard_outcomes(reply, ["s0", "s1"], 1, "shards")
     assert not isinstance(mixed["s0"], ShardFailure) and isinstance(mixed["s1"], ShardFailure)
     assert "scores" in mixed["s1"].message  # type: ignore[union-attr]
+
+
+async def test_a_slow_call_is_hedged_to_another_process_and_the_first_answer_serves(
+    shards: dict[str, IndexerModel], serve: Serve
+) -> None:
+    hung = await serve(DelayedModel(ShardGroup([shards["s0"], shards["s1"]]), 1000))  # 2 s for the two shards
+    fine = await serve(ShardGroup([shards["s0"], shards["s1"]]))
+    queries = unit_vectors(2, seed=5)
+
+    async def search(hedge_ms: float | None, budget_s: float) -> tuple[list, ShardFanOut, float]:
+        grouped = routes({"s0": [hung, fine], "s1": [hung, fine]}, hedge_ms)
+        for route in grouped:  # the plan sends a round to the less busy process first: make that the hung one
+            [at_fine] = [r for r in route.replicas.replicas if r.instance.port == fine]
+            at_fine.outstanding = 5
+        started = time.monotonic()
+        try:
+            fan_out = ShardFanOut(queries, 5, "emb-1", started + budget_s)
+            answers = await fan_out.run(grouped)
+        finally:
+            await close(grouped)
+        return answers, fan_out, time.monotonic() - started
+
+    # without a hedge the hung process holds both shards past the deadline
+    answers, fan_out, _ = await search(None, 0.8)
+    assert [(a.shard, a.ids is None, a.reason) for a in answers] == [("s0", True, "DeadlineExpired"),
+                                                                       ("s1", True, "DeadlineExpired")]  # fmt: skip
+    assert fan_out.stats.hedges == 0
+    # hedged after 100 ms, the other process answers both, well within the same deadline
+    answers, fan_out, took = await search(100.0, 0.8)
+    assert fan_out.stats.hedges == 2 and fan_out.stats.attempts == 2 and took < 0.8
+    params = {"k": 5, "embedder_version": "emb-1"}
+    for answer in answers:
+        want = shards[answer.shard].predict({"queries": queries}, params)
+        np.testing.assert_array_equal(answer.ids, want["item_ids"])
