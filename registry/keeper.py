@@ -40,8 +40,9 @@ async def keep_registered(
     the agent no longer lists it, until `stop` is set. InvalidInput (Consul would never accept
     it) is raised to the caller.
 
-    `withdrawn(client)` is asked before registering again: a reason (the operator took the
-    instance out on purpose) ends the keeping, None registers again."""
+    `withdrawn(client)` is asked before each registration: a reason (the operator took the
+    instance out on purpose) ends the keeping, None registers. So a process restarted after its
+    shard was retired does not bring the shard back either."""
     delay = 0.25
     registered = False
     while not stop.is_set():
@@ -54,12 +55,13 @@ async def keep_registered(
                         if await _wait(stop, resync_s):
                             return
                         continue
-                    reason = await withdrawn(client) if withdrawn is not None else None
-                    if reason is not None:
-                        log.warning("the agent no longer knows %s: %s; not registering it again",
-                                    instance.instance_id, reason)  # fmt: skip
-                        return
-                    log.warning("the agent no longer knows %s; registering again", instance.instance_id)
+                    log.warning("the agent no longer knows %s", instance.instance_id)
+                reason = await withdrawn(client) if withdrawn is not None else None
+                if reason is not None:
+                    log.warning("not registering %s: %s", instance.instance_id, reason)
+                    return
+                if registered:
+                    log.warning("registering %s again", instance.instance_id)
                 await client.register(instance)
         except InvalidInput:
             raise

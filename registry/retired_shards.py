@@ -2,9 +2,9 @@
 
 `meshserve shard retire` deregisters every replica of a shard, but a server keeps itself registered
 (registry/keeper.py) and would put the shard back at its next resync. Before it registers an
-instance again, a server serving the shard looks for the shard's key here; a retired shard stays out
-until it is published again (publishing removes the key). A process that serves several shards
-keeps serving the others.
+instance (the first time too: `meshserve up` restarts a crashed indexer), a server serving the shard
+looks for the shard's key here; a retired shard stays out until it is published again (publishing
+removes the key). A process that serves several shards keeps serving the others.
 """
 
 from __future__ import annotations

@@ -162,4 +162,16 @@ def test_retire_keeps_a_shard_of_a_grouped_indexer_out(start_dev_agent, spawn, h
     api.agent.service.deregister(day0_id)
     wait_until(lambda: passing_shards() == ["day-0"], timeout=30, what="day-0 registered again")
     assert {e["Service"]["Meta"]["shard"] for e in indexer_entries(agent)} == {"day-0"}
-    assert indexer.output().count("not registering it again") == 1
+    assert indexer.output().count("not registering") == 1
+
+    # a process started anew (as `up` restarts a crashed one) keeps the retired shard out as well ...
+    again = spawn(meshserve_argv("serve", "indexer", "--shard", str(day1), "--port", "0", "--consul", agent.http_addr,
+                                 "--check-interval", "0.5"), name="day-1-again")  # fmt: skip
+    wait_until(lambda: again.check_alive() or "shard day-1 was retired" in again.output(), timeout=90,
+               what="the new process refusing to register day-1")  # fmt: skip
+    assert {e["Service"]["Meta"]["shard"] for e in indexer_entries(agent)} == {"day-0"}
+    # ... until the shard is published again
+    done = cli(home, "shard", "publish", str(day1), "--consul", agent.http_addr, "--check-interval", "1")
+    assert done.returncode == 0, done.stderr
+    assert api.kv.get("meshserve/shards/retired/day-1")[1] is None
+    assert passing_shards() == ["day-0", "day-1"]
