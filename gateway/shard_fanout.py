@@ -159,9 +159,10 @@ class ShardFanOut:
             for leg, by_shard in results:
                 for route, replica in leg.picks:
                     outcome = by_shard[route.shard]
-                    if isinstance(outcome, ShardFailure) and route.shard not in answers:
+                    if isinstance(outcome, ShardFailure):  # counts against the replica even if answered elsewhere
                         self._count_failure(route, replica, outcome, progress[route.shard])
-                        failed[route.shard] = route
+                        if route.shard not in answers:
+                            failed[route.shard] = route
             pending = []
             for shard, route in failed.items():
                 if self._may_retry(route, progress[shard]):
