@@ -110,6 +110,12 @@ def test_every_workload_policy_parses_and_a_server_may_write_only_itself() -> No
     operator = policies["meshserve-operator"]
     assert operator.level("key", "meshserve/rollout/x", DENY) == WRITE
     assert operator.level("key", "meshserve/config/x", DENY) == WRITE
+    # `shard retire` marks a shard (operator); indexers read the mark, and nobody else needs to
+    assert operator.level("key", "meshserve/shards/retired/day-1", DENY) == WRITE
+    indexer = policies["meshserve-indexer"]
+    assert indexer.level("key", "meshserve/shards/retired/day-1", DENY) == READ
+    assert indexer.level("key", "meshserve/config/x", DENY) == DENY
+    assert detector.level("key", "meshserve/shards/retired/day-1", DENY) == DENY
 
 
 def test_client_token_and_tls_from_consul_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
