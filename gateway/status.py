@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from meshserve.gateway.rollout_run import load_run
 from meshserve.gateway.rollout_store import StoredRollout, read_rollouts
 from meshserve.registry.client import RegistryClient
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
+from meshserve.registry.retired_shards import retired_shards
 from meshserve.rpc.tls_files import TlsFiles
 
 
@@ -97,6 +99,10 @@ async def read_status(config: RegistryConfig, tls: TlsFiles | None = None) -> di
         except FailedPrecondition as exc:  # the token may not read meshserve/config/: show the rest
             flows, acl_notes["flows"] = {}, str(exc)
         try:
+            retired = await retired_shards(client)
+        except FailedPrecondition as exc:  # the token may not read meshserve/shards/retired/
+            retired, acl_notes["retired_shards"] = {}, str(exc)
+        try:
             rollouts = await read_rollouts(client)
             runs = {service: await load_run(client, service) for service in ROLLOUT_SERVICES}
         except FailedPrecondition as exc:  # nor, perhaps, meshserve/rollout/
@@ -119,6 +125,7 @@ async def read_status(config: RegistryConfig, tls: TlsFiles | None = None) -> di
         "registry": config.http_addr,
         "services": {role: [asdict(r) for r in replicas] for role, replicas in services.items()},
         "shard_sets": [{**asdict(s), "coverage": round(s.coverage, 4)} for s in shard_sets],
+        "retired_shards": retired,
         "policies": {role: p.describe() for role, p in default_policies().items()},
         "flows": {flow: doc.describe() for flow, doc in flows.items()},
         "acl": acl_notes,
@@ -176,6 +183,12 @@ def render(status: dict[str, Any]) -> str:
             state = "ok" if counts["passing"] else "MISSING"
             lines.append(f"  {shard:<16} {counts['passing']}/{counts['registered']} passing  "
                          f"{counts['items']:>6} items  {state}")  # fmt: skip
+    if status.get("retired_shards"):
+        lines.append("retired (KV meshserve/shards/retired/<shard>; no indexer registers them until published again)")
+    for shard, mark in status.get("retired_shards", {}).items():
+        when = mark.get("retired_at")
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when)) if isinstance(when, (int, float)) else "?"
+        lines.append(f"  {shard:<16} since {since}")
     lines.append("")
     lines.append("call policies")
     for role, policy in status["policies"].items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Any
 
 from meshserve.registry.acl_policies import RETIRED_SHARDS_PREFIX
 from meshserve.registry.client import RegistryClient
@@ -31,6 +32,20 @@ async def mark_retired(client: RegistryClient, shard: str, instance_ids: list[st
 async def unmark_retired(client: RegistryClient, shard: str) -> None:
     """A shard published again may register again."""
     await client.kv_delete(retired_key(shard))
+
+
+async def retired_shards(client: RegistryClient) -> dict[str, dict[str, Any]]:
+    """Every retired shard → its mark ({"retired_at": epoch seconds, "instances": [...]}; {} when a
+    mark does not read as one)."""
+    marks = await client.kv_get_prefix(RETIRED_SHARDS_PREFIX)
+    out: dict[str, dict[str, Any]] = {}
+    for key, text in sorted(marks.items()):
+        try:
+            mark = json.loads(text)
+        except ValueError:
+            mark = None
+        out[key.removeprefix(RETIRED_SHARDS_PREFIX)] = mark if isinstance(mark, dict) else {}
+    return out
 
 
 async def is_retired(client: RegistryClient, shard: str) -> bool:

@@ -170,8 +170,13 @@ def test_retire_keeps_a_shard_of_a_grouped_indexer_out(start_dev_agent, spawn, h
     wait_until(lambda: again.check_alive() or "shard day-1 was retired" in again.output(), timeout=90,
                what="the new process refusing to register day-1")  # fmt: skip
     assert {e["Service"]["Meta"]["shard"] for e in indexer_entries(agent)} == {"day-0"}
+    status = cli(home, "status", "--consul", agent.http_addr)
+    assert status.returncode == 0 and "retired (KV meshserve/shards/retired/" in status.stdout, status.stderr
+    assert list(json.loads(cli(home, "status", "--json", "--consul", agent.http_addr).stdout)["retired_shards"]) == [
+        "day-1"]
     # ... until the shard is published again
     done = cli(home, "shard", "publish", str(day1), "--consul", agent.http_addr, "--check-interval", "1")
     assert done.returncode == 0, done.stderr
     assert api.kv.get("meshserve/shards/retired/day-1")[1] is None
+    assert json.loads(cli(home, "status", "--json", "--consul", agent.http_addr).stdout)["retired_shards"] == {}
     assert passing_shards() == ["day-0", "day-1"]
