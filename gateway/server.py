@@ -66,6 +66,20 @@ class GatewayConfig:
     tls: TlsFiles | None = None  # mTLS for its own port and its calls to replicas (None: plaintext)
 
 
+
+HEDGE_META = "hedge_ms"  # registry meta: detector/embedder calls hedged after this many ms (absent: off)
+HEDGE_SHARDS_META = "hedge_shards_ms"  # registry meta: shard calls hedged after this many ms (absent: off)
+
+
+def hedge_meta(config: GatewayConfig) -> dict[str, str]:
+    """What this gateway hedges, for `meshserve status` (its call policies otherwise show the defaults)."""
+    meta = {}
+    if config.hedge_after_ms is not None:
+        meta[HEDGE_META] = f"{config.hedge_after_ms:g}"
+    if config.hedge_shards_after_ms is not None:
+        meta[HEDGE_SHARDS_META] = f"{config.hedge_shards_after_ms:g}"
+    return meta
+
 class Gateway:
     """The gateway's part of a GrpcProcess: PhotoSearch over routes discovered in the registry."""
 
@@ -116,7 +130,7 @@ class Gateway:
     def instance(self, port: int) -> ServiceInstance:
         cfg = self.config
         address = cfg.advertise_address or cfg.host
-        meta = {"model": "gateway", "version": "1", "role": "gateway"}
+        meta = {"model": "gateway", "version": "1", "role": "gateway", **hedge_meta(cfg)}
         if self._metrics_port is not None:
             meta[METRICS_PORT_META] = str(self._metrics_port)
         return ServiceInstance(

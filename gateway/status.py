@@ -173,6 +173,9 @@ def render(status: dict[str, Any]) -> str:
                          f"  {protocols(r['meta'])}")  # fmt: skip
             if r.get("ignored"):
                 lines.append(f"{'':<12} IGNORED by the gateway: {r['ignored']}")
+            if role == "gateway":
+                lines.append(f"{'':<12} hedges: detector/embedder {_hedge(r['meta'], 'hedge_ms')}, "
+                             f"shard calls {_hedge(r['meta'], 'hedge_shards_ms')}")  # fmt: skip
     lines.append("")
     if not status["shard_sets"]:
         lines.append("no shards registered")
@@ -190,7 +193,7 @@ def render(status: dict[str, Any]) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when)) if isinstance(when, (int, float)) else "?"
         lines.append(f"  {shard:<16} since {since}")
     lines.append("")
-    lines.append("call policies")
+    lines.append("call policies (the defaults; each gateway's hedges are on its row above)")
     for role, policy in status["policies"].items():
         described = ", ".join(f"{k}={v}" for k, v in policy.items())
         lines.append(f"  {role:<11} {described}")
@@ -219,6 +222,10 @@ def render(status: dict[str, Any]) -> str:
             lines.append(f"  {'':<14} rollout of {run['version']}: {run['status']}, last decision "
                          f"{run['last_decision']} ({'; '.join(run['last_reasons'])})")  # fmt: skip
     return "\n".join(lines)
+
+
+def _hedge(meta: dict[str, str], key: str) -> str:
+    return f"after {meta[key]} ms" if meta.get(key) else "off"
 
 
 def protocols(meta: dict[str, str]) -> str:

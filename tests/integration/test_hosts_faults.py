@@ -206,6 +206,21 @@ def test_what_a_dead_run_left_is_swept() -> None:
         subprocess.run(["ip", "link", "del", link], capture_output=True)
 
 
+def test_status_shows_what_each_gateway_hedges(whole_net: Net) -> None:
+    argv = whole_net.hosts["gw"].argv
+    env = {**os.environ, **whole_net.env}
+    done = subprocess.run(argv(meshserve_argv("status", "--json", "--consul", whole_net.registry_url)),
+                          capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    hedges = {int(r["target"].rsplit(":", 1)[1]): (r["meta"].get("hedge_ms"), r["meta"].get("hedge_shards_ms"))
+              for r in json.loads(done.stdout)["services"]["gateway"]}  # fmt: skip
+    assert hedges == {HEDGED_PORT: (f"{HEDGE_MS:g}", f"{HEDGE_MS:g}"), PLAIN_PORT: (None, None)}
+    text = subprocess.run(argv(meshserve_argv("status", "--consul", whole_net.registry_url)),
+                          capture_output=True, text=True, timeout=60, env=env).stdout  # fmt: skip
+    assert f"hedges: detector/embedder after {HEDGE_MS:g} ms, shard calls after {HEDGE_MS:g} ms" in text, text
+    assert "hedges: detector/embedder off, shard calls off" in text, text
+
+
 # -- a host's cable pulled ------------------------------------------------------------------------
 
 
