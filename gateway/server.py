@@ -66,7 +66,6 @@ class GatewayConfig:
     tls: TlsFiles | None = None  # mTLS for its own port and its calls to replicas (None: plaintext)
 
 
-
 HEDGE_META = "hedge_ms"  # registry meta: detector/embedder calls hedged after this many ms (absent: off)
 HEDGE_SHARDS_META = "hedge_shards_ms"  # registry meta: shard calls hedged after this many ms (absent: off)
 
@@ -79,6 +78,7 @@ def hedge_meta(config: GatewayConfig) -> dict[str, str]:
     if config.hedge_shards_after_ms is not None:
         meta[HEDGE_SHARDS_META] = f"{config.hedge_shards_after_ms:g}"
     return meta
+
 
 class Gateway:
     """The gateway's part of a GrpcProcess: PhotoSearch over routes discovered in the registry."""
