@@ -91,6 +91,10 @@ class RetryBudget:
         return cls(ratio=policy.retry_budget_ratio, floor_per_s=policy.retry_budget_floor_per_s)
 
 
+HEDGE_META = "hedge_ms"  # registry meta: a gateway hedges detector/embedder calls after this many ms (absent: off)
+HEDGE_SHARDS_META = "hedge_shards_ms"  # registry meta: a gateway hedges shard calls after this many ms (absent: off)
+
+
 def default_policies(hedge_ms: float | None = None, hedge_shards_ms: float | None = None) -> dict[str, CallPolicy]:
     """The gateway's declared policies. Detector and embedder may hedge after `hedge_ms`; a shard
     call after `hedge_shards_ms`, its own setting: only the slow calls of a fan-out are hedged, and

@@ -22,7 +22,7 @@ from meshserve.gateway.guard_servicer import to_listing
 from meshserve.gateway.jobs import JOBS, JobQueueLink, JobsServicer
 from meshserve.gateway.mesh_channels import MeshChannels
 from meshserve.gateway.photo_search import PhotoSearch, SearchConfig
-from meshserve.gateway.policy import default_policies
+from meshserve.gateway.policy import HEDGE_META, HEDGE_SHARDS_META, default_policies
 from meshserve.gateway.rollout_store import RolloutPolicies
 from meshserve.gateway.routes import RouteTable
 from meshserve.gateway.servicer import PhotoSearchServicer, to_query
@@ -64,10 +64,6 @@ class GatewayConfig:
     jobs: QueueConfig = field(default_factory=QueueConfig.from_env)
     nats_url: str | None = None  # None: $NATS_URL, else the registry's meshserve-nats, else the default
     tls: TlsFiles | None = None  # mTLS for its own port and its calls to replicas (None: plaintext)
-
-
-HEDGE_META = "hedge_ms"  # registry meta: detector/embedder calls hedged after this many ms (absent: off)
-HEDGE_SHARDS_META = "hedge_shards_ms"  # registry meta: shard calls hedged after this many ms (absent: off)
 
 
 def hedge_meta(config: GatewayConfig) -> dict[str, str]:

@@ -13,7 +13,7 @@ from meshserve.gateway.admission import meta_problem, probe_identity
 from meshserve.gateway.discovery import Registered, registered_from_health
 from meshserve.gateway.flow_store import read_all
 from meshserve.gateway.mesh_channels import MeshChannels
-from meshserve.gateway.policy import default_policies
+from meshserve.gateway.policy import HEDGE_META, HEDGE_SHARDS_META, default_policies
 from meshserve.gateway.rollout_policy import ROLLOUT_SERVICES
 from meshserve.gateway.rollout_run import load_run
 from meshserve.gateway.rollout_store import StoredRollout, read_rollouts
@@ -174,8 +174,8 @@ def render(status: dict[str, Any]) -> str:
             if r.get("ignored"):
                 lines.append(f"{'':<12} IGNORED by the gateway: {r['ignored']}")
             if role == "gateway":
-                lines.append(f"{'':<12} hedges: detector/embedder {_hedge(r['meta'], 'hedge_ms')}, "
-                             f"shard calls {_hedge(r['meta'], 'hedge_shards_ms')}")  # fmt: skip
+                lines.append(f"{'':<12} hedges: detector/embedder {_hedge(r['meta'], HEDGE_META)}, "
+                             f"shard calls {_hedge(r['meta'], HEDGE_SHARDS_META)}")  # fmt: skip
     lines.append("")
     if not status["shard_sets"]:
         lines.append("no shards registered")

@@ -248,13 +248,13 @@ async def test_a_slow_call_is_hedged_to_another_process_and_the_first_answer_ser
         return answers, fan_out, time.monotonic() - started
 
     # without a hedge the hung process holds both shards past the deadline
-    answers, fan_out, _ = await search(None, 0.8)
+    answers, fan_out, _ = await search(None, 1.5)
     assert [(a.shard, a.ids is None, a.reason) for a in answers] == [("s0", True, "DeadlineExpired"),
                                                                        ("s1", True, "DeadlineExpired")]  # fmt: skip
     assert fan_out.stats.hedges == 0
     # hedged after 100 ms, the other process answers both, well within the same deadline
-    answers, fan_out, took = await search(100.0, 0.8)
-    assert fan_out.stats.hedges == 2 and fan_out.stats.attempts == 2 and took < 0.8
+    answers, fan_out, took = await search(100.0, 1.5)
+    assert fan_out.stats.hedges == 2 and fan_out.stats.attempts == 2 and took < 1.5
     params = {"k": 5, "embedder_version": "emb-1"}
     for answer in answers:
         want = shards[answer.shard].predict({"queries": queries}, params)
