@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +13,41 @@ import torch
 from torch import nn
 
 from meshserve.inference import artifacts
-from meshserve.inference.classifiers import (
-    KIND,
-    PREP,
-    WEIGHTS,
-    Batch,
-    ClassifierConfig,
-    ListingNet,
-    Prep,
-    make_batch,
-    probabilities,
-)
+from meshserve.inference.classifiers import KIND, PREP, WEIGHTS, ClassifierConfig, ListingNet, Prep, listing_text
+from meshserve.inference.features import bag_offsets
 from meshserve.inference.vocabulary import CATEGORY_NAMES, VIOLATIONS
 from meshserve.training.catalogue import Item
 from meshserve.wire.signatures import card_signature, classifier_signature
 
 DEFAULT_CONFIG = ClassifierConfig()
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor
+    offsets: torch.Tensor
+    dense: torch.Tensor
+
+
+def make_batch(
+    titles: Sequence[str],
+    descriptions: Sequence[str],
+    prices: np.ndarray,
+    categories: Sequence[str],
+    prep: Prep,
+    config: ClassifierConfig,
+) -> Batch:
+    texts = [listing_text(t, d) for t, d in zip(titles, descriptions, strict=True)]
+    ids, offsets = bag_offsets(texts, config.buckets, config.ngrams)
+    return Batch(
+        torch.from_numpy(ids), torch.from_numpy(offsets), torch.from_numpy(prep.dense(prices, categories))
+    )
+
+
+def probabilities(net: ListingNet, batch: Batch) -> np.ndarray:
+    """The probability of the violation per listing, float32 [n]."""
+    with torch.no_grad():
+        return torch.sigmoid(net(batch.ids, batch.offsets, batch.dense)).numpy().astype(np.float32)
 
 
 def fit_prep(items: Sequence[Item]) -> Prep:

@@ -1,4 +1,5 @@
-"""Listing-policy classifiers at inference: one small torch model per violation over hashed text and price."""
+"""Listing-policy classifiers at inference: one small model per violation over hashed text and price, trained
+as a torch net (training/classifiers.py) and served from its weights in numpy."""
 
 from __future__ import annotations
 
@@ -86,36 +87,39 @@ def listing_text(title: str, description: str) -> str:
     return f"{title} . {description}"
 
 
-@dataclass
-class Batch:
-    ids: torch.Tensor
-    offsets: torch.Tensor
-    dense: torch.Tensor
+@dataclass(frozen=True)
+class ListingWeights:
+    """A trained ListingNet's forward pass in numpy, for serving. The net is a sum of looked-up rows
+    and a matmul or two; numpy does that with a fraction of the code torch's dispatcher runs, which
+    is what a listing model's call costs when it was idle a few ms (bench/idle_gap.py)."""
 
+    bag: np.ndarray  # [buckets, width]
+    dense_weight: np.ndarray  # [width, n_dense]
+    dense_bias: np.ndarray  # [width]
+    out_weight: np.ndarray | None  # [1, hidden], or None: logistic regression
+    out_bias: np.ndarray | None  # [1]
 
-def make_batch(
-    titles: Sequence[str],
-    descriptions: Sequence[str],
-    prices: np.ndarray,
-    categories: Sequence[str],
-    prep: Prep,
-    config: ClassifierConfig,
-) -> Batch:
-    texts = [listing_text(t, d) for t, d in zip(titles, descriptions, strict=True)]
-    ids, offsets = bag_offsets(texts, config.buckets, config.ngrams)
-    return Batch(
-        torch.from_numpy(ids), torch.from_numpy(offsets), torch.from_numpy(prep.dense(prices, categories))
-    )
+    @classmethod
+    def of(cls, net: ListingNet) -> ListingWeights:
+        def array(t: torch.Tensor) -> np.ndarray:
+            return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
 
+        out = net.out
+        return cls(array(net.bag.weight), array(net.dense.weight), array(net.dense.bias),
+                   None if out is None else array(out.weight), None if out is None else array(out.bias))  # fmt: skip
 
-def probabilities(net: ListingNet, batch: Batch) -> np.ndarray:
-    """The probability of the violation per listing, float32 [n]."""
-    with torch.no_grad():
-        return torch.sigmoid(net(batch.ids, batch.offsets, batch.dense)).numpy().astype(np.float32)
+    def probabilities(self, ids: np.ndarray, offsets: np.ndarray, dense: np.ndarray) -> np.ndarray:
+        """The net's probability of the violation per listing, float32 [n], for bag_offsets() ids and
+        offsets (every row holds ≥ 1 id) and Prep.dense() features."""
+        z = np.add.reduceat(self.bag[ids], offsets, axis=0) + dense @ self.dense_weight.T + self.dense_bias
+        if self.out_weight is not None:
+            z = np.maximum(z, 0) @ self.out_weight.T + self.out_bias
+        logits = z[:, 0].astype(np.float64)
+        return (0.5 + 0.5 * np.tanh(0.5 * logits)).astype(np.float32)  # the sigmoid, without exp's overflow
 
 
 class ViolationClassifier:
-    """One trained classifier, loaded for inference in this process."""
+    """One trained classifier, loaded for inference in this process (its forward pass in numpy)."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -136,9 +140,9 @@ class ViolationClassifier:
             global_median_price=float(prep["global_median_price"]),
         )
         self.threshold = float(card.metrics.get("threshold", 0.5))
-        self.net = ListingNet(self.config.buckets, self.config.hidden, self.prep.n_dense)
-        self.net.load_state_dict(torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True))
-        self.net.eval()
+        net = ListingNet(self.config.buckets, self.config.hidden, self.prep.n_dense)
+        net.load_state_dict(torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True))
+        self.weights = ListingWeights.of(net.eval())
 
     def score(
         self,
@@ -151,15 +155,12 @@ class ViolationClassifier:
         n = len(titles)
         if not (len(descriptions) == len(categories) == n and len(np.asarray(prices).reshape(-1)) == n):
             raise InvalidInput("title, description, price and category need the same length")
-        batch = make_batch(
-            [as_text(t, "title") for t in titles],
-            [as_text(d, "description") for d in descriptions],
-            finite_column(prices, "price", positive=True),
-            [as_text(c, "category") for c in categories],
-            self.prep,
-            self.config,
-        )
-        return probabilities(self.net, batch)
+        texts = [listing_text(as_text(t, "title"), as_text(d, "description"))
+                 for t, d in zip(titles, descriptions, strict=True)]  # fmt: skip
+        ids, offsets = bag_offsets(texts, self.config.buckets, self.config.ngrams)
+        dense = self.prep.dense(finite_column(prices, "price", positive=True),
+                                [as_text(c, "category") for c in categories])  # fmt: skip
+        return self.weights.probabilities(ids, offsets, dense)
 
 
 def resolve_classifier_dir(model: str | None, home: Path | None = None) -> Path:

@@ -15,14 +15,14 @@ import torch
 
 from meshserve.errors import InvalidInput, NotFound
 from meshserve.inference import artifacts
-from meshserve.inference.classifiers import ClassifierConfig, ViolationClassifier
+from meshserve.inference.classifiers import ClassifierConfig, ListingNet, ListingWeights, Prep, ViolationClassifier
 from meshserve.inference.features import ngram_ids
 from meshserve.inference.shipping import ShippingConfig, ShippingEstimator
 from meshserve.inference.vocabulary import SHIPPING_SIZES, VIOLATIONS
 from meshserve.servers.classifier import ClassifierModel
 from meshserve.servers.shipping import ShippingModel
 from meshserve.training.catalogue import generate_items
-from meshserve.training.classifiers import roc_auc, split_items, train_classifiers
+from meshserve.training.classifiers import make_batch, probabilities, roc_auc, split_items, train_classifiers
 from meshserve.training.shipping import fit_estimator, train_shipping
 from meshserve.wire.signatures import card_signature
 
@@ -149,6 +149,33 @@ def test_violation_classifier_scores_text_and_refuses_bad_values(tmp_path: Path)
         model.score([b"\xff"], [b"b"], [1.0], [b"mug"])
     with pytest.raises(NotFound, match="violation"):
         ViolationClassifier(root)  # the version dir holds several, not one
+
+
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_serving_forward_pass_matches_the_torch_net(hidden: int) -> None:
+    """Serving scores with ListingWeights (numpy); training and evaluation with the torch net. Both
+    must give the same probabilities, also for logits far out where a naive sigmoid overflows."""
+    torch.manual_seed(hidden)
+    prep = Prep(categories=("mug", "watch", "toy"), category_median_price={"mug": 10.0, "watch": 80.0},
+                global_median_price=20.0)  # fmt: skip
+    config = ClassifierConfig(buckets=512, hidden=hidden)
+    net = ListingNet(config.buckets, hidden, prep.n_dense).eval()
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.normal_(0.0, 0.5)
+        net.bag.weight[7] = 400.0  # one bucket that drives its listings' logits far from zero
+    titles = ["blue mug", "replica watch cheap", "", "mug mug mug", "a toy"]
+    descriptions = ["ceramic, 350 ml", "call me", "x", "", "word " * 300]
+    prices = np.array([12.0, 30.0, 1.0, 0.5, 9999.0])
+    categories = ["mug", "watch", "toy", "mug", "unknown"]
+    batch = make_batch(titles, descriptions, prices, categories, prep, config)
+    batch.ids[batch.offsets[3]] = 7  # listing 3 holds the extreme bucket
+    expected = probabilities(net, batch)
+    got = ListingWeights.of(net).probabilities(batch.ids.numpy(), batch.offsets.numpy(), batch.dense.numpy())
+    assert got.dtype == np.float32 and got.shape == expected.shape == (5,)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert float(got[3]) in (0.0, 1.0)  # the extreme listing saturates, as torch's sigmoid does
 
 
 # ------------------------------------------------------------------------------ shipping
