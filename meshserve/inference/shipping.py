@@ -80,7 +80,9 @@ class ShippingEstimator:
         self.prep = prep
         self.config = config
         self.version = version
-        self._ref_sq = (self.reference.astype(np.float64) ** 2).sum(axis=1)
+        reference64 = self.reference.astype(np.float64)
+        self._ref_sq = (reference64**2).sum(axis=1)
+        self._ref_t = np.ascontiguousarray(reference64.T)  # what each query is multiplied with
 
     def predict_proba(
         self,
@@ -102,14 +104,14 @@ class ShippingEstimator:
         words = [as_text(t, "title") for t in titles] if titles is not None else [""] * n
         query = self.prep.features(dims, kg, cats, words, self.config).astype(np.float64)
         # Squared distances by the expansion |q|² - 2q·r + |r|², in float64 for stable ties.
-        d2 = (query**2).sum(1)[:, None] - 2.0 * query @ self.reference.T.astype(np.float64)
+        d2 = (query**2).sum(1)[:, None] - 2.0 * query @ self._ref_t
         d2 = np.maximum(d2 + self._ref_sq[None, :], 0.0)
         k = min(self.config.k, len(self.reference))
         nearest = np.argsort(d2, axis=1, kind="stable")[:, :k]
         votes = 1.0 / (np.sqrt(np.take_along_axis(d2, nearest, axis=1)) + 1e-3)
         probs = np.zeros((n, len(SHIPPING_SIZES)), dtype=np.float64)
         for row in range(n):
-            np.add.at(probs[row], self.labels[nearest[row]], votes[row])
+            probs[row] = np.bincount(self.labels[nearest[row]], weights=votes[row], minlength=len(SHIPPING_SIZES))
         probs /= probs.sum(axis=1, keepdims=True)
         return probs.astype(np.float32)
 
