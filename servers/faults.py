@@ -46,6 +46,9 @@ class _WrappedModel(Model):
         self.fault()
         return self.inner.search_shard(shard, inputs, params)
 
+    def release_shard(self, shard: str, reason: str) -> bool:
+        return self.inner.release_shard(shard, reason)
+
     def meta(self) -> dict[str, str]:
         return self.inner.meta()
 

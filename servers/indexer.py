@@ -94,10 +94,13 @@ class ShardGroup(Model):
             raise ValueError("--shard: shards served by one process must be of one index and one dim, got "
                              + ", ".join(f"{m.shard_id} ({m.name}, dim {m.shard.manifest.dim})" for m in members))
         self.members = {m.shard_id: m for m in members}
+        self.released: dict[str, str] = {}  # shard → why it is no longer served here
         self.name = members[0].name
         self.version = "+".join(sorted({m.version for m in members}))
         self.signature = members[0].signature
         self.runs_inline = all(m.runs_inline for m in members)
+        first = members[0].shard.manifest
+        self._index_meta = {"index": first.index, "dim": str(first.dim)}
 
     def load(self) -> None:
         """Every shard was verified and loaded in build()."""
@@ -115,8 +118,7 @@ class ShardGroup(Model):
         return {}
 
     def meta(self) -> dict[str, str]:
-        first = next(iter(self.members.values())).shard.manifest
-        return {"index": first.index, "dim": str(first.dim), "shards": ",".join(self.members)}
+        return {**self._index_meta, "shards": ",".join(self.members)}
 
     def shard_meta(self) -> dict[str, dict[str, str]]:
         return {shard: meta for m in self.members.values() for shard, meta in m.shard_meta().items()}
@@ -124,8 +126,19 @@ class ShardGroup(Model):
     def search_shard(self, shard: str, inputs: Arrays, params: Params) -> Arrays:
         member = self.members.get(shard)
         if member is None:
+            if shard in self.released:
+                raise NotFound(f"shards: shard {shard!r} is no longer served here: {self.released[shard]}")
             raise NotFound(f"shards: shard {shard!r} is not served here (this serves {', '.join(self.members)})")
         return member.search_shard(shard, inputs, params)
+
+    def release_shard(self, shard: str, reason: str) -> bool:
+        """Drop the shard's index (a search already running on it finishes with its own reference)."""
+        if self.members.pop(shard, None) is None:
+            return False
+        self.released[shard] = reason
+        if self.members:
+            self.version = "+".join(sorted({m.version for m in self.members.values()}))
+        return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -83,6 +83,12 @@ class Model(ABC):
         """check() and predict() of one shard named in a grouped call (runs like predict())."""
         raise NotImplementedError(f"{self.role} models answer no shards")
 
+    def release_shard(self, shard: str, reason: str) -> bool:
+        """Stop serving `shard` for good and let go of its memory (it was retired: no registration of
+        this process will name it again); later calls naming it are NOT_FOUND with `reason`. True if
+        the shard was let go; a model that cannot (one serving a single shard) keeps it."""
+        return False
+
     def batch_key(self, inputs: Arrays, params: Params) -> Any:
         """Requests merge into one batch only when their keys are equal. The default: same
         parameters and the same non-batch dimensions of every numeric input."""

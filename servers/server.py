@@ -172,6 +172,10 @@ class ModelServer:
             registrations.append(replace(base, instance_id=f"{base.instance_id}-{shard}", meta=meta))
         return registrations
 
+    def release_shard(self, shard: str, reason: str) -> None:
+        if self._servicer.release_shard(shard, reason):
+            log.info("let go of shard %s: %s", shard, reason)
+
     def begin_draining(self) -> None:
         self._servicer.draining = True
 

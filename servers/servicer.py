@@ -46,12 +46,21 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         self._deadline_seen = deadline_seen
         self._metadata: prediction_pb2.ModelMetadata | None = None
         self._shard_versions: dict[str, str] = {}  # shard → its model version, for a model that serves shards
+        self._serves_shards = False
 
     def mark_ready(self) -> None:
         """The model is loaded and warm: describe it (meta may depend on what load() found)."""
         self._metadata = self._build_metadata(self._max_batch_size)
         self._shard_versions = {shard: meta.get("version", "") for shard, meta in self.model.shard_meta().items()}
+        self._serves_shards = bool(self._shard_versions)
         self.ready = True
+
+    def release_shard(self, shard: str, reason: str) -> bool:
+        """The model lets go of a retired shard (Model.release_shard); True if it did."""
+        if not self.model.release_shard(shard, reason):
+            return False
+        self._shard_versions.pop(shard, None)
+        return True
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Like the generated add_PredictionServiceServicer_to_server, but Predict may reply
@@ -136,7 +145,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
             if not self.ready or self.draining:
                 raise NotReady("model server is " + ("draining" if self.draining else "loading"))
             self.check_model(request.model_name, "")
-            if not self._shard_versions:
+            if not self._serves_shards:
                 raise InvalidInput(f"shards: {self.model.name} is a {self.model.role} model and serves no shards")
             shards = list(request.shards)
             if len(shards) > MAX_SHARDS_PER_CALL:

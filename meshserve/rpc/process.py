@@ -77,6 +77,14 @@ class RegistersSeveral(Protocol):
 
 
 @runtime_checkable
+class ReleasesShards(Protocol):
+    """A workload that can let go of a shard withdrawn for good (`shard retire`), freeing its memory."""
+
+    def release_shard(self, shard: str, reason: str) -> None:
+        """Serve `shard` no more; `reason` is what later calls naming it are told."""
+
+
+@runtime_checkable
 class ReportsReadiness(Protocol):
     """A workload that can be started yet unable to serve (the gateway while it has no route)."""
 
@@ -237,8 +245,11 @@ class GrpcProcess:
         try:
             await keep_registered(registry, instance, self._stop, self.config.resync_interval_s, registered,
                                   withdrawn)  # fmt: skip
-            if not self._stop.is_set() and instance.instance_id in self._registered_ids:  # withdrawn: gone already
-                self._registered_ids.remove(instance.instance_id)
+            if not self._stop.is_set():  # withdrawn for good: deregistered already, and its shard can go
+                if instance.instance_id in self._registered_ids:
+                    self._registered_ids.remove(instance.instance_id)
+                if shard and isinstance(self.workload, ReleasesShards):
+                    self.workload.release_shard(shard, f"shard {shard} was retired")
         except InvalidInput as exc:  # retrying cannot fix it: say so and stop
             log.error("cannot register: %s", exc)
             self._exit_code = 2

@@ -12,10 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import consul
+import grpc
 import numpy as np
 import pytest
 
 from meshserve.inference.shards import build_shard
+from meshserve.v1 import prediction_pb2, prediction_pb2_grpc
+from meshserve.wire import tensors
 from tests.conftest import DevAgent
 from tests.support import meshserve_argv, wait_until
 
@@ -49,6 +52,17 @@ def make_shards(root: Path, count: int) -> list[Path]:
                     shard=f"day-{s}", embedder_version="emb-1", generation=3)
         dirs.append(path)
     return dirs
+
+
+def grouped_search(target: str, shards: list[str]) -> dict[str, prediction_pb2.ShardResult]:
+    """One grouped indexer call (PredictRequest.shards) with a query of make_shards' dim; each shard's result."""
+    request = prediction_pb2.PredictRequest(shards=shards)
+    request.inputs["queries"].CopyFrom(tensors.tensor_from(np.full((1, 8), 8**-0.5, np.float32)))
+    request.parameters["k"].int_value = 3
+    request.parameters["embedder_version"].string_value = "emb-1"
+    with grpc.insecure_channel(target) as channel:
+        reply = prediction_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=10)
+    return {result.shard: result for result in reply.shard_results}
 
 
 def indexer_entries(agent: DevAgent, passing: bool = False) -> list[dict]:
@@ -156,7 +170,13 @@ def test_retire_keeps_a_shard_of_a_grouped_indexer_out(start_dev_agent, spawn, h
     assert "retired meshserve-indexer-" in done.stdout and done.stdout.strip().endswith("-day-1"), done.stdout
     _, marker = api.kv.get("meshserve/shards/retired/day-1")
     assert marker is not None and json.loads(marker["Value"])["instances"][0].endswith("-day-1")
-    wait_until(lambda: "shard day-1 was retired" in indexer.output(), timeout=30, what="the server saw the mark")
+    wait_until(lambda: "let go of shard day-1" in indexer.output(), timeout=30, what="the server let day-1 go")
+    # the process holds day-1 no more: a call naming it is NOT_FOUND with the reason, day-0 still answers
+    [entry] = indexer_entries(agent)
+    results = grouped_search(f"127.0.0.1:{entry['Service']['Port']}", ["day-0", "day-1"])
+    assert results["day-0"].code == 0 and len(results["day-0"].outputs["item_ids"].content) > 0
+    assert results["day-1"].code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "no longer served here: shard day-1 was retired" in results["day-1"].message
     # the server still resyncs (day-0, lost again, comes back), and day-1 stays out
     [day0_id] = [e["Service"]["ID"] for e in indexer_entries(agent) if e["Service"]["Meta"]["shard"] == "day-0"]
     api.agent.service.deregister(day0_id)

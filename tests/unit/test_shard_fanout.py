@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
+from meshserve.errors import NotFound
 from meshserve.gateway.balancer import ReplicaSet
 from meshserve.gateway.photo_search import merge_top_k
 from meshserve.gateway.policy import default_policies
@@ -259,3 +260,33 @@ async def test_a_slow_call_is_hedged_to_another_process_and_the_first_answer_ser
     for answer in answers:
         want = shards[answer.shard].predict({"queries": queries}, params)
         np.testing.assert_array_equal(answer.ids, want["item_ids"])
+
+
+def test_a_group_lets_go_of_a_retired_shard(tmp_path: Path) -> None:
+    """release_shard drops the shard's index from the process (nothing of it stays referenced), later
+    calls naming it are NOT_FOUND with the reason, and the other shards answer as before."""
+    import gc
+    import weakref
+
+    paths = {}
+    for i, shard in enumerate(("s0", "s1")):
+        paths[shard] = tmp_path / shard
+        build_shard(paths[shard], unit_vectors(50, seed=i), np.arange(100 * i, 100 * i + 50), index="catalogue",
+                    shard=shard, embedder_version="emb-1", params=HnswParams(M=8, ef_construction=50, ef=50))
+    group = ShardGroup([IndexerModel(load_shard(paths["s0"])), IndexerModel(load_shard(paths["s1"]))])
+    retired = weakref.ref(group.members["s1"].shard)
+    query = {"queries": unit_vectors(1, seed=9)}
+    params = {"k": 3, "embedder_version": "emb-1"}
+    before = group.search_shard("s0", query, params)
+
+    assert group.release_shard("s1", "shard s1 was retired")
+    assert not group.release_shard("s1", "again") and not group.release_shard("s9", "never served")
+    gc.collect()
+    assert retired() is None  # the index is freed, not only hidden
+    with pytest.raises(NotFound, match="s1.*no longer served here: shard s1 was retired"):
+        group.search_shard("s1", query, params)
+    after = group.search_shard("s0", query, params)
+    assert np.array_equal(after["item_ids"], before["item_ids"])
+    assert set(group.shard_meta()) == {"s0"} and group.meta()["shards"] == "s0"
+    # a process serving one shard keeps it: releasing it would leave nothing to serve
+    assert not IndexerModel(load_shard(paths["s0"])).release_shard("s0", "retired")
