@@ -1,5 +1,6 @@
 """The listing models' routes: per model name (registry meta `model`) and version, the passing
-replicas of the violation classifiers and the shipping estimator, kept live from the registry."""
+replicas of the violation classifiers and the shipping estimator, kept live from the registry (last
+known good while it is away, and an all-critical answer right after an outage held: outage_hold.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from meshserve.gateway.admission import Admission
 from meshserve.gateway.balancer import ChannelFactory, ReplicaSet, insecure_channel
 from meshserve.gateway.discovery import Registered, RegisteredWatch
 from meshserve.gateway.flow_policy import SHIPPING
+from meshserve.gateway.outage_hold import OutageHold
 from meshserve.gateway.policy import CallPolicy
 from meshserve.gateway.routes import _version_key
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
@@ -43,12 +45,12 @@ class ListingRoutes:
         self._watches: list[RegisteredWatch] = []
         # model name → version → passing replicas
         self._sets: dict[str, dict[str, ReplicaSet]] = defaultdict(dict)
+        self._outage = OutageHold()
 
     async def start(self) -> None:
         for service in LISTING_SERVICES:
             def on_change(snap: ServiceSnapshot, service: str = service) -> None:
-                if not snap.stale:  # the registry is away: keep routing on what we had
-                    self._apply(service, snap.value)  # type: ignore[arg-type]
+                self._apply(service, snap.value, snap.stale)  # type: ignore[arg-type]
 
             watch = RegisteredWatch(self.registry, SERVICE_NAMES[service], self._watch_config, on_change)
             self._watches.append(watch)
@@ -61,9 +63,15 @@ class ListingRoutes:
             for replicas in by_version.values():
                 await replicas.close()
 
-    def _apply(self, service: str, registered: tuple[Registered, ...]) -> None:
+    def _apply(self, service: str, registered: tuple[Registered, ...], stale: bool = False) -> None:
+        if stale:  # the registry is away: keep routing on what we had
+            self._outage.went_away(service)
+            return
         if self.admission is not None:
             registered = self.admission.admit(service, registered, lambda: self._apply_latest(service))
+        self._outage.answered(service)
+        if self._outage.holds(service, registered, self._has_passing(service), lambda: self._apply_latest(service)):
+            return
         wanted: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         for r in registered:
             if r.passing:
@@ -83,6 +91,10 @@ class ListingRoutes:
         for watch in self._watches:
             if watch.service == SERVICE_NAMES[service] and not watch.snapshot.stale:
                 self._apply(service, watch.snapshot.value)  # type: ignore[arg-type]
+
+    def _has_passing(self, service: str) -> bool:
+        return any(len(replicas) for model, by_version in self._sets.items() if self._service_of(model) == service
+                   for replicas in by_version.values())  # fmt: skip
 
     @staticmethod
     def _service_of(model: str) -> str:

@@ -3,7 +3,6 @@ from the registry. Last known good while the registry is away; never emptied by 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -15,6 +14,7 @@ from prometheus_client import Gauge
 from meshserve.gateway.admission import Admission
 from meshserve.gateway.balancer import ChannelFactory, ReplicaSet, insecure_channel
 from meshserve.gateway.discovery import Registered, RegisteredWatch
+from meshserve.gateway.outage_hold import OutageHold
 from meshserve.gateway.policy import CallPolicy
 from meshserve.registry.config import SERVICE_NAMES, RegistryConfig
 from meshserve.registry.watch import ServiceSnapshot, WatchConfig
@@ -26,7 +26,6 @@ ROUTES_STALE = Gauge("meshserve_gateway_registry_stale",
 STALENESS = Gauge("meshserve_gateway_registry_staleness_seconds", "Seconds since the registry last answered")
 SHARDS = Gauge("meshserve_gateway_shards", "Shards of the live embedder version", ["state"])
 REPLICAS = Gauge("meshserve_gateway_replicas", "Passing replicas in the route table", ["stage"])
-SETTLE_AFTER_OUTAGE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -80,8 +79,7 @@ class RouteTable:
         self.live_embedder_version: str | None = None
         self._readiness_listeners: list[Callable[[bool], None]] = []
         self._ready = False
-        self._away: set[str] = set()  # stages whose watch found the registry away
-        self._settling_until: dict[str, float] = {}  # stage → monotonic end of its post-outage hold
+        self._outage = OutageHold()
 
     async def start(self, stages: tuple[str, ...] = ("detector", "embedder", "indexer")) -> None:
         for stage in stages:
@@ -104,16 +102,14 @@ class RouteTable:
     def _apply(self, stage: str, registered: tuple[Registered, ...], stale: bool = False) -> None:
         if stale:
             # The registry is away: keep routing on what we had (the watch keeps its value too).
-            self._away.add(stage)
+            self._outage.went_away(stage)
             self._report_staleness()
             return
         self._report_staleness()
         if self.admission is not None:
             registered = self.admission.admit(stage, registered, lambda: self._apply_latest(stage))
-        if stage in self._away:
-            self._away.discard(stage)
-            self._settling_until[stage] = time.monotonic() + SETTLE_AFTER_OUTAGE_S
-        if self._hold_while_settling(stage, registered):
+        self._outage.answered(stage)
+        if self._outage.holds(stage, registered, self._has_passing(stage), lambda: self._apply_latest(stage)):
             return
         if stage == "indexer":
             self._apply_shards(registered)
@@ -122,18 +118,6 @@ class RouteTable:
         self._choose_embedder_version()
         REPLICAS.labels(stage).set(sum(1 for r in registered if r.passing))
         self._tell_readiness()
-
-    def _hold_while_settling(self, stage: str, registered: tuple[Registered, ...]) -> bool:
-        """Just back from an outage, a registry that runs the checks itself (the dev agent) may
-        still hold the critical results it saw while cut off: an answer with no passing replica of
-        a stage that had some is held for a few seconds, then applied if nothing changed."""
-        left = self._settling_until.get(stage, 0.0) - time.monotonic()
-        if left <= 0 or any(r.passing for r in registered) or not self._has_passing(stage):
-            return False
-        log.warning("%s: no passing replica just after the registry came back; keeping the last "
-                    "known set for %.1fs while its checks settle", stage, left)  # fmt: skip
-        asyncio.get_running_loop().call_later(left, self._apply_latest, stage)
-        return True
 
     def _has_passing(self, stage: str) -> bool:
         sets = self._shards.values() if stage == "indexer" else (self._sets[stage],)

@@ -285,7 +285,7 @@ def _registry_away(net: Net, fault: str, leave: Callable[[], None], come_back: C
 # The dev agent runs every replica's health check itself, from its own host: cut off, it sees the
 # whole mesh critical and answers the gateway's first read after the outage with no passing replica
 # until its checks pass again. The route table holds such an answer for a few seconds
-# (gateway/routes.py SETTLE_AFTER_OUTAGE_S), so no search may fail on the way back either.
+# (gateway/outage_hold.py SETTLE_AFTER_OUTAGE_S), so no search may fail on the way back either.
 def test_registry_host_cut_off_keeps_routing_says_stale_and_reconciles(whole_net: Net) -> None:
     host = whole_net.hosts["registry"]
     _registry_away(whole_net, f"registry host cut off {REGISTRY_OUTAGE_S:.0f} s", host.cut, host.mend)

@@ -116,9 +116,9 @@ async def test_readiness_follows_the_route_table() -> None:
 
 
 async def test_an_all_critical_answer_just_after_an_outage_is_held_then_applied(monkeypatch) -> None:
-    from meshserve.gateway import routes as routes_module
+    from meshserve.gateway import outage_hold
 
-    monkeypatch.setattr(routes_module, "SETTLE_AFTER_OUTAGE_S", 0.3)
+    monkeypatch.setattr(outage_hold, "SETTLE_AFTER_OUTAGE_S", 0.3)
     routes = table()
     detector, embedder = replica("detector", version="d1"), replica("embedder", version="e1")
     routes._apply("detector", (detector,))
@@ -147,4 +147,32 @@ async def test_an_all_critical_answer_without_an_outage_empties_the_stage() -> N
     routes._apply("detector", (detector,))
     routes._apply("detector", (Registered(detector.instance, False, "critical"),))
     assert routes.newest("detector") is None
+    await routes.close()
+
+
+async def test_the_listing_routes_hold_an_all_critical_answer_just_after_an_outage(monkeypatch) -> None:
+    """The guard's routes to the classifiers and the shipping estimator settle like the search's: the
+    registry's first all-critical answer after an outage does not take every classifier away."""
+    from meshserve.gateway import outage_hold
+    from meshserve.gateway.listing_routes import ListingRoutes
+
+    monkeypatch.setattr(outage_hold, "SETTLE_AFTER_OUTAGE_S", 0.3)
+    routes = ListingRoutes(RegistryConfig("http://127.0.0.1:1"), default_policies())
+    counterfeit = replica("classifier", model="counterfeit", version="c1")
+    shipping = replica("shipping", model="shipping-size", version="s1")
+    routes._apply("classifier", (counterfeit,))
+    routes._apply("shipping", (shipping,))
+    critical = (Registered(counterfeit.instance, False, "critical"),)
+
+    routes._apply("classifier", critical)  # no outage: a real failure empties the route at once
+    assert routes.route("counterfeit") is None
+    routes._apply("classifier", (counterfeit,))
+    routes._apply("classifier", critical, stale=True)  # the registry goes away …
+    assert routes.route("counterfeit") is not None  # … and the routes stay as they were
+    routes._apply("classifier", critical)  # back, with the checks it ran while cut off: held
+    route = routes.route("counterfeit")
+    assert route is not None and route.version == "c1" and routes.route("shipping") is not None
+    await asyncio.sleep(0.4)
+    routes._apply("classifier", critical)  # past the settling time the answer stands
+    assert routes.route("counterfeit") is None and routes.route("shipping") is not None
     await routes.close()
