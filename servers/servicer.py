@@ -60,6 +60,7 @@ class PredictionServicer(prediction_pb2_grpc.PredictionServiceServicer):
         if not self.model.release_shard(shard, reason):
             return False
         self._shard_versions.pop(shard, None)
+        self._metadata = self._build_metadata(self._max_batch_size)  # its meta names the shards served
         return True
 
     def add_to_server(self, server: grpc.aio.Server) -> None:

@@ -177,6 +177,10 @@ def test_retire_keeps_a_shard_of_a_grouped_indexer_out(start_dev_agent, spawn, h
     assert results["day-0"].code == 0 and len(results["day-0"].outputs["item_ids"].content) > 0
     assert results["day-1"].code == grpc.StatusCode.NOT_FOUND.value[0]
     assert "no longer served here: shard day-1 was retired" in results["day-1"].message
+    with grpc.insecure_channel(f"127.0.0.1:{entry['Service']['Port']}") as channel:
+        described = prediction_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
+            prediction_pb2.GetModelMetadataRequest(), timeout=10)  # fmt: skip
+    assert described.meta["shards"] == "day-0"
     # the server still resyncs (day-0, lost again, comes back), and day-1 stays out
     [day0_id] = [e["Service"]["ID"] for e in indexer_entries(agent) if e["Service"]["Meta"]["shard"] == "day-0"]
     api.agent.service.deregister(day0_id)
