@@ -4,7 +4,9 @@ not have is asked of another replica, a dead process's shards are missing with t
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -265,9 +267,6 @@ async def test_a_slow_call_is_hedged_to_another_process_and_the_first_answer_ser
 def test_a_group_lets_go_of_a_retired_shard(tmp_path: Path) -> None:
     """release_shard drops the shard's index from the process (nothing of it stays referenced), later
     calls naming it are NOT_FOUND with the reason, and the other shards answer as before."""
-    import gc
-    import weakref
-
     paths = {}
     for i, shard in enumerate(("s0", "s1")):
         paths[shard] = tmp_path / shard
