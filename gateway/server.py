@@ -33,6 +33,7 @@ from meshserve.rpc.https import serve_metrics
 from meshserve.rpc.process import GrpcProcess, ProcessConfig
 from meshserve.rpc.tls_files import TlsFiles
 from meshserve.v1 import jobs_pb2_grpc, photo_search_pb2, photo_search_pb2_grpc
+from meshserve.wire.images import load_decoders
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class Gateway:
     async def start(self) -> None:
         if self.config.metrics_port is not None:
             self._metrics_port = serve_metrics(self.config.metrics_port, self.config.host, REGISTRY, self.config.tls)
+        load_decoders()  # the first search or Check with a photo would pay PIL's plugin imports
         await self.rollouts.start()
         await self.routes.start()
         await self.guard.start()

@@ -20,7 +20,7 @@ import numpy as np
 from meshserve.inference.vocabulary import CATEGORY_NAMES
 from meshserve.servers.embedder import decode_rows
 from meshserve.servers.model import Model
-from meshserve.wire.images import DEFAULT_LIMITS, ImageLimits
+from meshserve.wire.images import DEFAULT_LIMITS, ImageLimits, load_decoders
 from meshserve.wire.signature import Arrays, Params
 from meshserve.wire.signatures import detector_signature
 
@@ -76,6 +76,7 @@ class DetectorModel(Model):
         self.detector = loaded
 
     def warmup(self) -> None:
+        load_decoders()  # else the first request's check() pays PIL's plugin imports
         decoded = [np.full((96, 96, 3), 127, np.uint8)]  # as check() leaves a request's images
         self.predict({"image": decoded}, {"min_score": self.default_score})  # type: ignore[dict-item]
 

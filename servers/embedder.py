@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from meshserve.servers.model import Model
-from meshserve.wire.images import DEFAULT_LIMITS, ImageLimits, clip_boxes, decode_image
+from meshserve.wire.images import DEFAULT_LIMITS, ImageLimits, clip_boxes, decode_image, load_decoders
 from meshserve.wire.signature import Arrays, Params
 from meshserve.wire.signatures import embedder_signature
 
@@ -68,6 +68,7 @@ class EmbedderModel(Model):
         self.embedder = loaded
 
     def warmup(self) -> None:
+        load_decoders()  # else the first request's check() pays PIL's plugin imports
         decoded = [np.full((64, 64, 3), 127, np.uint8)]  # as check() leaves a request's images
         self.predict({"image": decoded, "boxes": np.array([[[8, 8, 56, 56]]], np.float32)}, {})  # type: ignore[dict-item]
 

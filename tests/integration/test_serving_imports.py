@@ -50,6 +50,9 @@ def test_loading_a_served_model_imports_no_training_module(tiny_home: Path, kind
     assert "torch" in modules
     training = sorted(m for m in modules if m == "meshserve.training" or m.startswith("meshserve.training."))
     assert training == []
+    # warm means warm for images too: PIL imports a format's plugin on its first open, which would
+    # otherwise land on the first request (~8 ms for JPEG)
+    assert {f"PIL.{name}ImagePlugin" for name in ("Jpeg", "Png", "Bmp", "WebP")} <= modules
 
 
 def test_meshserve_serve_detector_imports_no_training_code(tiny_home: Path) -> None:
