@@ -147,7 +147,7 @@ def report(out: dict[str, Timings]) -> str:
     lines += [f"{name:<10} {1000 * t.p50:8.2f} {1000 * t.p99:8.2f}" for name, t in out.items()]
     alone = {name: t.p50 for name, t in out.items() if name.startswith("echo-")}
     slowest = max(alone, key=lambda name: alone[name])
-    first_two = max(alone["echo-0"], alone.get("echo-1", alone["echo-0"]))
+    first_two = max(alone["echo-0"], alone["echo-1"])  # --servers is at least 2
     lines += [
         "",
         f"relay p50 − slowest echo p50 ({slowest}) = {1000 * (out['relay'].p50 - alone[slowest]):+.2f} ms  "

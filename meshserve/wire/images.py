@@ -49,7 +49,6 @@ class ImageHeader:
 def load_decoders() -> None:
     """Import PIL's format plugins now. PIL imports them on the first open (~8 ms for JPEG, more for
     WEBP, whose plugin only its full init() brings), which would land on a server's first request."""
-    Image.preinit()
     Image.init()
 
 

@@ -16,9 +16,9 @@ import grpc
 import numpy as np
 import pytest
 
+from meshserve.gateway.model_wire import shards_request
 from meshserve.inference.shards import build_shard
 from meshserve.v1 import prediction_pb2, prediction_pb2_grpc
-from meshserve.wire import tensors
 from tests.conftest import DevAgent
 from tests.support import meshserve_argv, wait_until
 
@@ -56,10 +56,7 @@ def make_shards(root: Path, count: int) -> list[Path]:
 
 def grouped_search(target: str, shards: list[str]) -> dict[str, prediction_pb2.ShardResult]:
     """One grouped indexer call (PredictRequest.shards) with a query of make_shards' dim; each shard's result."""
-    request = prediction_pb2.PredictRequest(shards=shards)
-    request.inputs["queries"].CopyFrom(tensors.tensor_from(np.full((1, 8), 8**-0.5, np.float32)))
-    request.parameters["k"].int_value = 3
-    request.parameters["embedder_version"].string_value = "emb-1"
+    request = shards_request(np.full((1, 8), 8**-0.5, np.float32), 3, "emb-1", shards)
     with grpc.insecure_channel(target) as channel:
         reply = prediction_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=10)
     return {result.shard: result for result in reply.shard_results}
